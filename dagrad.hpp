@@ -1,0 +1,12 @@
+// dagrad: a dataflow computation-graph engine with reverse-mode autodiff on oneDNN.
+// Include this one header for the whole public API.
+#pragma once
+
+#include "autodiff/grad.hpp"
+#include "autodiff/gradcheck.hpp"
+#include "graph/graph.hpp"
+#include "graph/tensor.hpp"
+#include "ops/ops.hpp"
+#include "runtime/plan.hpp"
+#include "runtime/kernel.hpp"
+#include "version.hpp"

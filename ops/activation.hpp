@@ -1,0 +1,4 @@
+// (to be filled)
+#pragma once
+
+#include "graph/graph.hpp"

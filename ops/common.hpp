@@ -1,0 +1,76 @@
+// Helpers shared by the op families: dtype dispatch, broadcasting index maps, unbroadcast,
+// and the registration shorthands. Internal to ops/ (not part of the public API).
+#pragma once
+
+#include <cstdint>
+#include <vector>
+
+#include <fmt/format.h>
+
+#include "graph/graph.hpp"
+#include "graph/op_def.hpp"
+#include "runtime/kernel.hpp"
+
+namespace dagrad {
+
+class OpRegistry;
+
+// Calls f(T{}) with T = float or double for a floating dtype; throws for others.
+template <class F>
+decltype(auto) dispatch_floating(DType dtype, F&& f) {
+  switch (dtype) {
+    case DType::f32: return f(float{});
+    case DType::f64: return f(double{});
+    case DType::i32: break;
+  }
+  throw Error(fmt::format("expected a floating dtype, got {}", dtype));
+}
+// Same with i32 as well.
+template <class F>
+decltype(auto) dispatch_any(DType dtype, F&& f) {
+  switch (dtype) {
+    case DType::f32: return f(float{});
+    case DType::f64: return f(double{});
+    case DType::i32: return f(std::int32_t{});
+  }
+  throw Error("unknown dtype");
+}
+
+// Strides of `in` viewed inside `out` under NumPy broadcasting: 0 on broadcast axes, with
+// one entry per axis of `out`.
+std::vector<std::int64_t> broadcast_strides(const Shape& in, const Shape& out);
+
+// Maps a flat row-major index of `out` to a flat index of an input with `strides` (from
+// broadcast_strides). Iterates with an odometer for speed.
+class BroadcastIndex {
+ public:
+  BroadcastIndex(const Shape& out, std::vector<std::int64_t> strides);
+  std::int64_t offset() const { return offset_; }
+  void next();
+
+ private:
+  std::vector<std::int64_t> dims_, strides_, counter_;
+  std::int64_t offset_ = 0;
+};
+
+// Shape-rule checks that raise ShapeError naming the op.
+void require_floating(const ShapeCall& call, std::size_t input);
+void require_same_dtype(const ShapeCall& call);
+
+// Sums `grad` down to `shape` (undoing NumPy broadcasting): the one helper every
+// broadcasting op's backward uses.
+Value unbroadcast(const Value& grad, const Shape& shape);
+
+// Registration functions, one per op family (ops/<family>.cpp).
+void register_elementwise_ops(OpRegistry& registry);
+void register_shape_ops(OpRegistry& registry);
+void register_reduction_ops(OpRegistry& registry);
+void register_linalg_ops(OpRegistry& registry);
+void register_softmax_ops(OpRegistry& registry);
+void register_loss_ops(OpRegistry& registry);
+void register_activation_ops(OpRegistry& registry);
+void register_indexing_ops(OpRegistry& registry);
+void register_conv_ops(OpRegistry& registry);
+void register_normalization_ops(OpRegistry& registry);
+
+}  // namespace dagrad

@@ -1,0 +1,7 @@
+#include "ops/common.hpp"
+
+namespace dagrad {
+
+void register_indexing_ops(OpRegistry&) {}
+
+}  // namespace dagrad

@@ -1,0 +1,7 @@
+#include "ops/common.hpp"
+
+namespace dagrad {
+
+void register_loss_ops(OpRegistry&) {}
+
+}  // namespace dagrad

@@ -1,0 +1,4 @@
+// Losses.
+#pragma once
+
+#include "graph/graph.hpp"

@@ -1,0 +1,17 @@
+// softmax and log_softmax along any axis, numerically stable (the maximum is subtracted).
+#pragma once
+
+#include <source_location>
+
+#include "graph/graph.hpp"
+
+namespace dagrad {
+
+// y_i = e^(x_i - max x) / Σ_j e^(x_j - max x) along `axis`.
+Value softmax(const Value& x, std::int64_t axis = -1,
+              std::source_location where = std::source_location::current());
+// y_i = x_i - max x - log Σ_j e^(x_j - max x) along `axis`.
+Value log_softmax(const Value& x, std::int64_t axis = -1,
+                  std::source_location where = std::source_location::current());
+
+}  // namespace dagrad

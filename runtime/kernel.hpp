@@ -1,0 +1,65 @@
+// The kernel interface shared by the runtime and the kernel half of each op.
+#pragma once
+
+#include <cstdint>
+#include <memory>
+#include <span>
+
+#include <oneapi/dnnl/dnnl.hpp>
+
+#include "graph/graph.hpp"
+
+namespace dagrad {
+
+// State of one run that kernels may read.
+struct RunContext {
+  bool training = false;   // dropout and batch_norm behave as in training
+  std::uint64_t seed = 0;  // with `step`, seeds random ops (dropout) reproducibly
+  std::uint64_t step = 0;  // counts training runs of the plan
+  dnnl::stream* stream = nullptr;
+};
+
+// A prepared kernel for one node with fixed input and output descs. Created once when a plan
+// is specialised and run on every execution.
+class Kernel {
+ public:
+  virtual ~Kernel() = default;
+  virtual void run(const KernelCall& call) = 0;
+};
+
+// What a kernel factory gets: the node, concrete descs and the oneDNN engine.
+struct KernelBuild {
+  const Node& node;
+  std::span<const TensorDesc> inputs;
+  std::span<const TensorDesc> outputs;
+  dnnl::engine& engine;
+};
+
+// The process-wide CPU engine.
+dnnl::engine& cpu_engine();
+
+// Plain row-major memory descriptor of `desc` (a scalar becomes dims {1}).
+dnnl::memory::desc plain_md(const TensorDesc& desc);
+dnnl::memory::desc plain_md(const Shape& shape, DType dtype);
+dnnl::memory::data_type to_dnnl(DType dtype);
+
+// A kernel made of a lambda (for small kernels that need no prepared state).
+template <class F>
+class LambdaKernel final : public Kernel {
+ public:
+  explicit LambdaKernel(F f) : f_(std::move(f)) {}
+  void run(const KernelCall& call) override { f_(call); }
+
+ private:
+  F f_;
+};
+template <class F>
+std::unique_ptr<Kernel> make_kernel(F f) {
+  return std::make_unique<LambdaKernel<F>>(std::move(f));
+}
+
+// Threads used by oneDNN and dagrad's own loops (OpenMP). 0 means all cores.
+void set_num_threads(int threads);
+int num_threads();
+
+}  // namespace dagrad

@@ -1,0 +1,366 @@
+#include "runtime/plan.hpp"
+
+#include <algorithm>
+#include <cmath>
+#include <list>
+
+#include <fmt/format.h>
+
+#include "runtime/kernel.hpp"
+
+namespace dagrad {
+
+namespace {
+
+constexpr std::size_t align_up(std::size_t bytes) {
+  return (bytes + Tensor::alignment - 1) / Tensor::alignment * Tensor::alignment;
+}
+
+// First-fit allocator over one arena, with coalescing of freed neighbours.
+class ArenaPlanner {
+ public:
+  std::size_t allocate(std::size_t bytes) {
+    bytes = std::max<std::size_t>(align_up(bytes), Tensor::alignment);
+    for (auto it = free_.begin(); it != free_.end(); ++it) {
+      if (it->second >= bytes) {
+        std::size_t offset = it->first;
+        it->first += bytes;
+        it->second -= bytes;
+        if (it->second == 0) free_.erase(it);
+        return offset;
+      }
+    }
+    // Grow the arena; a free block at the end is extended instead of left behind.
+    if (!free_.empty() && free_.back().first + free_.back().second == size_) {
+      std::size_t offset = free_.back().first;
+      size_ = offset + bytes;
+      free_.pop_back();
+      return offset;
+    }
+    std::size_t offset = size_;
+    size_ += bytes;
+    return offset;
+  }
+  void release(std::size_t offset, std::size_t bytes) {
+    bytes = std::max<std::size_t>(align_up(bytes), Tensor::alignment);
+    auto it = free_.begin();
+    while (it != free_.end() && it->first < offset) ++it;
+    it = free_.insert(it, {offset, bytes});
+    if (it != free_.begin()) {
+      auto prev = std::prev(it);
+      if (prev->first + prev->second == it->first) {
+        prev->second += it->second;
+        free_.erase(it);
+        it = prev;
+      }
+    }
+    auto next = std::next(it);
+    if (next != free_.end() && it->first + it->second == next->first) {
+      it->second += next->second;
+      free_.erase(next);
+    }
+  }
+  std::size_t size() const { return size_; }
+
+ private:
+  std::list<std::pair<std::size_t, std::size_t>> free_;  // offset, bytes; sorted by offset
+  std::size_t size_ = 0;
+};
+
+bool all_finite(const Tensor& t) {
+  if (t.dtype() == DType::f32) {
+    for (float v : t.span<float>()) {
+      if (!std::isfinite(v)) return false;
+    }
+  } else if (t.dtype() == DType::f64) {
+    for (double v : t.span<double>()) {
+      if (!std::isfinite(v)) return false;
+    }
+  }
+  return true;
+}
+
+}  // namespace
+
+struct Plan::Specialization {
+  struct Step {
+    const Node* node = nullptr;
+    std::unique_ptr<Kernel> kernel;
+    bool onednn = false;
+    std::vector<Tensor> inputs;
+    std::vector<Tensor> outputs;
+  };
+  struct LeafUse {  // input `position` of step `step` reads leaf node `node`
+    std::size_t step;
+    std::size_t position;
+    NodeId node;
+  };
+  std::vector<Step> steps;
+  std::vector<LeafUse> leaf_uses;
+  std::vector<std::pair<NodeId, int>> outputs;  // node, output index
+  std::map<std::pair<NodeId, int>, Tensor> values;  // op outputs, as views
+  std::map<NodeId, Shape> feed_shapes;
+  std::shared_ptr<void> arena;
+  std::size_t arena_bytes = 0;
+  std::size_t unplanned_bytes = 0;
+  dnnl::stream stream{cpu_engine()};
+};
+
+Plan::Plan(Graph& graph, std::vector<Value> outputs, CompileOptions options)
+    : graph_(&graph), outputs_(std::move(outputs)), options_(options) {
+  if (outputs_.empty()) throw GraphError("compile: no outputs requested");
+  for (const auto& v : outputs_) {
+    if (!v.valid() || &v.graph() != graph_) {
+      throw GraphError(fmt::format("compile: output \"{}\" does not belong to this graph",
+                                   v.valid() ? v.str() : "<empty>"));
+    }
+  }
+  order_ = graph_->prune(outputs_);
+  for (NodeId id : order_) {
+    if (graph_->node(id).kind == NodeKind::input) feed_nodes_.push_back(id);
+  }
+}
+
+Plan::~Plan() = default;
+Plan::Plan(Plan&&) noexcept = default;
+Plan& Plan::operator=(Plan&&) noexcept = default;
+
+Plan compile(Graph& graph, std::vector<Value> outputs, CompileOptions options) {
+  return Plan(graph, std::move(outputs), options);
+}
+
+Plan::Specialization& Plan::specialize(const std::vector<Shape>& input_shapes) {
+  auto found = specializations_.find(input_shapes);
+  if (found != specializations_.end()) return *found->second;
+
+  auto spec = std::make_unique<Specialization>();
+  // Descs of every value under these input shapes: shape rules run again when a feed's
+  // shape differs from the declared one.
+  std::map<std::pair<NodeId, int>, TensorDesc> descs;
+  for (std::size_t i = 0; i < feed_nodes_.size(); ++i) {
+    const Node& n = graph_->node(feed_nodes_[i]);
+    descs[{n.id, 0}] = TensorDesc{n.outputs[0].dtype, input_shapes[i]};
+    spec->feed_shapes[n.id] = input_shapes[i];
+  }
+  std::map<NodeId, std::size_t> step_of;
+  for (NodeId id : order_) {
+    const Node& n = graph_->node(id);
+    if (n.kind == NodeKind::parameter || n.kind == NodeKind::constant) {
+      descs[{id, 0}] = n.outputs[0];
+      continue;
+    }
+    if (n.kind == NodeKind::input) continue;
+    std::vector<TensorDesc> in;
+    bool same = true;
+    for (const auto& v : n.inputs) {
+      in.push_back(descs.at({v.node_id(), v.index()}));
+      same = same && in.back() == v.desc();
+    }
+    std::vector<TensorDesc> out =
+        same ? n.outputs : n.def->shape(ShapeCall{n.attrs, in, n.site()});
+    for (std::size_t k = 0; k < out.size(); ++k) descs[{id, static_cast<int>(k)}] = out[k];
+    step_of[id] = spec->steps.size();
+    Specialization::Step step;
+    step.node = &n;
+    const bool any_f64 =
+        std::any_of(in.begin(), in.end(), [](auto& d) { return d.dtype == DType::f64; }) ||
+        std::any_of(out.begin(), out.end(), [](auto& d) { return d.dtype == DType::f64; });
+    if (options_.backend == Backend::onednn && n.def->onednn && !any_f64) {
+      step.kernel = n.def->onednn(KernelBuild{n, in, out, cpu_engine()});
+      step.onednn = step.kernel != nullptr;
+    }
+    if (!step.kernel) {
+      if (!n.def->reference) {
+        throw GraphError(fmt::format("{}: the op has no kernel for {}", n.site(),
+                                     in.empty() ? out[0].str() : in[0].str()));
+      }
+      step.kernel = make_kernel([ref = n.def->reference](const KernelCall& call) { ref(call); });
+    }
+    spec->steps.push_back(std::move(step));
+  }
+
+  // Lifetimes: the last step reading each op output; requested outputs live forever.
+  const std::size_t forever = spec->steps.size();
+  std::map<std::pair<NodeId, int>, std::size_t> last_use;
+  for (std::size_t s = 0; s < spec->steps.size(); ++s) {
+    const Node& n = *spec->steps[s].node;
+    for (std::size_t k = 0; k < n.outputs.size(); ++k) last_use[{n.id, static_cast<int>(k)}] = s;
+    for (const auto& v : n.inputs) {
+      auto it = last_use.find({v.node_id(), v.index()});
+      if (it != last_use.end()) it->second = std::max(it->second, s);
+    }
+  }
+  for (const auto& v : outputs_) {
+    auto it = last_use.find({v.node_id(), v.index()});
+    if (it != last_use.end()) it->second = forever;
+    spec->outputs.emplace_back(v.node_id(), v.index());
+  }
+  std::vector<std::vector<std::pair<NodeId, int>>> dies_after(spec->steps.size());
+  for (const auto& [key, s] : last_use) {
+    if (s != forever) dies_after[s].push_back(key);
+  }
+
+  ArenaPlanner planner;
+  std::map<std::pair<NodeId, int>, std::size_t> offsets;
+  for (std::size_t s = 0; s < spec->steps.size(); ++s) {
+    const Node& n = *spec->steps[s].node;
+    for (std::size_t k = 0; k < n.outputs.size(); ++k) {
+      const auto key = std::make_pair(n.id, static_cast<int>(k));
+      const std::size_t bytes = descs.at(key).bytes();
+      spec->unplanned_bytes += align_up(std::max<std::size_t>(bytes, 1));
+      offsets[key] = planner.allocate(bytes);
+    }
+    if (options_.reuse_memory) {
+      for (const auto& key : dies_after[s]) planner.release(offsets.at(key), descs.at(key).bytes());
+    }
+  }
+  spec->arena_bytes = planner.size();
+  {
+    // One 64-byte aligned block; Tensor owns it and the shared_ptr keeps it alive.
+    Tensor storage(Shape{static_cast<std::int64_t>(spec->arena_bytes / 4 + Tensor::alignment)},
+                   DType::i32);
+    spec->arena = std::shared_ptr<void>(storage.raw(), [storage](void*) {});
+  }
+  auto* base = static_cast<std::byte*>(spec->arena.get());
+  for (const auto& [key, offset] : offsets) {
+    spec->values[key] = Tensor::view(descs.at(key), base + offset, spec->arena);
+  }
+  for (std::size_t s = 0; s < spec->steps.size(); ++s) {
+    auto& step = spec->steps[s];
+    const Node& n = *step.node;
+    for (std::size_t k = 0; k < n.outputs.size(); ++k) {
+      step.outputs.push_back(spec->values.at({n.id, static_cast<int>(k)}));
+    }
+    for (std::size_t p = 0; p < n.inputs.size(); ++p) {
+      const Value& v = n.inputs[p];
+      auto it = spec->values.find({v.node_id(), v.index()});
+      if (it != spec->values.end()) {
+        step.inputs.push_back(it->second);
+      } else {
+        step.inputs.emplace_back();  // a leaf: bound at each run
+        spec->leaf_uses.push_back({s, p, v.node_id()});
+      }
+    }
+  }
+  Specialization& result = *spec;
+  specializations_.emplace(input_shapes, std::move(spec));
+  return result;
+}
+
+std::vector<Tensor> Plan::run(const Feeds& feeds, const RunOptions& options) {
+  // Validate every feed before touching memory.
+  std::map<NodeId, const Tensor*> fed;
+  for (const auto& [value, tensor] : feeds) {
+    if (!value.valid() || &value.graph() != graph_) {
+      throw FeedError(fmt::format("run: feed \"{}\" is not a value of this plan's graph",
+                                  value.valid() ? value.str() : "<empty>"));
+    }
+    const Node& n = value.node();
+    if (n.kind != NodeKind::input) {
+      throw FeedError(fmt::format(
+          "run: \"{}\" is a {} node, not an input; only inputs are fed", n.name, n.op));
+    }
+    if (fed.count(n.id) != 0) {
+      throw FeedError(fmt::format("run: input \"{}\" is fed twice", n.name));
+    }
+    const TensorDesc& declared = n.outputs[0];
+    if (tensor.dtype() != declared.dtype) {
+      throw FeedError(fmt::format("run: input \"{}\" is declared {} but was fed {}", n.name,
+                                  declared, tensor.desc()));
+    }
+    bool shape_ok = tensor.shape() == declared.shape;
+    if (!shape_ok && n.batch_dynamic && tensor.shape().rank() == declared.shape.rank() &&
+        tensor.shape()[0] > 0) {
+      shape_ok = std::equal(tensor.shape().dims().begin() + 1, tensor.shape().dims().end(),
+                            declared.shape.dims().begin() + 1);
+    }
+    if (!shape_ok) {
+      throw FeedError(fmt::format("run: input \"{}\" is declared {}{} but was fed {}", n.name,
+                                  declared, n.batch_dynamic ? " (dimension 0 may vary)" : "",
+                                  tensor.desc()));
+    }
+    if (!tensor.defined()) {
+      throw FeedError(fmt::format("run: input \"{}\" was fed an empty tensor", n.name));
+    }
+    fed[n.id] = &tensor;
+  }
+  std::vector<Shape> shapes;
+  for (NodeId id : feed_nodes_) {
+    auto it = fed.find(id);
+    if (it == fed.end()) {
+      const Node& n = graph_->node(id);
+      throw FeedError(fmt::format("run: input \"{}\" ({}) is needed by the outputs but was not fed",
+                                  n.name, n.outputs[0]));
+    }
+    shapes.push_back(it->second->shape());
+  }
+  Specialization& spec = specialize(shapes);
+  last_ = &spec;
+
+  auto leaf_tensor = [&](NodeId id) -> Tensor {
+    const Node& n = graph_->node(id);
+    if (n.kind == NodeKind::input) return *fed.at(id);
+    if (n.data.desc() != n.outputs[0]) {
+      throw GraphError(fmt::format("run: {} \"{}\" holds {} but the graph declares {}", n.op,
+                                   n.name, n.data.desc(), n.outputs[0]));
+    }
+    return n.data;
+  };
+  for (const auto& use : spec.leaf_uses) {
+    spec.steps[use.step].inputs[use.position] = leaf_tensor(use.node);
+  }
+
+  RunContext context;
+  context.training = options.training;
+  context.seed = options.seed;
+  context.step = runs_;
+  context.stream = &spec.stream;
+  for (auto& step : spec.steps) {
+    KernelCall call{*step.node, step.inputs, step.outputs, context};
+    step.kernel->run(call);
+    if (options_.check_finite) {
+      for (std::size_t k = 0; k < step.outputs.size(); ++k) {
+        if (is_floating(step.outputs[k].dtype()) && !all_finite(step.outputs[k])) {
+          throw Error(fmt::format("check_finite: output {} of {} holds a NaN or infinity", k,
+                                  step.node->site()));
+        }
+      }
+    }
+  }
+  if (spec.steps.size() > 0) spec.stream.wait();
+  ++runs_;
+
+  std::vector<Tensor> results;
+  for (const auto& key : spec.outputs) {
+    auto it = spec.values.find(key);
+    results.push_back(it != spec.values.end() ? it->second : leaf_tensor(key.first));
+  }
+  return results;
+}
+
+std::size_t Plan::planned_peak_bytes() {
+  if (last_ == nullptr) {
+    std::vector<Shape> shapes;
+    for (NodeId id : feed_nodes_) shapes.push_back(graph_->node(id).outputs[0].shape);
+    last_ = &specialize(shapes);
+  }
+  return last_->arena_bytes;
+}
+
+std::size_t Plan::unplanned_bytes() {
+  planned_peak_bytes();
+  return last_->unplanned_bytes;
+}
+
+std::size_t Plan::num_steps() {
+  planned_peak_bytes();
+  return last_->steps.size();
+}
+
+std::size_t Plan::num_onednn_steps() {
+  planned_peak_bytes();
+  return static_cast<std::size_t>(std::count_if(last_->steps.begin(), last_->steps.end(),
+                                                [](const auto& s) { return s.onednn; }));
+}
+
+}  // namespace dagrad

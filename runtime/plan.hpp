@@ -1,0 +1,81 @@
+// compile(graph, outputs) -> Plan; Plan::run(feeds) -> output tensors.
+//
+// A plan prunes the graph to what the outputs need, orders it, creates each node's kernel
+// once (a oneDNN primitive where the op has one, its reference kernel otherwise) and plans
+// memory by value lifetimes: an intermediate buffer is reused once its last reader ran.
+// A plan keeps one specialisation per distinct set of input shapes (inputs declared
+// `batch_dynamic` may change dimension 0 between runs).
+#pragma once
+
+#include <cstdint>
+#include <map>
+#include <memory>
+#include <utility>
+#include <vector>
+
+#include "graph/graph.hpp"
+
+namespace dagrad {
+
+enum class Backend {
+  onednn,     // oneDNN primitives where the op has one (f32), reference kernels elsewhere
+  reference,  // plain-loop reference kernels only (ground truth in tests, f32 and f64)
+};
+
+struct CompileOptions {
+  Backend backend = Backend::onednn;
+  bool reuse_memory = true;  // off: every value gets its own buffer (for debugging)
+  bool fuse = true;          // off: no kernel fusion (for debugging)
+  bool check_finite = false;  // after each node, raise Error naming the first op whose output
+                              // holds a NaN or infinity
+};
+
+struct RunOptions {
+  bool training = false;   // dropout and batch_norm in training mode
+  std::uint64_t seed = 0;  // seeds random ops together with the plan's run counter
+};
+
+using Feeds = std::vector<std::pair<Value, Tensor>>;
+
+class Plan {
+ public:
+  Plan(Graph& graph, std::vector<Value> outputs, CompileOptions options);
+  ~Plan();
+  Plan(Plan&&) noexcept;
+  Plan& operator=(Plan&&) noexcept;
+
+  // Checks every feed (unknown, missing, dtype, shape) before computing anything, then runs.
+  // The returned tensors are views of the plan's output buffers: the next run overwrites
+  // them, so clone() what must be kept.
+  std::vector<Tensor> run(const Feeds& feeds, const RunOptions& options = {});
+
+  const std::vector<Value>& outputs() const { return outputs_; }
+  // Bytes of the intermediate-value arena planned for the last specialisation run (or for
+  // the declared shapes before the first run).
+  std::size_t planned_peak_bytes();
+  // Bytes the arena would need with no reuse (sum of all intermediate values).
+  std::size_t unplanned_bytes();
+  // Number of nodes executed per run, and how many run a oneDNN kernel.
+  std::size_t num_steps();
+  std::size_t num_onednn_steps();
+  std::size_t num_specializations() const { return specializations_.size(); }
+  std::uint64_t runs() const { return runs_; }
+
+  struct Specialization;
+
+ private:
+  Specialization& specialize(const std::vector<Shape>& input_shapes);
+
+  Graph* graph_;
+  std::vector<Value> outputs_;
+  CompileOptions options_;
+  std::vector<NodeId> order_;           // pruned, topological
+  std::vector<NodeId> feed_nodes_;      // input leaves the outputs need
+  std::map<std::vector<Shape>, std::unique_ptr<Specialization>> specializations_;
+  Specialization* last_ = nullptr;
+  std::uint64_t runs_ = 0;
+};
+
+Plan compile(Graph& graph, std::vector<Value> outputs, CompileOptions options = {});
+
+}  // namespace dagrad

@@ -1,0 +1,39 @@
+// A Kernel around one oneDNN primitive whose arguments are the node's row-major tensors.
+// The primitive and its memory objects are created once; each run only swaps data handles.
+#pragma once
+
+#include <unordered_map>
+#include <vector>
+
+#include "runtime/kernel.hpp"
+
+namespace dagrad {
+
+// Binds primitive argument `arg` (DNNL_ARG_*) to input or output `index` of the node.
+struct PrimitiveArg {
+  int arg;
+  bool output;
+  int index;
+  dnnl::memory::desc md;
+};
+
+class PrimitiveKernel final : public Kernel {
+ public:
+  PrimitiveKernel(dnnl::primitive primitive, std::vector<PrimitiveArg> args);
+  void run(const KernelCall& call) override;
+
+ private:
+  dnnl::primitive primitive_;
+  std::vector<PrimitiveArg> args_;
+  std::vector<dnnl::memory> memories_;
+  std::unordered_map<int, dnnl::memory> arg_map_;
+};
+
+inline PrimitiveArg input_arg(int arg, int index, dnnl::memory::desc md) {
+  return {arg, false, index, std::move(md)};
+}
+inline PrimitiveArg output_arg(int arg, int index, dnnl::memory::desc md) {
+  return {arg, true, index, std::move(md)};
+}
+
+}  // namespace dagrad

@@ -1,0 +1,26 @@
+// Helpers shared by the registry-wide tests: turning a Sample into a graph and feeds.
+#pragma once
+
+#include <random>
+
+#include "dagrad.hpp"
+
+namespace dagrad::testing {
+
+// Random (or exact) values for one input spec, in `float_dtype` for floating inputs.
+Tensor make_input(const InputSpec& spec, DType float_dtype, std::mt19937_64& rng);
+
+struct BuiltSample {
+  std::vector<Value> inputs;
+  std::vector<Value> outputs;
+  Feeds feeds;
+};
+
+// Adds the sample's inputs and one node of `op` to `graph`, with feeds for a run.
+BuiltSample build_sample(Graph& graph, const OpDef& op, const std::vector<InputSpec>& inputs,
+                         const Attrs& attrs, DType float_dtype, std::uint64_t seed);
+
+// Σ_k Σ output_k · w_k over the floating outputs, a scalar to differentiate.
+Value combine_outputs(Graph& graph, const std::vector<Value>& outputs, std::uint64_t seed);
+
+}  // namespace dagrad::testing
