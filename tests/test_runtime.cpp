@@ -1,0 +1,136 @@
+// Plan: feeds are validated before computing, results match known values, memory is reused
+// by lifetime, primitives are created once, batch sizes can change.
+#include <gtest/gtest.h>
+
+#include "dagrad.hpp"
+
+namespace dagrad {
+namespace {
+
+TEST(Plan, ComputesKnownValues) {
+  Graph g;
+  Value x = g.input("x", {2, 2});
+  Value y = g.input("y", {2});
+  Value z = sum(exp(x) * y + 1.0);
+  Plan plan = compile(g, {z});
+  Tensor xs = Tensor::from({0, 1, 2, 3}, {2, 2});
+  Tensor ys = Tensor::from({1, -1}, {2});
+  double expected = 0;
+  for (int i = 0; i < 4; ++i) expected += std::exp(double(i)) * (i % 2 ? -1 : 1) + 1;
+  EXPECT_NEAR(plan.run({{x, xs}, {y, ys}})[0].item(), expected, 1e-4);
+}
+
+TEST(Plan, MissingFeedIsAFeedError) {
+  Graph g;
+  Value x = g.input("x", {2});
+  Value t = g.input("t", {2});
+  Plan plan = compile(g, {add(x, t)});
+  try {
+    plan.run({{x, Tensor::from({1, 2}, {2})}});
+    FAIL();
+  } catch (const FeedError& e) {
+    EXPECT_NE(std::string(e.what()).find("\"t\""), std::string::npos) << e.what();
+    EXPECT_NE(std::string(e.what()).find("not fed"), std::string::npos) << e.what();
+  }
+}
+
+TEST(Plan, WrongDtypeOrShapeIsAFeedError) {
+  Graph g;
+  Value x = g.input("x", {2, 3});
+  Plan plan = compile(g, {exp(x)});
+  EXPECT_THROW(plan.run({{x, Tensor({2, 3}, DType::f64)}}), FeedError);
+  try {
+    plan.run({{x, Tensor({3, 2}, DType::f32)}});
+    FAIL();
+  } catch (const FeedError& e) {
+    EXPECT_NE(std::string(e.what()).find("declared f32[2,3] but was fed f32[3,2]"), std::string::npos)
+        << e.what();
+  }
+}
+
+TEST(Plan, UnknownFeedIsAFeedError) {
+  Graph g;
+  Value x = g.input("x", {2});
+  Value p = g.parameter("p", Tensor::from({1, 2}, {2}));
+  Plan plan = compile(g, {add(x, p)});
+  EXPECT_THROW(plan.run({{x, Tensor({2}, DType::f32)}, {p, Tensor({2}, DType::f32)}}), FeedError);
+  Graph other;
+  Value o = other.input("o", {2});
+  EXPECT_THROW(plan.run({{x, Tensor({2}, DType::f32)}, {o, Tensor({2}, DType::f32)}}), FeedError);
+}
+
+TEST(Plan, MemoryIsReusedByLifetime) {
+  Graph g;
+  Value x = g.input("x", {256, 256});
+  Value v = x;
+  for (int i = 0; i < 8; ++i) v = exp(neg(v));
+  Value out = sum(v);
+  Plan reused = compile(g, {out});
+  Plan separate = compile(g, {out}, {.reuse_memory = false});
+  // A chain needs at most two live intermediates at once.
+  EXPECT_LE(reused.planned_peak_bytes(), 3u * 256 * 256 * 4);
+  EXPECT_GE(separate.planned_peak_bytes(), 16u * 256 * 256 * 4);
+  Tensor xs = Tensor::full({256, 256}, 0.1);
+  EXPECT_NEAR(reused.run({{x, xs}})[0].item(), separate.run({{x, xs}})[0].item(), 1e-2);
+}
+
+TEST(Plan, UsesOneDnnPrimitivesAndReusesThemAcrossRuns) {
+  Graph g;
+  Value x = g.input("x", {4, 4});
+  Plan plan = compile(g, {sum(exp(x) + x)});
+  Tensor xs = Tensor::full({4, 4}, 1.0);
+  double first = plan.run({{x, xs}})[0].item();
+  double second = plan.run({{x, xs}})[0].item();
+  EXPECT_EQ(first, second);
+  EXPECT_EQ(plan.num_specializations(), 1u);
+  EXPECT_EQ(plan.num_onednn_steps(), 3u);  // exp, add, sum
+}
+
+TEST(Plan, DynamicBatchGetsOneSpecializationPerShape) {
+  Graph g;
+  Value x = g.input("x", {8, 3}, DType::f32, /*batch_dynamic=*/true);
+  Value b = g.parameter("b", Tensor::from({1, 2, 3}, {3}));
+  Value m = mean(x + b);
+  Plan plan = compile(g, {m});
+  EXPECT_NEAR(plan.run({{x, Tensor::full({8, 3}, 1.0)}})[0].item(), 3.0, 1e-6);
+  EXPECT_NEAR(plan.run({{x, Tensor::full({5, 3}, 2.0)}})[0].item(), 4.0, 1e-6);
+  EXPECT_EQ(plan.num_specializations(), 2u);
+  // Other dimensions may not change.
+  EXPECT_THROW(plan.run({{x, Tensor::full({5, 4}, 2.0)}}), FeedError);
+}
+
+TEST(Plan, ParametersAreReadAtEachRun) {
+  Graph g;
+  Value w = g.parameter("w", Tensor::from({1, 2}, {2}));
+  Plan plan = compile(g, {sum(w)});
+  EXPECT_NEAR(plan.run({})[0].item(), 3.0, 1e-6);
+  g.value_of(w).fill(5.0);
+  EXPECT_NEAR(plan.run({})[0].item(), 10.0, 1e-6);
+}
+
+TEST(Plan, CheckFiniteNamesTheFirstBadOp) {
+  Graph g;
+  Value x = g.input("x", {2});
+  Value y = log(x);
+  Plan plan = compile(g, {sum(y)}, {.check_finite = true});
+  try {
+    plan.run({{x, Tensor::from({1, -1}, {2})}});
+    FAIL();
+  } catch (const Error& e) {
+    EXPECT_NE(std::string(e.what()).find("log"), std::string::npos) << e.what();
+  }
+}
+
+TEST(Plan, ReferenceAndOneDnnBackendsAgree) {
+  Graph g;
+  Value x = g.input("x", {3, 5});
+  Value y = sum(tanh(x) * sigmoid(x), {1});
+  Tensor xs({3, 5}, DType::f32);
+  for (int i = 0; i < 15; ++i) xs.set(i, 0.1 * i - 0.7);
+  auto a = compile(g, {y}).run({{x, xs}})[0].clone();
+  auto b = compile(g, {y}, {.backend = Backend::reference}).run({{x, xs}})[0].clone();
+  for (int i = 0; i < 3; ++i) EXPECT_NEAR(a.at(i), b.at(i), 1e-5);
+}
+
+}  // namespace
+}  // namespace dagrad
