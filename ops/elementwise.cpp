@@ -363,7 +363,9 @@ void register_elementwise_ops(OpRegistry& registry) {
                   .formula = "y = max(x, 0); dy/dx = 1 if x > 0 else 0 (0 at the kink)",
                   .algorithm = A::eltwise_relu,
                   .backward = [](const BackwardCall& c) -> std::vector<std::optional<Value>> {
-                    return {relu_grad(c.grad(), c.inputs[0])};
+                    // The mask is taken from the output (y > 0 exactly where x > 0), so the pre-activation
+                    // is not kept alive and matmul + bias + relu can fuse.
+                    return {relu_grad(c.grad(), c.outputs[0])};
                   },
                   .min_magnitude = 0.1},
                  [](auto x) { return x > 0 ? x : decltype(x)(0); });

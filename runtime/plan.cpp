@@ -94,12 +94,14 @@ struct Plan::Specialization {
     std::size_t step;
     std::size_t position;
     NodeId node;
+    int feed;  // index in feed_nodes_, or -1 for a parameter or constant
   };
   std::vector<Step> steps;
   std::vector<LeafUse> leaf_uses;
   std::vector<std::pair<NodeId, int>> outputs;  // node, output index
   std::map<std::pair<NodeId, int>, Tensor> values;  // op outputs, as views
-  std::map<NodeId, Shape> feed_shapes;
+  std::vector<Shape> feed_shapes;  // in feed_nodes_ order
+  std::vector<Tensor> output_values;  // views of op outputs (undefined for leaves)
   std::shared_ptr<void> arena;
   std::size_t arena_bytes = 0;
   std::size_t unplanned_bytes = 0;
@@ -119,6 +121,7 @@ Plan::Plan(Graph& graph, std::vector<Value> outputs, CompileOptions options)
   for (NodeId id : order_) {
     if (graph_->node(id).kind == NodeKind::input) feed_nodes_.push_back(id);
   }
+  fed_.assign(feed_nodes_.size(), nullptr);
 }
 
 Plan::~Plan() = default;
@@ -140,7 +143,7 @@ Plan::Specialization& Plan::specialize(const std::vector<Shape>& input_shapes) {
   for (std::size_t i = 0; i < feed_nodes_.size(); ++i) {
     const Node& n = graph_->node(feed_nodes_[i]);
     descs[{n.id, 0}] = TensorDesc{n.outputs[0].dtype, input_shapes[i]};
-    spec->feed_shapes[n.id] = input_shapes[i];
+    spec->feed_shapes.push_back(input_shapes[i]);
   }
   std::map<NodeId, std::size_t> step_of;
   for (NodeId id : order_) {
@@ -238,18 +241,27 @@ Plan::Specialization& Plan::specialize(const std::vector<Shape>& input_shapes) {
         step.inputs.push_back(it->second);
       } else {
         step.inputs.emplace_back();  // a leaf: bound at each run
-        spec->leaf_uses.push_back({s, p, v.node_id()});
+        const auto feed = std::find(feed_nodes_.begin(), feed_nodes_.end(), v.node_id());
+        spec->leaf_uses.push_back({s, p, v.node_id(),
+                                   feed == feed_nodes_.end()
+                                       ? -1
+                                       : static_cast<int>(feed - feed_nodes_.begin())});
       }
     }
+  }
+  for (const auto& key : spec->outputs) {
+    auto it = spec->values.find(key);
+    spec->output_values.push_back(it != spec->values.end() ? it->second : Tensor());
   }
   Specialization& result = *spec;
   specializations_.emplace(input_shapes, std::move(spec));
   return result;
 }
 
-std::vector<Tensor> Plan::run(const Feeds& feeds, const RunOptions& options) {
-  // Validate every feed before touching memory.
-  std::map<NodeId, const Tensor*> fed;
+const std::vector<Tensor>& Plan::run(const Feeds& feeds, const RunOptions& options) {
+  // Validate every feed before touching memory. No allocation on the steady path: the
+  // scratch vectors are members sized at construction.
+  std::fill(fed_.begin(), fed_.end(), nullptr);
   for (const auto& [value, tensor] : feeds) {
     if (!value.valid() || &value.graph() != graph_) {
       throw FeedError(fmt::format("run: feed \"{}\" is not a value of this plan's graph",
@@ -259,9 +271,6 @@ std::vector<Tensor> Plan::run(const Feeds& feeds, const RunOptions& options) {
     if (n.kind != NodeKind::input) {
       throw FeedError(fmt::format(
           "run: \"{}\" is a {} node, not an input; only inputs are fed", n.name, n.op));
-    }
-    if (fed.count(n.id) != 0) {
-      throw FeedError(fmt::format("run: input \"{}\" is fed twice", n.name));
     }
     const TensorDesc& declared = n.outputs[0];
     if (tensor.dtype() != declared.dtype) {
@@ -282,32 +291,44 @@ std::vector<Tensor> Plan::run(const Feeds& feeds, const RunOptions& options) {
     if (!tensor.defined()) {
       throw FeedError(fmt::format("run: input \"{}\" was fed an empty tensor", n.name));
     }
-    fed[n.id] = &tensor;
-  }
-  std::vector<Shape> shapes;
-  for (NodeId id : feed_nodes_) {
-    auto it = fed.find(id);
-    if (it == fed.end()) {
-      const Node& n = graph_->node(id);
-      throw FeedError(fmt::format("run: input \"{}\" ({}) is needed by the outputs but was not fed",
-                                  n.name, n.outputs[0]));
+    for (const auto& [other, unused] : feeds) {
+      if (&other != &value && other.node_id() == value.node_id() && &other < &value) {
+        throw FeedError(fmt::format("run: input \"{}\" is fed twice", n.name));
+      }
     }
-    shapes.push_back(it->second->shape());
+    const auto it = std::find(feed_nodes_.begin(), feed_nodes_.end(), n.id);
+    if (it != feed_nodes_.end()) fed_[static_cast<std::size_t>(it - feed_nodes_.begin())] = &tensor;
   }
-  Specialization& spec = specialize(shapes);
-  last_ = &spec;
+  for (std::size_t i = 0; i < feed_nodes_.size(); ++i) {
+    if (fed_[i] == nullptr) {
+      const Node& n = graph_->node(feed_nodes_[i]);
+      throw FeedError(fmt::format(
+          "run: input \"{}\" ({}) is needed by the outputs but was not fed", n.name, n.outputs[0]));
+    }
+  }
+  bool same_shapes = last_ != nullptr;
+  for (std::size_t i = 0; same_shapes && i < feed_nodes_.size(); ++i) {
+    same_shapes = fed_[i]->shape() == last_->feed_shapes[i];
+  }
+  if (!same_shapes) {
+    std::vector<Shape> shapes;
+    for (std::size_t i = 0; i < feed_nodes_.size(); ++i) shapes.push_back(fed_[i]->shape());
+    last_ = &specialize(shapes);
+  }
+  Specialization& spec = *last_;
 
-  auto leaf_tensor = [&](NodeId id) -> Tensor {
-    const Node& n = graph_->node(id);
-    if (n.kind == NodeKind::input) return *fed.at(id);
+  for (const auto& use : spec.leaf_uses) {
+    Tensor& slot = spec.steps[use.step].inputs[use.position];
+    if (use.feed >= 0) {
+      slot = *fed_[static_cast<std::size_t>(use.feed)];
+      continue;
+    }
+    const Node& n = graph_->node(use.node);
     if (n.data.desc() != n.outputs[0]) {
       throw GraphError(fmt::format("run: {} \"{}\" holds {} but the graph declares {}", n.op,
                                    n.name, n.data.desc(), n.outputs[0]));
     }
-    return n.data;
-  };
-  for (const auto& use : spec.leaf_uses) {
-    spec.steps[use.step].inputs[use.position] = leaf_tensor(use.node);
+    slot = n.data;
   }
 
   RunContext context;
@@ -327,15 +348,25 @@ std::vector<Tensor> Plan::run(const Feeds& feeds, const RunOptions& options) {
       }
     }
   }
-  if (spec.steps.size() > 0) spec.stream.wait();
+  if (!spec.steps.empty()) spec.stream.wait();
   ++runs_;
 
-  std::vector<Tensor> results;
-  for (const auto& key : spec.outputs) {
-    auto it = spec.values.find(key);
-    results.push_back(it != spec.values.end() ? it->second : leaf_tensor(key.first));
+  results_.resize(spec.outputs.size());
+  for (std::size_t k = 0; k < spec.outputs.size(); ++k) {
+    const auto& [node, index] = spec.outputs[k];
+    if (spec.output_values[k].defined() && spec.output_values[k].raw() != nullptr) {
+      results_[k] = spec.output_values[k];
+      continue;
+    }
+    const Node& n = graph_->node(node);
+    if (n.kind == NodeKind::input) {
+      const auto it = std::find(feed_nodes_.begin(), feed_nodes_.end(), node);
+      results_[k] = *fed_[static_cast<std::size_t>(it - feed_nodes_.begin())];
+    } else {
+      results_[k] = n.data;
+    }
   }
-  return results;
+  return results_;
 }
 
 std::size_t Plan::planned_peak_bytes() {

@@ -45,9 +45,10 @@ class Plan {
   Plan& operator=(Plan&&) noexcept;
 
   // Checks every feed (unknown, missing, dtype, shape) before computing anything, then runs.
-  // The returned tensors are views of the plan's output buffers: the next run overwrites
-  // them, so clone() what must be kept.
-  std::vector<Tensor> run(const Feeds& feeds, const RunOptions& options = {});
+  // The returned tensors are views of the plan's output buffers, held in a vector the plan
+  // reuses: the next run overwrites them, so clone() what must be kept. Nothing is allocated
+  // on the heap per run once the plan has run with these input shapes.
+  const std::vector<Tensor>& run(const Feeds& feeds, const RunOptions& options = {});
 
   const std::vector<Value>& outputs() const { return outputs_; }
   // Bytes of the intermediate-value arena planned for the last specialisation run (or for
@@ -73,6 +74,8 @@ class Plan {
   std::vector<NodeId> feed_nodes_;      // input leaves the outputs need
   std::map<std::vector<Shape>, std::unique_ptr<Specialization>> specializations_;
   Specialization* last_ = nullptr;
+  std::vector<const Tensor*> fed_;  // per feed node, this run's tensor
+  std::vector<Tensor> results_;
   std::uint64_t runs_ = 0;
 };
 

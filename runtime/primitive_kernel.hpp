@@ -1,8 +1,8 @@
 // A Kernel around one oneDNN primitive whose arguments are the node's row-major tensors.
-// The primitive and its memory objects are created once; each run only swaps data handles.
+// The primitive, its memory objects and its argument array are created once; each run only
+// swaps data handles and executes (through the C API, so no map is built per call).
 #pragma once
 
-#include <unordered_map>
 #include <vector>
 
 #include "runtime/kernel.hpp"
@@ -26,7 +26,7 @@ class PrimitiveKernel final : public Kernel {
   dnnl::primitive primitive_;
   std::vector<PrimitiveArg> args_;
   std::vector<dnnl::memory> memories_;
-  std::unordered_map<int, dnnl::memory> arg_map_;
+  std::vector<dnnl_exec_arg_t> exec_args_;
 };
 
 inline PrimitiveArg input_arg(int arg, int index, dnnl::memory::desc md) {
@@ -35,5 +35,9 @@ inline PrimitiveArg input_arg(int arg, int index, dnnl::memory::desc md) {
 inline PrimitiveArg output_arg(int arg, int index, dnnl::memory::desc md) {
   return {arg, true, index, std::move(md)};
 }
+
+// Executes `primitive` with a prepared argument array; throws Error naming `what` on failure.
+void execute_primitive(const dnnl::primitive& primitive, dnnl::stream& stream,
+                       const std::vector<dnnl_exec_arg_t>& args, const char* what);
 
 }  // namespace dagrad
