@@ -3,9 +3,11 @@
 #include <algorithm>
 #include <cmath>
 #include <list>
+#include <set>
 
 #include <fmt/format.h>
 
+#include "runtime/fusion.hpp"
 #include "runtime/kernel.hpp"
 
 namespace dagrad {
@@ -87,6 +89,7 @@ struct Plan::Specialization {
     const Node* node = nullptr;
     std::unique_ptr<Kernel> kernel;
     bool onednn = false;
+    std::string fused;  // the fused pattern this step runs, if any
     std::vector<Tensor> inputs;
     std::vector<Tensor> outputs;
   };
@@ -139,13 +142,13 @@ Plan::Specialization& Plan::specialize(const std::vector<Shape>& input_shapes) {
   auto spec = std::make_unique<Specialization>();
   // Descs of every value under these input shapes: shape rules run again when a feed's
   // shape differs from the declared one.
-  std::map<std::pair<NodeId, int>, TensorDesc> descs;
+  std::map<ValueKey, TensorDesc> descs;
   for (std::size_t i = 0; i < feed_nodes_.size(); ++i) {
     const Node& n = graph_->node(feed_nodes_[i]);
     descs[{n.id, 0}] = TensorDesc{n.outputs[0].dtype, input_shapes[i]};
     spec->feed_shapes.push_back(input_shapes[i]);
   }
-  std::map<NodeId, std::size_t> step_of;
+  std::map<ValueKey, int> consumers;
   for (NodeId id : order_) {
     const Node& n = graph_->node(id);
     if (n.kind == NodeKind::parameter || n.kind == NodeKind::constant) {
@@ -158,13 +161,51 @@ Plan::Specialization& Plan::specialize(const std::vector<Shape>& input_shapes) {
     for (const auto& v : n.inputs) {
       in.push_back(descs.at({v.node_id(), v.index()}));
       same = same && in.back() == v.desc();
+      ++consumers[{v.node_id(), v.index()}];
     }
     std::vector<TensorDesc> out =
         same ? n.outputs : n.def->shape(ShapeCall{n.attrs, in, n.site()});
     for (std::size_t k = 0; k < out.size(); ++k) descs[{id, static_cast<int>(k)}] = out[k];
-    step_of[id] = spec->steps.size();
+  }
+  std::set<ValueKey> requested;
+  for (const auto& v : outputs_) requested.insert({v.node_id(), v.index()});
+
+  // Fusion: some nodes run inside another node's kernel, some are not needed at all.
+  std::vector<FusedStep> fusions;
+  std::set<NodeId> skipped;
+  if (options_.fuse && options_.backend == Backend::onednn) {
+    std::vector<NodeId> dropped;
+    FusionContext context{*graph_, order_, descs, consumers,
+                          [&](const ValueKey& key) { return requested.count(key) != 0; }};
+    fusions = plan_fusions(context, dropped);
+    skipped.insert(dropped.begin(), dropped.end());
+    for (const auto& f : fusions) skipped.insert(f.absorbed.begin(), f.absorbed.end());
+  }
+  std::map<NodeId, FusedStep*> fused_at;
+  for (auto& f : fusions) fused_at[f.anchor] = &f;
+
+  std::vector<std::vector<ValueKey>> step_inputs;
+  for (NodeId id : order_) {
+    const Node& n = graph_->node(id);
+    if (n.kind != NodeKind::op || skipped.count(id)) continue;
     Specialization::Step step;
     step.node = &n;
+    std::vector<TensorDesc> out;
+    for (std::size_t k = 0; k < n.outputs.size(); ++k) out.push_back(descs.at({id, static_cast<int>(k)}));
+    if (auto it = fused_at.find(id); it != fused_at.end()) {
+      step.kernel = std::move(it->second->kernel);
+      step.onednn = true;
+      step.fused = it->second->pattern;
+      step_inputs.push_back(it->second->inputs);
+      spec->steps.push_back(std::move(step));
+      continue;
+    }
+    std::vector<TensorDesc> in;
+    std::vector<ValueKey> keys;
+    for (const auto& v : n.inputs) {
+      keys.emplace_back(v.node_id(), v.index());
+      in.push_back(descs.at(keys.back()));
+    }
     const bool any_f64 =
         std::any_of(in.begin(), in.end(), [](auto& d) { return d.dtype == DType::f64; }) ||
         std::any_of(out.begin(), out.end(), [](auto& d) { return d.dtype == DType::f64; });
@@ -179,17 +220,18 @@ Plan::Specialization& Plan::specialize(const std::vector<Shape>& input_shapes) {
       }
       step.kernel = make_kernel([ref = n.def->reference](const KernelCall& call) { ref(call); });
     }
+    step_inputs.push_back(std::move(keys));
     spec->steps.push_back(std::move(step));
   }
 
   // Lifetimes: the last step reading each op output; requested outputs live forever.
   const std::size_t forever = spec->steps.size();
-  std::map<std::pair<NodeId, int>, std::size_t> last_use;
+  std::map<ValueKey, std::size_t> last_use;
   for (std::size_t s = 0; s < spec->steps.size(); ++s) {
     const Node& n = *spec->steps[s].node;
     for (std::size_t k = 0; k < n.outputs.size(); ++k) last_use[{n.id, static_cast<int>(k)}] = s;
-    for (const auto& v : n.inputs) {
-      auto it = last_use.find({v.node_id(), v.index()});
+    for (const auto& key : step_inputs[s]) {
+      auto it = last_use.find(key);
       if (it != last_use.end()) it->second = std::max(it->second, s);
     }
   }
@@ -198,13 +240,13 @@ Plan::Specialization& Plan::specialize(const std::vector<Shape>& input_shapes) {
     if (it != last_use.end()) it->second = forever;
     spec->outputs.emplace_back(v.node_id(), v.index());
   }
-  std::vector<std::vector<std::pair<NodeId, int>>> dies_after(spec->steps.size());
+  std::vector<std::vector<ValueKey>> dies_after(spec->steps.size());
   for (const auto& [key, s] : last_use) {
     if (s != forever) dies_after[s].push_back(key);
   }
 
   ArenaPlanner planner;
-  std::map<std::pair<NodeId, int>, std::size_t> offsets;
+  std::map<ValueKey, std::size_t> offsets;
   for (std::size_t s = 0; s < spec->steps.size(); ++s) {
     const Node& n = *spec->steps[s].node;
     for (std::size_t k = 0; k < n.outputs.size(); ++k) {
@@ -234,15 +276,15 @@ Plan::Specialization& Plan::specialize(const std::vector<Shape>& input_shapes) {
     for (std::size_t k = 0; k < n.outputs.size(); ++k) {
       step.outputs.push_back(spec->values.at({n.id, static_cast<int>(k)}));
     }
-    for (std::size_t p = 0; p < n.inputs.size(); ++p) {
-      const Value& v = n.inputs[p];
-      auto it = spec->values.find({v.node_id(), v.index()});
+    for (std::size_t p = 0; p < step_inputs[s].size(); ++p) {
+      const ValueKey& key = step_inputs[s][p];
+      auto it = spec->values.find(key);
       if (it != spec->values.end()) {
         step.inputs.push_back(it->second);
       } else {
         step.inputs.emplace_back();  // a leaf: bound at each run
-        const auto feed = std::find(feed_nodes_.begin(), feed_nodes_.end(), v.node_id());
-        spec->leaf_uses.push_back({s, p, v.node_id(),
+        const auto feed = std::find(feed_nodes_.begin(), feed_nodes_.end(), key.first);
+        spec->leaf_uses.push_back({s, p, key.first,
                                    feed == feed_nodes_.end()
                                        ? -1
                                        : static_cast<int>(feed - feed_nodes_.begin())});
@@ -386,6 +428,15 @@ std::size_t Plan::unplanned_bytes() {
 std::size_t Plan::num_steps() {
   planned_peak_bytes();
   return last_->steps.size();
+}
+
+std::vector<std::string> Plan::fused_patterns() {
+  planned_peak_bytes();
+  std::vector<std::string> out;
+  for (const auto& s : last_->steps) {
+    if (!s.fused.empty()) out.push_back(s.fused);
+  }
+  return out;
 }
 
 std::size_t Plan::num_onednn_steps() {

@@ -10,6 +10,7 @@
 #include <cstdint>
 #include <map>
 #include <memory>
+#include <string>
 #include <utility>
 #include <vector>
 
@@ -59,6 +60,8 @@ class Plan {
   // Number of nodes executed per run, and how many run a oneDNN kernel.
   std::size_t num_steps();
   std::size_t num_onednn_steps();
+  // The fused kernels the plan runs, e.g. "matmul+bias+relu", "transposed-A matmul".
+  std::vector<std::string> fused_patterns();
   std::size_t num_specializations() const { return specializations_.size(); }
   std::uint64_t runs() const { return runs_; }
 

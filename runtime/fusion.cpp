@@ -1,0 +1,155 @@
+#include "runtime/fusion.hpp"
+
+#include <algorithm>
+#include <set>
+
+#include "runtime/primitive_kernel.hpp"
+
+namespace dagrad {
+
+namespace {
+
+bool is_last_two_swap(const Node& n) {
+  if (n.op != "transpose") return false;
+  const auto& perm = n.attrs.integers("perm");
+  return perm.size() == 2 && perm[0] == 1 && perm[1] == 0;
+}
+
+std::optional<dnnl::algorithm> eltwise_algorithm(const std::string& op) {
+  if (op == "relu") return dnnl::algorithm::eltwise_relu;
+  if (op == "tanh") return dnnl::algorithm::eltwise_tanh;
+  if (op == "sigmoid") return dnnl::algorithm::eltwise_logistic;
+  return std::nullopt;
+}
+
+// The single op node reading `key`, when exactly one input slot in the plan reads it.
+const Node* sole_consumer(const FusionContext& c, const ValueKey& key) {
+  auto it = c.consumers.find(key);
+  if (it == c.consumers.end() || it->second != 1 || c.is_output(key)) return nullptr;
+  for (NodeId id : c.order) {
+    const Node& n = c.graph.node(id);
+    for (const auto& v : n.inputs) {
+      if (v.node_id() == key.first && v.index() == key.second) return &n;
+    }
+  }
+  return nullptr;
+}
+
+// md for operand `v` of a matmul: its own plain md, or (folded) the transpose's source read
+// through swapped strides.
+struct Operand {
+  ValueKey source;
+  dnnl::memory::desc md;
+  bool folded = false;
+};
+
+Operand matmul_operand(const FusionContext& c, const Value& v) {
+  const Node& producer = c.graph.node(v.node_id());
+  const TensorDesc& desc = c.descs.at({v.node_id(), v.index()});
+  if (is_last_two_swap(producer) && desc.dtype == DType::f32) {
+    const Value& source = producer.inputs[0];
+    const TensorDesc& src_desc = c.descs.at({source.node_id(), source.index()});
+    // source is [k, m] row-major; the operand [m, k] has strides {1, m}.
+    dnnl::memory::desc md({desc.shape[0], desc.shape[1]}, dnnl::memory::data_type::f32,
+                          dnnl::memory::dims{1, src_desc.shape[1]});
+    return {{source.node_id(), source.index()}, md, true};
+  }
+  return {{v.node_id(), v.index()}, plain_md(desc), false};
+}
+
+}  // namespace
+
+std::vector<FusedStep> plan_fusions(const FusionContext& c, std::vector<NodeId>& dropped) {
+  std::vector<FusedStep> fused;
+  std::set<NodeId> taken;
+  std::map<NodeId, int> folds;  // transpose node -> number of matmuls that fold it
+
+  for (NodeId id : c.order) {
+    const Node& m = c.graph.node(id);
+    if (m.kind != NodeKind::op || m.op != "matmul" || taken.count(id)) continue;
+    const TensorDesc& a_desc = c.descs.at({m.inputs[0].node_id(), m.inputs[0].index()});
+    const TensorDesc& b_desc = c.descs.at({m.inputs[1].node_id(), m.inputs[1].index()});
+    if (a_desc.dtype != DType::f32 || a_desc.shape.rank() != 2 || b_desc.shape.rank() != 2) continue;
+
+    Operand a = matmul_operand(c, m.inputs[0]);
+    Operand b = matmul_operand(c, m.inputs[1]);
+    FusedStep step;
+    step.anchor = id;
+    step.inputs = {a.source, b.source};
+    std::vector<NodeId> chain;
+    std::string pattern = "matmul";
+    const std::int64_t n_cols = c.descs.at({id, 0}).shape[1];
+
+    // [+ bias row]
+    std::optional<dnnl::memory::desc> bias_md;
+    const Node* next = sole_consumer(c, {id, 0});
+    if (next && next->op == "add") {
+      const int other = next->inputs[0].node_id() == id ? 1 : 0;
+      const Value& bias = next->inputs[static_cast<std::size_t>(other)];
+      const TensorDesc& bias_desc = c.descs.at({bias.node_id(), bias.index()});
+      const bool row = bias_desc.dtype == DType::f32 &&
+                       ((bias_desc.shape.rank() == 1 && bias_desc.shape[0] == n_cols) ||
+                        (bias_desc.shape.rank() == 2 && bias_desc.shape[0] == 1 &&
+                         bias_desc.shape[1] == n_cols));
+      const bool distinct = next->inputs[0].node_id() != next->inputs[1].node_id();
+      if (row && distinct) {
+        bias_md = dnnl::memory::desc({1, n_cols}, dnnl::memory::data_type::f32,
+                                     dnnl::memory::format_tag::ab);
+        step.inputs.push_back({bias.node_id(), bias.index()});
+        chain.push_back(next->id);
+        pattern += "+bias";
+        next = sole_consumer(c, {next->id, 0});
+      } else {
+        next = nullptr;
+      }
+    }
+    // [+ eltwise]
+    dnnl::post_ops post_ops;
+    if (next && eltwise_algorithm(next->op) && next->inputs.size() == 1) {
+      post_ops.append_eltwise(1.f, *eltwise_algorithm(next->op), 0.f, 0.f);
+      chain.push_back(next->id);
+      pattern += "+" + next->op;
+    }
+    if (chain.empty() && !a.folded && !b.folded) continue;  // nothing gained
+
+    const NodeId anchor = chain.empty() ? id : chain.back();
+    auto dst_md = plain_md(c.descs.at({anchor, 0}));
+    dnnl::primitive_attr attr;
+    attr.set_post_ops(post_ops);
+    dnnl::matmul::desc desc = bias_md ? dnnl::matmul::desc(a.md, b.md, *bias_md, dst_md)
+                                      : dnnl::matmul::desc(a.md, b.md, dst_md);
+    dnnl::matmul::primitive_desc pd(desc, attr, cpu_engine());
+    std::vector<PrimitiveArg> args{input_arg(DNNL_ARG_SRC, 0, a.md),
+                                   input_arg(DNNL_ARG_WEIGHTS, 1, b.md),
+                                   output_arg(DNNL_ARG_DST, 0, dst_md)};
+    if (bias_md) args.push_back(input_arg(DNNL_ARG_BIAS, 2, *bias_md));
+    step.kernel = std::make_unique<PrimitiveKernel>(dnnl::matmul(pd), std::move(args));
+    step.anchor = anchor;
+    if (a.folded) {
+      ++folds[m.inputs[0].node_id()];
+      pattern = "transposed-A " + pattern;
+    }
+    if (b.folded) {
+      ++folds[m.inputs[1].node_id()];
+      pattern = "transposed-B " + pattern;
+    }
+    step.pattern = pattern;
+    if (anchor != id) step.absorbed.push_back(id);
+    for (NodeId n : chain) {
+      if (n != anchor) step.absorbed.push_back(n);
+      taken.insert(n);
+    }
+    taken.insert(id);
+    fused.push_back(std::move(step));
+  }
+  // A transpose whose every reader folded it is no longer executed.
+  for (const auto& [transpose, count] : folds) {
+    auto it = c.consumers.find({transpose, 0});
+    if (it != c.consumers.end() && it->second == count && !c.is_output({transpose, 0})) {
+      dropped.push_back(transpose);
+    }
+  }
+  return fused;
+}
+
+}  // namespace dagrad

@@ -1,0 +1,42 @@
+// Kernel fusion at plan time. The plan knows the whole forward and backward graph, so it can
+// hand oneDNN larger pieces of work than an eager framework:
+//   - transpose folding: a 2-D matmul reading transpose(x) reads x through swapped strides
+//     (the backward's dX = dY·Wᵀ and dW = Xᵀ·dY then copy nothing);
+//   - post-ops: matmul [+ bias row] [+ relu | tanh | sigmoid] runs as one matmul primitive
+//     with a bias and an eltwise post-op.
+// A pattern fuses only when the intermediate values are read by nothing else and are not
+// requested outputs, so results are those of the unfused plan (within f32 rounding).
+#pragma once
+
+#include <functional>
+#include <map>
+#include <memory>
+#include <string>
+#include <vector>
+
+#include "runtime/kernel.hpp"
+
+namespace dagrad {
+
+using ValueKey = std::pair<NodeId, int>;
+
+struct FusedStep {
+  NodeId anchor;                  // the node whose outputs this step writes
+  std::vector<ValueKey> inputs;   // what the fused kernel reads, in its own order
+  std::unique_ptr<Kernel> kernel;
+  std::vector<NodeId> absorbed;   // nodes no longer executed on their own
+  std::string pattern;            // e.g. "matmul+bias+relu"
+};
+
+struct FusionContext {
+  const Graph& graph;
+  const std::vector<NodeId>& order;
+  const std::map<ValueKey, TensorDesc>& descs;
+  const std::map<ValueKey, int>& consumers;  // number of reading input slots
+  std::function<bool(const ValueKey&)> is_output;
+};
+
+// Fused steps, plus in `dropped` the nodes that no step needs any more (folded transposes).
+std::vector<FusedStep> plan_fusions(const FusionContext& context, std::vector<NodeId>& dropped);
+
+}  // namespace dagrad
