@@ -13,6 +13,7 @@ void register_all_ops(OpRegistry& registry) {
   register_indexing_ops(registry);
   register_conv_ops(registry);
   register_normalization_ops(registry);
+  register_math_ops(registry);
 }
 
 }  // namespace dagrad

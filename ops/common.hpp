@@ -72,5 +72,6 @@ void register_activation_ops(OpRegistry& registry);
 void register_indexing_ops(OpRegistry& registry);
 void register_conv_ops(OpRegistry& registry);
 void register_normalization_ops(OpRegistry& registry);
+void register_math_ops(OpRegistry& registry);
 
 }  // namespace dagrad

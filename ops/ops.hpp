@@ -7,6 +7,7 @@
 #include "ops/indexing.hpp"
 #include "ops/linalg.hpp"
 #include "ops/loss.hpp"
+#include "ops/math.hpp"
 #include "ops/normalization.hpp"
 #include "ops/reduction.hpp"
 #include "ops/shape.hpp"

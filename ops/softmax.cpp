@@ -1,7 +1,167 @@
+// softmax and log_softmax along any axis. Kernels: oneDNN softmax_forward and
+// logsoftmax_forward for f32; plain loops (max subtracted, sums in double) for the reference.
+#include "ops/softmax.hpp"
+
+#include <algorithm>
+#include <cmath>
+
 #include "ops/common.hpp"
+#include "ops/elementwise.hpp"
+#include "ops/reduction.hpp"
+#include "runtime/primitive_kernel.hpp"
 
 namespace dagrad {
 
-void register_softmax_ops(OpRegistry&) {}
+namespace {
+
+std::vector<TensorDesc> softmax_rule(const ShapeCall& call) {
+  require_floating(call, 0);
+  if (call.inputs[0].shape.rank() == 0) {
+    call.fail("needs an input of rank 1 or more, got the scalar {}", call.inputs[0]);
+  }
+  normalize_axis(call.attrs.integer("axis"), call.inputs[0].shape.rank(), call.site);
+  return {call.inputs[0]};
+}
+
+// x viewed as [outer, size, inner] around the axis: element (o, c, i) sits at
+// (o * size + c) * inner + i.
+struct AxisView {
+  std::int64_t outer = 1, size = 1, inner = 1;
+  AxisView(const Shape& shape, std::int64_t axis_attr) {
+    const int axis = normalize_axis(axis_attr, shape.rank(), "softmax");
+    for (int i = 0; i < shape.rank(); ++i) {
+      if (i < axis) outer *= shape[i];
+      if (i == axis) size = shape[i];
+      if (i > axis) inner *= shape[i];
+    }
+  }
+};
+
+// Numerically stable: with m = max x along the axis, log Σ e^x = m + log Σ e^(x-m), and
+// every exponent is <= 0, so nothing overflows.
+ReferenceFn softmax_reference(bool log_output) {
+  return [log_output](const KernelCall& call) {
+    const Tensor& x = call.inputs[0];
+    Tensor& y = call.outputs[0];
+    const AxisView view(x.shape(), call.attrs().integer("axis"));
+    dispatch_floating(x.dtype(), [&](auto zero) {
+      using T = decltype(zero);
+      const T* src = x.data<T>();
+      T* dst = y.data<T>();
+      for (std::int64_t o = 0; o < view.outer; ++o) {
+        for (std::int64_t i = 0; i < view.inner; ++i) {
+          const std::int64_t base = o * view.size * view.inner + i;
+          double max = -INFINITY;
+          for (std::int64_t c = 0; c < view.size; ++c) {
+            max = std::max(max, static_cast<double>(src[base + c * view.inner]));
+          }
+          double total = 0.0;
+          for (std::int64_t c = 0; c < view.size; ++c) {
+            total += std::exp(static_cast<double>(src[base + c * view.inner]) - max);
+          }
+          const double log_total = std::log(total);
+          for (std::int64_t c = 0; c < view.size; ++c) {
+            const double shifted = static_cast<double>(src[base + c * view.inner]) - max;
+            dst[base + c * view.inner] =
+                static_cast<T>(log_output ? shifted - log_total : std::exp(shifted) / total);
+          }
+        }
+      }
+    });
+  };
+}
+
+template <class Primitive>
+KernelFactory softmax_onednn() {
+  return [](const KernelBuild& build) -> std::unique_ptr<Kernel> {
+    if (build.inputs[0].dtype != DType::f32) return nullptr;
+    const int axis = normalize_axis(build.node.attrs.integer("axis"), build.inputs[0].shape.rank(),
+                                    build.node.op);
+    auto md = plain_md(build.inputs[0]);
+    typename Primitive::primitive_desc pd(
+        typename Primitive::desc(dnnl::prop_kind::forward_inference, md, axis), build.engine);
+    return std::make_unique<PrimitiveKernel>(
+        Primitive(pd),
+        std::vector<PrimitiveArg>{input_arg(DNNL_ARG_SRC, 0, md), output_arg(DNNL_ARG_DST, 0, md)});
+  };
+}
+
+std::vector<Sample> softmax_samples() {
+  return {
+      {"rows", {spec({3, 5}, -3, 3)}, {{"axis", std::int64_t{-1}}}},
+      {"columns", {spec({4, 3}, -3, 3)}, {{"axis", std::int64_t{0}}}},
+      {"middle axis", {spec({2, 3, 4}, -3, 3)}, {{"axis", std::int64_t{1}}}},
+      {"vector", {spec({6}, -3, 3)}, {{"axis", std::int64_t{0}}}},
+      // Large logits: a naive e^x would overflow f32.
+      {"large logits", {spec({2, 4}, 80, 100)}, {{"axis", std::int64_t{-1}}}},
+  };
+}
+
+std::vector<ErrorSample> softmax_errors() {
+  return {
+      {"axis out of range", {spec({3, 4})}, {{"axis", std::int64_t{2}}}, "out of range"},
+      {"scalar input", {spec({})}, {{"axis", std::int64_t{0}}}, "rank 1 or more"},
+      {"integer input",
+       {InputSpec{{2, 3}, DType::i32}},
+       {{"axis", std::int64_t{-1}}},
+       "must be f32 or f64"},
+  };
+}
+
+Value apply_softmax(std::string_view op, const Value& x, std::int64_t axis,
+                    std::source_location where) {
+  if (!x.valid()) throw GraphError(fmt::format("{}: the input is an empty Value", op));
+  return x.graph().apply(op, {x}, {{"axis", axis}}, where);
+}
+
+}  // namespace
+
+Value softmax(const Value& x, std::int64_t axis, std::source_location where) {
+  return apply_softmax("softmax", x, axis, where);
+}
+Value log_softmax(const Value& x, std::int64_t axis, std::source_location where) {
+  return apply_softmax("log_softmax", x, axis, where);
+}
+
+void register_softmax_ops(OpRegistry& registry) {
+  {
+    OpDef def;
+    def.name = "softmax";
+    def.formula = "y_i = e^(x_i - max x) / Σ_j e^(x_j - max x) along axis";
+    def.shape = softmax_rule;
+    // Saves the output: dx = y ⊙ (g − Σ_axis g ⊙ y).
+    def.backward = [](const BackwardCall& c) -> std::vector<std::optional<Value>> {
+      const Value& y = c.outputs[0];
+      Value g = c.grad();
+      const std::int64_t axis = c.attrs().integer("axis");
+      return {mul(y, sub(g, sum(mul(g, y), {axis}, /*keepdims=*/true)))};
+    };
+    def.second_order = true;
+    def.reference = softmax_reference(false);
+    def.onednn = softmax_onednn<dnnl::softmax_forward>();
+    def.samples = softmax_samples;
+    def.error_samples = softmax_errors;
+    registry.add(std::move(def));
+  }
+  {
+    OpDef def;
+    def.name = "log_softmax";
+    def.formula = "y_i = x_i - max x - log Σ_j e^(x_j - max x) along axis";
+    def.shape = softmax_rule;
+    // Saves the output: dx = g − e^y ⊙ Σ_axis g (e^y is the softmax).
+    def.backward = [](const BackwardCall& c) -> std::vector<std::optional<Value>> {
+      const Value& y = c.outputs[0];
+      Value g = c.grad();
+      const std::int64_t axis = c.attrs().integer("axis");
+      return {sub(g, mul(exp(y), sum(g, {axis}, /*keepdims=*/true)))};
+    };
+    def.second_order = true;
+    def.reference = softmax_reference(true);
+    def.onednn = softmax_onednn<dnnl::logsoftmax_forward>();
+    def.samples = softmax_samples;
+    def.error_samples = softmax_errors;
+    registry.add(std::move(def));
+  }
+}
 
 }  // namespace dagrad
