@@ -34,7 +34,9 @@ void require_finite_attr(const ShapeCall& call, const std::string& key) {
   if (!std::isfinite(value)) call.fail("{} must be finite, got {}", key, value);
 }
 
-Value zero_like(const Value& x) { return scalar_like(x, 0.0); }
+Value zero_like(const Value& x) {
+  return scalar_like(x, 0.0);
+}
 
 // φ(x) = e^(−x²/2) / √(2π), built from ops (differentiable to any order).
 Value gaussian_pdf(const Value& x) {
@@ -69,12 +71,11 @@ using EltwiseParams = std::function<std::pair<float, float>(const Attrs&)>;
 
 KernelFactory eltwise_onednn(dnnl::algorithm algorithm, EltwiseParams params = {}) {
   return [=](const KernelBuild& build) -> std::unique_ptr<Kernel> {
-    if (build.inputs[0].dtype != DType::f32) return nullptr;
+    if (build.inputs[0].dtype != DType::f32 || build.inputs[0].numel() == 0) return nullptr;
     const auto [alpha, beta] = params ? params(build.node.attrs) : std::pair{0.f, 0.f};
     auto md = plain_md(build.inputs[0]);
     dnnl::eltwise_forward::primitive_desc pd(
-        dnnl::eltwise_forward::desc(dnnl::prop_kind::forward_inference, algorithm, md, alpha,
-                                    beta),
+        dnnl::eltwise_forward::desc(dnnl::prop_kind::forward_inference, algorithm, md, alpha, beta),
         build.engine);
     return std::make_unique<PrimitiveKernel>(
         dnnl::eltwise_forward(pd),
@@ -85,9 +86,8 @@ KernelFactory eltwise_onednn(dnnl::algorithm algorithm, EltwiseParams params = {
 std::vector<Sample> unary_samples(double low, double high, double min_magnitude = 0.0,
                                   const Attrs& attrs = {}) {
   std::vector<Sample> samples;
-  for (auto [label, shape] : {std::pair<const char*, Shape>{"matrix", {3, 5}},
-                              {"rank 3", {2, 3, 2}},
-                              {"scalar", {}}}) {
+  for (auto [label, shape] :
+       {std::pair<const char*, Shape>{"matrix", {3, 5}}, {"rank 3", {2, 3, 2}}, {"scalar", {}}}) {
     InputSpec x = spec(shape, low, high);
     x.min_magnitude = min_magnitude;
     samples.push_back(Sample{label, {x}, attrs});
@@ -173,7 +173,7 @@ ReferenceFn binary_reference(Op op) {
 KernelFactory binary_onednn(dnnl::algorithm algorithm, dnnl::algorithm swapped) {
   return [=](const KernelBuild& build) -> std::unique_ptr<Kernel> {
     const Shape& out = build.outputs[0].shape;
-    if (build.outputs[0].dtype != DType::f32) return nullptr;
+    if (build.outputs[0].dtype != DType::f32 || build.outputs[0].numel() == 0) return nullptr;
     int full = 0;
     dnnl::algorithm chosen = algorithm;
     if (build.inputs[0].shape == out) {
@@ -228,7 +228,8 @@ void register_comparison(OpRegistry& registry, std::string name, std::string rel
                          dnnl::algorithm algorithm, dnnl::algorithm swapped, Op op) {
   OpDef def;
   def.name = name;
-  def.formula = fmt::format("y = 1 if a {} b else 0 (broadcasting; same dtype as a and b)", relation);
+  def.formula =
+      fmt::format("y = 1 if a {} b else 0 (broadcasting; same dtype as a and b)", relation);
   def.min_inputs = def.max_inputs = 2;
   def.shape = broadcast_rule;
   def.no_gradient = fmt::format(
@@ -279,8 +280,8 @@ TensorDesc maxout_output(const ShapeCall& call, const TensorDesc& x) {
   if (pieces < 1) call.fail("pieces must be >= 1, got {}", pieces);
   const std::int64_t features = x.shape[axis];
   if (features % pieces != 0) {
-    call.fail("axis {} of {} has {} features, which is not divisible by pieces = {}", axis,
-              x.shape, features, pieces);
+    call.fail("axis {} of {} has {} features, which is not divisible by pieces = {}", axis, x.shape,
+              features, pieces);
   }
   Shape out = x.shape;
   out[axis] = features / pieces;
@@ -337,11 +338,17 @@ std::vector<ErrorSample> maxout_errors(bool with_dy) {
                    : std::vector<InputSpec>{spec(std::move(x))};
   };
   std::vector<ErrorSample> errors{
-      {"not divisible", inputs({2, 5}, {2, 2}), {{"pieces", std::int64_t{2}}, {"axis", std::int64_t{1}}},
+      {"not divisible",
+       inputs({2, 5}, {2, 2}),
+       {{"pieces", std::int64_t{2}}, {"axis", std::int64_t{1}}},
        "not divisible by pieces = 2"},
-      {"zero pieces", inputs({2, 4}, {2, 2}), {{"pieces", std::int64_t{0}}, {"axis", std::int64_t{1}}},
+      {"zero pieces",
+       inputs({2, 4}, {2, 2}),
+       {{"pieces", std::int64_t{0}}, {"axis", std::int64_t{1}}},
        "pieces must be >= 1"},
-      {"axis out of range", inputs({2, 4}, {2, 2}), {{"pieces", std::int64_t{2}}, {"axis", std::int64_t{2}}},
+      {"axis out of range",
+       inputs({2, 4}, {2, 2}),
+       {{"pieces", std::int64_t{2}}, {"axis", std::int64_t{2}}},
        "out of range"},
   };
   if (with_dy) {
@@ -350,9 +357,10 @@ std::vector<ErrorSample> maxout_errors(bool with_dy) {
                       {{"pieces", std::int64_t{2}}, {"axis", std::int64_t{1}}},
                       "must be maxout's output shape [2,2]"});
   } else {
-    errors.push_back(
-        {"integer input", {InputSpec{{2, 4}, DType::i32}}, {{"pieces", std::int64_t{2}}, {"axis", std::int64_t{1}}},
-         "must be f32 or f64"});
+    errors.push_back({"integer input",
+                      {InputSpec{{2, 4}, DType::i32}},
+                      {{"pieces", std::int64_t{2}}, {"axis", std::int64_t{1}}},
+                      "must be f32 or f64"});
   }
   return errors;
 }
@@ -393,7 +401,7 @@ void register_maxout(OpRegistry& registry) {
     // Max pooling over x viewed as NCHW [outer, 1, F, inner] with a (pieces x 1) window and
     // stride: plain row-major x is exactly that layout, so no reorder is needed.
     def.onednn = [](const KernelBuild& build) -> std::unique_ptr<Kernel> {
-      if (build.inputs[0].dtype != DType::f32) return nullptr;
+      if (build.inputs[0].dtype != DType::f32 || build.outputs[0].numel() == 0) return nullptr;
       const MaxoutGeometry m = maxout_geometry(build.inputs[0].shape, build.node.attrs);
       using tag = dnnl::memory::format_tag;
       const auto f32 = dnnl::memory::data_type::f32;
@@ -404,8 +412,9 @@ void register_maxout(OpRegistry& registry) {
                                       dst_md, {m.pieces, 1}, {m.pieces, 1}, {0, 0}, {0, 0}),
           build.engine);
       return std::make_unique<PrimitiveKernel>(
-          dnnl::pooling_forward(pd), std::vector<PrimitiveArg>{input_arg(DNNL_ARG_SRC, 0, src_md),
-                                                               output_arg(DNNL_ARG_DST, 0, dst_md)});
+          dnnl::pooling_forward(pd),
+          std::vector<PrimitiveArg>{input_arg(DNNL_ARG_SRC, 0, src_md),
+                                    output_arg(DNNL_ARG_DST, 0, dst_md)});
     };
     def.samples = maxout_samples;
     def.error_samples = [] { return maxout_errors(false); };
@@ -501,8 +510,8 @@ void register_where(OpRegistry& registry) {
     if (is_floating(cond.dtype) && cond.dtype != a.dtype) {
       call.fail("cond {} must be i32 or of a's dtype {}", cond, a.dtype);
     }
-    Shape out = broadcast_shapes(broadcast_shapes(cond.shape, a.shape, call.site), b.shape,
-                                 call.site);
+    Shape out =
+        broadcast_shapes(broadcast_shapes(cond.shape, a.shape, call.site), b.shape, call.site);
     return {TensorDesc{a.dtype, out}};
   };
   def.backward = [](const BackwardCall& c) -> Grads {
@@ -697,7 +706,10 @@ void register_activation_ops(OpRegistry& registry) {
                  {.name = "identity",
                   .formula = "y = x",
                   .algorithm = A::eltwise_linear,
-                  .params = [](const Attrs&) { return std::pair{1.f, 0.f}; },
+                  .params =
+                      [](const Attrs&) {
+                        return std::pair{1.f, 0.f};
+                      },
                   .backward = [](const BackwardCall& c) -> Grads { return {c.grad()}; },
                   .samples = unary_samples(-2.0, 2.0),
                   .errors = unary_errors()},
@@ -720,7 +732,9 @@ void register_activation_ops(OpRegistry& registry) {
            return {where(greater(x, zero_like(x)), g, g * c.attrs().real("alpha"))};
          },
          .samples = samples,
-         .errors = {ErrorSample{"integer input", {InputSpec{{2}, DType::i32}}, {{"alpha", 0.1}},
+         .errors = {ErrorSample{"integer input",
+                                {InputSpec{{2}, DType::i32}},
+                                {{"alpha", 0.1}},
                                 "must be f32 or f64"},
                     ErrorSample{"infinite alpha",
                                 {spec({2})},
@@ -751,7 +765,9 @@ void register_activation_ops(OpRegistry& registry) {
            return {where(greater(x, zero_like(x)), g, g * (y + c.attrs().real("alpha")))};
          },
          .samples = samples,
-         .errors = {ErrorSample{"integer input", {InputSpec{{2}, DType::i32}}, {{"alpha", 1.0}},
+         .errors = {ErrorSample{"integer input",
+                                {InputSpec{{2}, DType::i32}},
+                                {{"alpha", 1.0}},
                                 "must be f32 or f64"},
                     ErrorSample{"NaN alpha",
                                 {spec({2})},
@@ -765,8 +781,7 @@ void register_activation_ops(OpRegistry& registry) {
 
   {
     std::vector<Sample> samples = unary_samples(-5.0, 5.0);
-    samples.push_back(
-        exact_sample("far tails", {6}, {-100.0, -30.0, -1.0, 1.0, 30.0, 100.0}));
+    samples.push_back(exact_sample("far tails", {6}, {-100.0, -30.0, -1.0, 1.0, 30.0, 100.0}));
     register_unary(
         registry,
         {.name = "softplus",
@@ -823,34 +838,36 @@ void register_activation_ops(OpRegistry& registry) {
     samples.push_back(Sample{"reciprocal", {spec({3, 4}, 0.5, 2.0)}, exponent(-1.0)});
     samples.push_back(Sample{"power 1", {spec({5}, -2.0, 2.0)}, exponent(1.0)});
     samples.push_back(Sample{"power 0", {spec({5}, -2.0, 2.0)}, exponent(0.0)});
-    register_unary(
-        registry,
-        {.name = "pow",
-         .formula = "y = x^exponent; dy/dx = exponent * x^(exponent - 1) (x >= 0 for a "
-                    "non-integer exponent)",
-         .algorithm = A::eltwise_pow,
-         .params = [](const Attrs& attrs) {
-           return std::pair{1.f, static_cast<float>(attrs.real("exponent"))};
-         },
-         .finite_attrs = {"exponent"},
-         .backward = [](const BackwardCall& c) -> Grads {
-           const double p = c.attrs().real("exponent");
-           Value g = c.grad();
-           // x^0 is constant; p * x^-1 would give 0 * inf = NaN at x = 0.
-           if (p == 0.0) return {mul(g, zero_like(g))};
-           return {mul(g, pow(c.inputs[0], p - 1.0) * p)};
-         },
-         .samples = samples,
-         .errors = {ErrorSample{"integer input", {InputSpec{{2}, DType::i32}}, exponent(2.0),
-                                "must be f32 or f64"},
-                    ErrorSample{"infinite exponent",
-                                {spec({2})},
-                                exponent(std::numeric_limits<double>::infinity()),
-                                "exponent must be finite"}}},
-        [](auto x, const Attrs& attrs) {
-          using T = decltype(x);
-          return std::pow(x, static_cast<T>(attrs.real("exponent")));
-        });
+    register_unary(registry,
+                   {.name = "pow",
+                    .formula = "y = x^exponent; dy/dx = exponent * x^(exponent - 1) (x >= 0 for a "
+                               "non-integer exponent)",
+                    .algorithm = A::eltwise_pow,
+                    .params =
+                        [](const Attrs& attrs) {
+                          return std::pair{1.f, static_cast<float>(attrs.real("exponent"))};
+                        },
+                    .finite_attrs = {"exponent"},
+                    .backward = [](const BackwardCall& c) -> Grads {
+                      const double p = c.attrs().real("exponent");
+                      Value g = c.grad();
+                      // x^0 is constant; p * x^-1 would give 0 * inf = NaN at x = 0.
+                      if (p == 0.0) return {mul(g, zero_like(g))};
+                      return {mul(g, pow(c.inputs[0], p - 1.0) * p)};
+                    },
+                    .samples = samples,
+                    .errors = {ErrorSample{"integer input",
+                                           {InputSpec{{2}, DType::i32}},
+                                           exponent(2.0),
+                                           "must be f32 or f64"},
+                               ErrorSample{"infinite exponent",
+                                           {spec({2})},
+                                           exponent(std::numeric_limits<double>::infinity()),
+                                           "exponent must be finite"}}},
+                   [](auto x, const Attrs& attrs) {
+                     using T = decltype(x);
+                     return std::pow(x, static_cast<T>(attrs.real("exponent")));
+                   });
   }
 
   register_unary(registry,

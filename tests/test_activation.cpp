@@ -1,12 +1,12 @@
 // Known answers for the activation, power, selection and comparison ops. Gradients against
 // central differences, oneDNN against the reference and the error inputs are checked for every
 // op by the registry-wide tests; here each op meets values worked out by hand.
+#include <gtest/gtest.h>
+
 #include <cmath>
 #include <functional>
 #include <limits>
 #include <numbers>
-
-#include <gtest/gtest.h>
 
 #include "dagrad.hpp"
 
@@ -96,8 +96,7 @@ TEST(LeakyRelu, ScalesNegativeInputsByAlpha) {
   auto f = [](const Value& x) { return leaky_relu(x, 0.1); };
   expect_unary(f, {-2.0, 0.0, 3.0}, {-0.2, 0.0, 3.0}, "leaky_relu");
   // Slope alpha on the left and at the kink, 1 on the right.
-  expect_values(unary_gradient(f, {-2.0, 0.0, 3.0}), {0.1, 0.1, 1.0}, 1e-12,
-                "leaky_relu gradient");
+  expect_values(unary_gradient(f, {-2.0, 0.0, 3.0}), {0.1, 0.1, 1.0}, 1e-12, "leaky_relu gradient");
 }
 
 TEST(Elu, SaturatesAtMinusAlpha) {
@@ -111,8 +110,8 @@ TEST(Elu, SaturatesAtMinusAlpha) {
 
 TEST(Softplus, IsStableInBothTails) {
   auto f = [](const Value& x) { return softplus(x); };
-  expect_unary(f, {0.0, 1.0, -1.0, 100.0}, {std::log(2.0), std::log1p(std::exp(1.0)),
-                                            std::log1p(std::exp(-1.0)), 100.0},
+  expect_unary(f, {0.0, 1.0, -1.0, 100.0},
+               {std::log(2.0), std::log1p(std::exp(1.0)), std::log1p(std::exp(-1.0)), 100.0},
                "softplus");
   // ln(1 + e^-100) = e^-100 (to 1e-44 relative): tiny but not NaN, not negative.
   const auto far_left = apply_unary(f, {-100.0}, DType::f64, Backend::reference);
@@ -124,16 +123,14 @@ TEST(Softplus, IsStableInBothTails) {
     EXPECT_EQ(tails[1], 100.0) << backend_name(backend);
   }
   // dy/dx = sigmoid(x).
-  expect_values(unary_gradient(f, {0.0, 2.0, -100.0}), {0.5, 1.0 / (1.0 + std::exp(-2.0)),
-                                                        std::exp(-100.0)},
-                1e-12, "softplus gradient");
+  expect_values(unary_gradient(f, {0.0, 2.0, -100.0}),
+                {0.5, 1.0 / (1.0 + std::exp(-2.0)), std::exp(-100.0)}, 1e-12, "softplus gradient");
 }
 
 TEST(Gelu, MatchesTheErfForm) {
   auto f = [](const Value& x) { return gelu(x); };
-  expect_unary(f, {1.0, -1.0, 0.0, 2.0}, {0.8413447460685429, -0.15865525393145707, 0.0,
-                                          1.9544997361036416},
-               "gelu");
+  expect_unary(f, {1.0, -1.0, 0.0, 2.0},
+               {0.8413447460685429, -0.15865525393145707, 0.0, 1.9544997361036416}, "gelu");
   // dy/dx = Φ(x) + x φ(x): at 0 it is 1/2, at 1 it is 0.8413447 + 0.2419707.
   expect_values(unary_gradient(f, {0.0, 1.0}), {0.5, 0.8413447460685429 + 0.24197072451914337},
                 1e-12, "gelu gradient");
@@ -157,8 +154,8 @@ TEST(Pow, RaisesToScalarExponents) {
   expect_unary([](const Value& x) { return pow(x, 0.0); }, {3.0, 0.0}, {1.0, 1.0}, "power 0");
   expect_values(unary_gradient([](const Value& x) { return pow(x, 3.0); }, {2.0}), {12.0}, 1e-12,
                 "d x^3 / dx at 2");
-  expect_values(unary_gradient([](const Value& x) { return pow(x, 0.0); }, {0.0, 2.0}),
-                {0.0, 0.0}, 1e-12, "d x^0 / dx");
+  expect_values(unary_gradient([](const Value& x) { return pow(x, 0.0); }, {0.0, 2.0}), {0.0, 0.0},
+                1e-12, "d x^0 / dx");
 }
 
 TEST(Sqrt, KnownRootsAndSlope) {
@@ -217,10 +214,10 @@ TEST(MaxoutGrad, SendsTiesToTheFirstArgMax) {
   Value dy = g.input("dy", {2});
   Value x = g.input("x", {4});
   Value dx = maxout_grad(dy, x, 2, 0);
-  expect_values(evaluate(g, dx,
-                         {{dy, Tensor::from({3, 4}, {2})}, {x, Tensor::from({2, 2, 1, 7}, {4})}},
-                         Backend::reference),
-                {3, 0, 0, 4}, 0, "maxout_grad");
+  expect_values(
+      evaluate(g, dx, {{dy, Tensor::from({3, 4}, {2})}, {x, Tensor::from({2, 2, 1, 7}, {4})}},
+               Backend::reference),
+      {3, 0, 0, 4}, 0, "maxout_grad");
 }
 
 // Runs a binary op on (a, b) in f32 on both backends and in f64 on the reference.
@@ -291,12 +288,12 @@ TEST(Maximum, SelectsAndSendsTiesToTheFirstInput) {
     Plan plan = compile(g, grads, {.backend = Backend::reference});
     auto out = plan.run(feeds);
     const std::string what = is_max ? "maximum" : "minimum";
-    expect_values(out[0].to_doubles(), is_max ? std::vector<double>{0, 1, 1}
-                                              : std::vector<double>{1, 1, 0},
-                  0, what + " da");
-    expect_values(out[1].to_doubles(), is_max ? std::vector<double>{1, 0, 0}
-                                              : std::vector<double>{0, 0, 1},
-                  0, what + " db");
+    expect_values(out[0].to_doubles(),
+                  is_max ? std::vector<double>{0, 1, 1} : std::vector<double>{1, 1, 0}, 0,
+                  what + " da");
+    expect_values(out[1].to_doubles(),
+                  is_max ? std::vector<double>{1, 0, 0} : std::vector<double>{0, 0, 1}, 0,
+                  what + " db");
   }
 }
 
