@@ -195,6 +195,18 @@ bool all_f32(const KernelBuild& build) {
   return true;
 }
 
+// oneDNN refuses some configurations (dnnl::error when creating the primitive descriptor);
+// the runtime then runs the reference kernel for that node instead.
+KernelFactory or_reference(KernelFactory make) {
+  return [make = std::move(make)](const KernelBuild& build) -> std::unique_ptr<Kernel> {
+    try {
+      return make(build);
+    } catch (const dnnl::error&) {
+      return nullptr;
+    }
+  };
+}
+
 // The forward primitive descriptor backward primitives take as a hint.
 dnnl::convolution_forward::primitive_desc conv_forward_hint(const ConvDescs& d,
                                                             dnnl::engine& engine) {
@@ -368,7 +380,7 @@ void register_conv2d(OpRegistry& registry) {
       store<T>(call.outputs[0], acc);
     });
   };
-  def.onednn = conv_forward_onednn;
+  def.onednn = or_reference(conv_forward_onednn);
   def.samples = [] {
     std::vector<Sample> samples;
     for (const ConvCase& c : conv_cases()) {
@@ -462,7 +474,7 @@ void register_conv2d_backward_data(OpRegistry& registry) {
       store<T>(call.outputs[0], acc);
     });
   };
-  def.onednn = conv_backward_data_onednn;
+  def.onednn = or_reference(conv_backward_data_onednn);
   def.samples = [] {
     std::vector<Sample> samples;
     for (const ConvCase& c : conv_cases()) {
@@ -542,7 +554,7 @@ void register_conv2d_backward_weights(OpRegistry& registry) {
       store<T>(call.outputs[0], acc);
     });
   };
-  def.onednn = conv_backward_weights_onednn;
+  def.onednn = or_reference(conv_backward_weights_onednn);
   def.samples = [] {
     std::vector<Sample> samples;
     for (const ConvCase& c : conv_cases()) {
@@ -814,7 +826,7 @@ void register_max_pool2d(OpRegistry& registry) {
     return {max_pool2d_backward(c.grad(), c.inputs[0], pair_attr(a, "kernel"),
                                 pair_attr(a, "stride"), pair_attr(a, "padding"))};
   };
-  def.second_order = false;  // max_pool2d_backward has no gradient yet
+  def.second_order = true;
   def.reference = [](const KernelCall& call) {
     const PoolGeometry g = pool_geometry(call.attrs(), call.inputs[0].shape());
     dispatch_floating(call.inputs[0].dtype(), [&](auto zero) {
@@ -824,7 +836,7 @@ void register_max_pool2d(OpRegistry& registry) {
       for_each_window_max(g, x, [&](std::int64_t yi, std::int64_t xi) { y[yi] = x[xi]; });
     });
   };
-  def.onednn = pool_forward_onednn(dnnl::algorithm::pooling_max);
+  def.onednn = or_reference(pool_forward_onednn(dnnl::algorithm::pooling_max));
   def.samples = [] {
     std::vector<Sample> samples;
     std::uint64_t seed = 1;
@@ -851,9 +863,18 @@ void register_max_pool2d_backward(OpRegistry& registry) {
     }
     return {call.inputs[1]};
   };
-  def.no_gradient =
-      "second-order gradients through max pooling are not implemented (the adjoint, a gather at "
-      "each window's maximum, is not an op yet)";
+  // Linear in dy; its adjoint is max_pool2d_gather. With respect to x the output is piecewise
+  // constant (the maxima only move at ties), so x gets no gradient (zero almost everywhere).
+  def.backward = [](const BackwardCall& c) -> std::vector<std::optional<Value>> {
+    const Attrs& a = c.attrs();
+    std::optional<Value> d_dy;
+    if (c.needs[0]) {
+      d_dy = max_pool2d_gather(c.grad(), c.inputs[1], pair_attr(a, "kernel"),
+                               pair_attr(a, "stride"), pair_attr(a, "padding"));
+    }
+    return {d_dy, std::nullopt};
+  };
+  def.second_order = true;
   def.reference = [](const KernelCall& call) {
     const PoolGeometry g = pool_geometry(call.attrs(), call.inputs[1].shape());
     dispatch_floating(call.inputs[0].dtype(), [&](auto zero) {
@@ -867,12 +888,12 @@ void register_max_pool2d_backward(OpRegistry& registry) {
       store<T>(call.outputs[0], acc);
     });
   };
-  def.onednn = [](const KernelBuild& build) -> std::unique_ptr<Kernel> {
+  def.onednn = or_reference([](const KernelBuild& build) -> std::unique_ptr<Kernel> {
     if (!all_f32(build)) return nullptr;
     const PoolGeometry g = pool_geometry(build.node.attrs, build.inputs[1].shape);
     return std::make_unique<MaxPoolBackwardKernel>(g, build.inputs[0], build.inputs[1],
                                                    build.engine);
-  };
+  });
   def.samples = [] {
     std::vector<Sample> samples;
     std::uint64_t seed = 1;
@@ -887,6 +908,59 @@ void register_max_pool2d_backward(OpRegistry& registry) {
                                      {spec({1, 1, 3, 3}), spec({1, 1, 4, 4})},
                                      pool_attrs({2, 2}, {2, 2}, {0, 0}),
                                      "does not match the output [1,1,2,2]"}};
+  };
+  registry.add(std::move(def));
+}
+
+void register_max_pool2d_gather(OpRegistry& registry) {
+  OpDef def;
+  def.name = "max_pool2d_gather";
+  def.formula =
+      "y[n,c,i,j] = g[n,c at the first maximum of x's window (i,j)] (the adjoint of "
+      "max_pool2d_backward)";
+  def.min_inputs = def.max_inputs = 2;
+  def.shape = [](const ShapeCall& call) -> std::vector<TensorDesc> {
+    require_floating(call, 0);
+    require_same_dtype(call);
+    if (call.inputs[0].shape != call.inputs[1].shape) {
+      call.fail("g {} and x {} must have the same shape", call.inputs[0], call.inputs[1]);
+    }
+    return {TensorDesc{call.inputs[0].dtype, check_pool(call, call.inputs[1].shape)}};
+  };
+  // Linear in g with adjoint max_pool2d_backward; piecewise constant in x (no gradient).
+  def.backward = [](const BackwardCall& c) -> std::vector<std::optional<Value>> {
+    const Attrs& a = c.attrs();
+    std::optional<Value> d_g;
+    if (c.needs[0]) {
+      d_g = max_pool2d_backward(c.grad(), c.inputs[1], pair_attr(a, "kernel"),
+                                pair_attr(a, "stride"), pair_attr(a, "padding"));
+    }
+    return {d_g, std::nullopt};
+  };
+  def.second_order = true;
+  def.reference = [](const KernelCall& call) {
+    const PoolGeometry g = pool_geometry(call.attrs(), call.inputs[1].shape());
+    dispatch_floating(call.inputs[0].dtype(), [&](auto zero) {
+      using T = decltype(zero);
+      const T* source = call.inputs[0].data<T>();
+      const T* x = call.inputs[1].data<T>();
+      T* y = call.outputs[0].data<T>();
+      for_each_window_max(g, x, [&](std::int64_t yi, std::int64_t xi) { y[yi] = source[xi]; });
+    });
+  };
+  def.samples = [] {
+    std::vector<Sample> samples;
+    std::uint64_t seed = 1;
+    for (const PoolCase& c : pool_cases()) {
+      samples.push_back(Sample{c.label, {spec(c.x), distinct(c.x, seed++)}, c.attrs});
+    }
+    return samples;
+  };
+  def.error_samples = [] {
+    return std::vector<ErrorSample>{{"g and x of different shapes",
+                                     {spec({1, 1, 4, 4}), spec({1, 1, 4, 5})},
+                                     pool_attrs({2, 2}, {2, 2}, {0, 0}),
+                                     "must have the same shape"}};
   };
   registry.add(std::move(def));
 }
@@ -920,7 +994,7 @@ void register_avg_pool2d(OpRegistry& registry) {
       store<T>(call.outputs[0], acc);
     });
   };
-  def.onednn = pool_forward_onednn(dnnl::algorithm::pooling_avg_exclude_padding);
+  def.onednn = or_reference(pool_forward_onednn(dnnl::algorithm::pooling_avg_exclude_padding));
   def.samples = [] {
     std::vector<Sample> samples;
     for (const PoolCase& c : pool_cases()) samples.push_back(Sample{c.label, {spec(c.x)}, c.attrs});
@@ -964,7 +1038,7 @@ void register_avg_pool2d_backward(OpRegistry& registry) {
       store<T>(call.outputs[0], acc);
     });
   };
-  def.onednn = [](const KernelBuild& build) -> std::unique_ptr<Kernel> {
+  def.onednn = or_reference([](const KernelBuild& build) -> std::unique_ptr<Kernel> {
     if (!all_f32(build)) return nullptr;
     const PoolGeometry g = pool_geometry(build.node.attrs, build.outputs[0].shape);
     auto diff_dst_md = plain_md(build.inputs[0]);
@@ -980,7 +1054,7 @@ void register_avg_pool2d_backward(OpRegistry& registry) {
         dnnl::pooling_backward(pd),
         std::vector<PrimitiveArg>{input_arg(DNNL_ARG_DIFF_DST, 0, diff_dst_md),
                                   output_arg(DNNL_ARG_DIFF_SRC, 0, diff_src_md)});
-  };
+  });
   def.samples = [] {
     std::vector<Sample> samples;
     for (const PoolCase& c : pool_cases()) {
@@ -1052,6 +1126,13 @@ Value max_pool2d_backward(const Value& dy, const Value& x, Size2 kernel, Size2 s
                           where);
 }
 
+Value max_pool2d_gather(const Value& g, const Value& x, Size2 kernel, Size2 stride, Size2 padding,
+                        std::source_location where) {
+  require_valid(g, "max_pool2d_gather", "g");
+  require_valid(x, "max_pool2d_gather", "the input");
+  return g.graph().apply("max_pool2d_gather", {g, x}, pool_attrs(kernel, stride, padding), where);
+}
+
 Value avg_pool2d(const Value& x, Size2 kernel, Size2 stride, Size2 padding,
                  std::source_location where) {
   require_valid(x, "avg_pool2d", "the input");
@@ -1081,6 +1162,7 @@ void register_conv_ops(OpRegistry& registry) {
   register_conv2d_backward_weights(registry);
   register_max_pool2d(registry);
   register_max_pool2d_backward(registry);
+  register_max_pool2d_gather(registry);
   register_avg_pool2d(registry);
   register_avg_pool2d_backward(registry);
 }

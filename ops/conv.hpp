@@ -55,6 +55,13 @@ Value max_pool2d_backward(const Value& dy, const Value& x, Size2 kernel, Size2 s
                           Size2 padding = {0, 0},
                           std::source_location where = std::source_location::current());
 
+// Reads g at each window's first maximum of x: y[n, c, i, j] = g[n, c, h*, w*] where (h*, w*) is
+// the first maximum of x's window (i, j). The adjoint of max_pool2d_backward (used by its
+// gradient, so max pooling has second-order gradients). g and x have the same shape.
+Value max_pool2d_gather(const Value& g, const Value& x, Size2 kernel, Size2 stride,
+                        Size2 padding = {0, 0},
+                        std::source_location where = std::source_location::current());
+
 // y[n, c, i, j] = mean of the window's elements that lie inside the image: padding is excluded
 // from both the sum and the count (oneDNN's pooling_avg_exclude_padding). Padding must be
 // smaller than the kernel so that every window holds at least one element.

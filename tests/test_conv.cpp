@@ -114,6 +114,19 @@ TEST(MaxPool2d, GradientGoesToEachWindowMaximum) {
   }
 }
 
+TEST(MaxPool2d, GatherReadsAtEachWindowMaximum) {
+  // The adjoint of max_pool2d_backward: reads g where x has its window maxima.
+  Graph g;
+  Value x = g.input("x", {1, 1, 4, 4});
+  Value source = g.input("g", {1, 1, 4, 4});
+  Value y = max_pool2d_gather(source, x, {2, 2}, {2, 2});
+  std::vector<double> ramp(16);
+  for (std::size_t i = 0; i < ramp.size(); ++i) ramp[i] = static_cast<double>(i);
+  Feeds feeds{{x, pool_input()}, {source, Tensor::from(ramp, {1, 1, 4, 4})}};
+  // Maxima at flat indices 1, 6, 12, 15.
+  expect_values(run_both(g, y, feeds, Backend::reference), {1, 6, 12, 15});
+}
+
 TEST(MaxPool2d, TiedMaximaSendTheGradientToTheFirst) {
   Graph g;
   Value x = g.input("x", {1, 1, 2, 2});
@@ -272,6 +285,34 @@ TEST(Conv2d, StridedGroupedConvAvgPoolChainPassesGradgradcheck) {
   Feeds feeds{{x, random_tensor({1, 4, 7, 7}, rng)}, {w, random_tensor({4, 2, 3, 3}, rng)}};
   GradcheckResult first = gradcheck(g, loss, feeds);
   EXPECT_TRUE(first.ok) << first.report();
+  GradcheckResult second = gradgradcheck(g, loss, feeds, {.tolerance = 1e-5});
+  EXPECT_TRUE(second.ok) << second.report();
+}
+
+TEST(Conv2d, PaddingWiderThanTheKernelMatchesTheReference) {
+  Graph g;
+  Value x = g.input("x", {1, 2, 4, 5});
+  Value w = g.input("w", {3, 2, 3, 2});
+  Value y = conv2d(x, w, std::nullopt, {.stride = {3, 2}, .padding = {4, 3}, .dilation = {2, 1}});
+  // H: (4 + 8 − 5) / 3 + 1 = 3; W: (5 + 6 − 2) / 2 + 1 = 5.
+  EXPECT_EQ(y.shape(), (Shape{1, 3, 3, 5}));
+  std::mt19937_64 rng(4);
+  Feeds feeds{{x, random_tensor({1, 2, 4, 5}, rng).to(DType::f32)},
+              {w, random_tensor({3, 2, 3, 2}, rng).to(DType::f32)}};
+  auto expected = run_both(g, y, feeds, Backend::reference);
+  auto actual = run_both(g, y, feeds, Backend::onednn);
+  expect_values(actual, expected);
+}
+
+TEST(Conv2d, ConvMaxPoolChainPassesGradgradcheck) {
+  Graph g;
+  Value x = g.input("x", {1, 2, 5, 5}, DType::f64);
+  Value w = g.input("w", {2, 2, 2, 2}, DType::f64);
+  Value pooled =
+      max_pool2d(conv2d(x, w, std::nullopt, {.padding = {1, 1}}), {3, 3}, {2, 2}, {1, 1});
+  Value loss = sum(pooled * pooled);
+  std::mt19937_64 rng(8);
+  Feeds feeds{{x, random_tensor({1, 2, 5, 5}, rng)}, {w, random_tensor({2, 2, 2, 2}, rng)}};
   GradcheckResult second = gradgradcheck(g, loss, feeds, {.tolerance = 1e-5});
   EXPECT_TRUE(second.ok) << second.report();
 }
