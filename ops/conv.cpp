@@ -1,7 +1,1170 @@
+// conv2d (+ its data and weights gradients), max_pool2d, avg_pool2d (+ their gradients).
+// Layouts: NCHW images, OIHW weights, grouped weights [O, I/G, KH, KW], which is the same
+// memory as oneDNN's goihw [G, O/G, I/G, KH, KW]. Kernels use plain row-major memory
+// descriptors (no blocked layouts yet). Reference kernels accumulate in double.
+#include "ops/conv.hpp"
+
+#include <algorithm>
+#include <limits>
+#include <numeric>
+#include <random>
+
 #include "ops/common.hpp"
+#include "ops/reduction.hpp"
+#include "runtime/primitive_kernel.hpp"
 
 namespace dagrad {
 
-void register_conv_ops(OpRegistry&) {}
+namespace {
+
+using Ints = std::vector<std::int64_t>;
+
+Ints ints(Size2 pair) {
+  return {pair[0], pair[1]};
+}
+
+// A two-element integer attribute, validated by shape rules.
+Size2 pair_attr(const Attrs& attrs, const std::string& key) {
+  const Ints& v = attrs.integers(key);
+  return {v.at(0), v.at(1)};
+}
+
+Size2 checked_pair(const ShapeCall& call, const std::string& key, std::int64_t minimum,
+                   std::string_view meaning) {
+  const Ints& v = call.attrs.integers(key);
+  if (v.size() != 2) call.fail("{} must have two values {{height, width}}, got {}", key, Shape(v));
+  if (v[0] < minimum || v[1] < minimum) {
+    call.fail("{} must be at least {} ({}), got {}", key, minimum, meaning, Shape(v));
+  }
+  return {v[0], v[1]};
+}
+
+Shape shape_attr(const ShapeCall& call, const std::string& key) {
+  const Ints& v = call.attrs.integers(key);
+  if (v.size() != 4) call.fail("{} must have four values [N, C, H, W], got {}", key, Shape(v));
+  for (auto d : v) {
+    if (d < 0) call.fail("{} {} has a negative size", key, Shape(v));
+  }
+  return Shape(v);
+}
+
+// Output size of one spatial axis: floor((in + 2 pad − span) / stride) + 1, span = the
+// kernel's extent with dilation.
+std::int64_t output_size(std::int64_t in, std::int64_t pad, std::int64_t span,
+                         std::int64_t stride) {
+  return (in + 2 * pad - span) / stride + 1;
+}
+
+// ---- convolution geometry -----------------------------------------------------------------
+
+struct ConvGeometry {
+  std::int64_t N, C, H, W;  // input
+  std::int64_t O, KH, KW;   // weights [O, C/G, KH, KW]
+  std::int64_t OH, OW;      // output
+  std::int64_t G;
+  Size2 stride, padding, dilation;
+  std::int64_t in_per_group() const { return C / G; }
+  std::int64_t out_per_group() const { return O / G; }
+};
+
+Conv2dOptions conv_options(const Attrs& attrs) {
+  return {pair_attr(attrs, "stride"), pair_attr(attrs, "padding"), pair_attr(attrs, "dilation"),
+          attrs.integer("groups")};
+}
+
+Attrs conv_attrs(const Conv2dOptions& options) {
+  return {{"stride", ints(options.stride)},
+          {"padding", ints(options.padding)},
+          {"dilation", ints(options.dilation)},
+          {"groups", options.groups}};
+}
+
+// Geometry of shapes a shape rule already accepted.
+ConvGeometry conv_geometry(const Attrs& attrs, const Shape& x, const Shape& w) {
+  ConvGeometry g{};
+  g.N = x[0], g.C = x[1], g.H = x[2], g.W = x[3];
+  g.O = w[0], g.KH = w[2], g.KW = w[3];
+  const Conv2dOptions options = conv_options(attrs);
+  g.G = options.groups;
+  g.stride = options.stride, g.padding = options.padding, g.dilation = options.dilation;
+  g.OH = output_size(g.H, g.padding[0], g.dilation[0] * (g.KH - 1) + 1, g.stride[0]);
+  g.OW = output_size(g.W, g.padding[1], g.dilation[1] * (g.KW - 1) + 1, g.stride[1]);
+  return g;
+}
+
+// Checks a convolution of input shape x by weights shape w; returns the output shape.
+Shape check_conv(const ShapeCall& call, const Shape& x, const Shape& w) {
+  if (x.rank() != 4) call.fail("input must be [N, C, H, W], got {}", x);
+  if (w.rank() != 4) call.fail("weights must be [O, C / groups, KH, KW], got {}", w);
+  const Size2 stride = checked_pair(call, "stride", 1, "1 moves the kernel one pixel");
+  const Size2 padding = checked_pair(call, "padding", 0, "zeros added on each side");
+  const Size2 dilation = checked_pair(call, "dilation", 1, "1 means no dilation");
+  const std::int64_t groups = call.attrs.integer("groups");
+  if (groups < 1) call.fail("groups must be at least 1, got {}", groups);
+  if (x[1] != w[1] * groups) {
+    call.fail(
+        "input has {} channels but the weights expect {} ({} per group x {} groups; x {}, w {})",
+        x[1], w[1] * groups, w[1], groups, x, w);
+  }
+  if (w[0] % groups != 0) {
+    call.fail("{} output channels are not divisible by {} groups (w {})", w[0], groups, w);
+  }
+  if (x.numel() == 0 || w.numel() == 0) {
+    call.fail("zero-size input {} or weights {}: the convolution would have no output", x, w);
+  }
+  const std::int64_t span_h = dilation[0] * (w[2] - 1) + 1;
+  const std::int64_t span_w = dilation[1] * (w[3] - 1) + 1;
+  const std::int64_t padded_h = x[2] + 2 * padding[0];
+  const std::int64_t padded_w = x[3] + 2 * padding[1];
+  if (span_h > padded_h || span_w > padded_w) {
+    call.fail(
+        "the kernel spans {}x{} (dilation {}x{}) but the padded input is only {}x{} (x {}, "
+        "padding {}x{}): the kernel is larger than the padded input",
+        span_h, span_w, dilation[0], dilation[1], padded_h, padded_w, x, padding[0], padding[1]);
+  }
+  return Shape{x[0], w[0], output_size(x[2], padding[0], span_h, stride[0]),
+               output_size(x[3], padding[1], span_w, stride[1])};
+}
+
+// Calls f(x_index, w_index, y_index) for every multiply of the convolution whose input tap
+// lies inside the image (taps in the zero padding contribute nothing).
+template <class F>
+void for_each_tap(const ConvGeometry& g, F f) {
+  const std::int64_t ipg = g.in_per_group(), opg = g.out_per_group();
+  for (std::int64_t n = 0; n < g.N; ++n) {
+    for (std::int64_t o = 0; o < g.O; ++o) {
+      const std::int64_t group = o / opg;
+      for (std::int64_t i = 0; i < g.OH; ++i) {
+        for (std::int64_t j = 0; j < g.OW; ++j) {
+          const std::int64_t y_index = ((n * g.O + o) * g.OH + i) * g.OW + j;
+          for (std::int64_t c = 0; c < ipg; ++c) {
+            const std::int64_t channel = group * ipg + c;
+            for (std::int64_t p = 0; p < g.KH; ++p) {
+              const std::int64_t h = i * g.stride[0] - g.padding[0] + p * g.dilation[0];
+              if (h < 0 || h >= g.H) continue;
+              for (std::int64_t q = 0; q < g.KW; ++q) {
+                const std::int64_t w = j * g.stride[1] - g.padding[1] + q * g.dilation[1];
+                if (w < 0 || w >= g.W) continue;
+                const std::int64_t x_index = ((n * g.C + channel) * g.H + h) * g.W + w;
+                const std::int64_t w_index = ((o * ipg + c) * g.KH + p) * g.KW + q;
+                f(x_index, w_index, y_index);
+              }
+            }
+          }
+        }
+      }
+    }
+  }
+}
+
+template <class T>
+void store(Tensor& out, const std::vector<double>& acc) {
+  T* dst = out.data<T>();
+  for (std::size_t i = 0; i < acc.size(); ++i) dst[i] = static_cast<T>(acc[i]);
+}
+
+// ---- oneDNN convolution -------------------------------------------------------------------
+
+struct ConvDescs {
+  dnnl::memory::desc src, weights, dst;
+  dnnl::memory::dims strides, dilates, padding;
+};
+
+ConvDescs conv_descs(const ConvGeometry& g) {
+  using dims = dnnl::memory::dims;
+  ConvDescs d;
+  d.src = plain_md(Shape{g.N, g.C, g.H, g.W}, DType::f32);
+  d.dst = plain_md(Shape{g.N, g.O, g.OH, g.OW}, DType::f32);
+  // [O, I/G, KH, KW] row-major is goihw [G, O/G, I/G, KH, KW] row-major.
+  d.weights =
+      g.G == 1 ? plain_md(Shape{g.O, g.C, g.KH, g.KW}, DType::f32)
+               : plain_md(Shape{g.G, g.out_per_group(), g.in_per_group(), g.KH, g.KW}, DType::f32);
+  d.strides = dims{g.stride[0], g.stride[1]};
+  d.dilates = dims{g.dilation[0] - 1, g.dilation[1] - 1};  // oneDNN counts dilation from 0
+  d.padding = dims{g.padding[0], g.padding[1]};
+  return d;
+}
+
+bool all_f32(const KernelBuild& build) {
+  for (const auto& d : build.inputs) {
+    if (d.dtype != DType::f32) return false;
+  }
+  for (const auto& d : build.outputs) {
+    if (d.dtype != DType::f32) return false;
+  }
+  return true;
+}
+
+// oneDNN refuses some configurations (dnnl::error when creating the primitive descriptor);
+// the runtime then runs the reference kernel for that node instead.
+KernelFactory or_reference(KernelFactory make) {
+  return [make = std::move(make)](const KernelBuild& build) -> std::unique_ptr<Kernel> {
+    try {
+      return make(build);
+    } catch (const dnnl::error&) {
+      return nullptr;
+    }
+  };
+}
+
+// The forward primitive descriptor backward primitives take as a hint.
+dnnl::convolution_forward::primitive_desc conv_forward_hint(const ConvDescs& d,
+                                                            dnnl::engine& engine) {
+  return dnnl::convolution_forward::primitive_desc(
+      dnnl::convolution_forward::desc(
+          dnnl::prop_kind::forward_training, dnnl::algorithm::convolution_direct, d.src, d.weights,
+          dnnl::memory::desc(), d.dst, d.strides, d.dilates, d.padding, d.padding),
+      engine);
+}
+
+std::unique_ptr<Kernel> conv_forward_onednn(const KernelBuild& build) {
+  if (!all_f32(build)) return nullptr;
+  const ConvGeometry g =
+      conv_geometry(build.node.attrs, build.inputs[0].shape, build.inputs[1].shape);
+  const ConvDescs d = conv_descs(g);
+  const bool has_bias = build.inputs.size() == 3;
+  const dnnl::memory::desc bias = has_bias ? plain_md(build.inputs[2]) : dnnl::memory::desc();
+  dnnl::convolution_forward::primitive_desc pd(
+      dnnl::convolution_forward::desc(dnnl::prop_kind::forward_inference,
+                                      dnnl::algorithm::convolution_direct, d.src, d.weights, bias,
+                                      d.dst, d.strides, d.dilates, d.padding, d.padding),
+      build.engine);
+  std::vector<PrimitiveArg> args{input_arg(DNNL_ARG_SRC, 0, d.src),
+                                 input_arg(DNNL_ARG_WEIGHTS, 1, d.weights),
+                                 output_arg(DNNL_ARG_DST, 0, d.dst)};
+  if (has_bias) args.push_back(input_arg(DNNL_ARG_BIAS, 2, bias));
+  return std::make_unique<PrimitiveKernel>(dnnl::convolution_forward(pd), std::move(args));
+}
+
+std::unique_ptr<Kernel> conv_backward_data_onednn(const KernelBuild& build) {
+  if (!all_f32(build)) return nullptr;
+  const ConvGeometry g =
+      conv_geometry(build.node.attrs, build.outputs[0].shape, build.inputs[1].shape);
+  const ConvDescs d = conv_descs(g);
+  dnnl::convolution_backward_data::primitive_desc pd(
+      dnnl::convolution_backward_data::desc(dnnl::algorithm::convolution_direct, d.src, d.weights,
+                                            d.dst, d.strides, d.dilates, d.padding, d.padding),
+      build.engine, conv_forward_hint(d, build.engine));
+  return std::make_unique<PrimitiveKernel>(
+      dnnl::convolution_backward_data(pd),
+      std::vector<PrimitiveArg>{input_arg(DNNL_ARG_DIFF_DST, 0, d.dst),
+                                input_arg(DNNL_ARG_WEIGHTS, 1, d.weights),
+                                output_arg(DNNL_ARG_DIFF_SRC, 0, d.src)});
+}
+
+std::unique_ptr<Kernel> conv_backward_weights_onednn(const KernelBuild& build) {
+  if (!all_f32(build)) return nullptr;
+  const ConvGeometry g =
+      conv_geometry(build.node.attrs, build.inputs[0].shape, build.outputs[0].shape);
+  const ConvDescs d = conv_descs(g);
+  dnnl::convolution_backward_weights::primitive_desc pd(
+      dnnl::convolution_backward_weights::desc(dnnl::algorithm::convolution_direct, d.src,
+                                               d.weights, d.dst, d.strides, d.dilates, d.padding,
+                                               d.padding),
+      build.engine, conv_forward_hint(d, build.engine));
+  return std::make_unique<PrimitiveKernel>(
+      dnnl::convolution_backward_weights(pd),
+      std::vector<PrimitiveArg>{input_arg(DNNL_ARG_SRC, 0, d.src),
+                                input_arg(DNNL_ARG_DIFF_DST, 1, d.dst),
+                                output_arg(DNNL_ARG_DIFF_WEIGHTS, 0, d.weights)});
+}
+
+// ---- convolution samples ------------------------------------------------------------------
+
+Attrs conv_sample_attrs(Size2 stride, Size2 padding, Size2 dilation, std::int64_t groups) {
+  return conv_attrs({stride, padding, dilation, groups});
+}
+
+struct ConvCase {
+  std::string label;
+  Shape x, w;
+  Attrs attrs;
+  bool bias;
+};
+
+std::vector<ConvCase> conv_cases() {
+  return {
+      {"3x3 valid",
+       {2, 3, 5, 5},
+       {4, 3, 3, 3},
+       conv_sample_attrs({1, 1}, {0, 0}, {1, 1}, 1),
+       false},
+      {"stride 2 padding 1 with bias",
+       {2, 3, 5, 5},
+       {4, 3, 3, 3},
+       conv_sample_attrs({2, 2}, {1, 1}, {1, 1}, 1),
+       true},
+      {"dilation 2 padding 1",
+       {2, 3, 5, 5},
+       {4, 3, 3, 3},
+       conv_sample_attrs({1, 1}, {1, 1}, {2, 2}, 1),
+       false},
+      {"groups 2 with bias",
+       {2, 4, 5, 5},
+       {4, 2, 3, 3},
+       conv_sample_attrs({1, 1}, {1, 1}, {1, 1}, 2),
+       true},
+      {"rectangular kernel, mixed strides",
+       {1, 2, 6, 5},
+       {3, 2, 2, 3},
+       conv_sample_attrs({2, 1}, {1, 0}, {1, 1}, 1),
+       true},
+      {"depthwise stride 2 dilation 2",
+       {1, 3, 7, 7},
+       {3, 1, 3, 3},
+       conv_sample_attrs({2, 2}, {2, 2}, {2, 2}, 3),
+       false},
+  };
+}
+
+Shape conv_output_shape(const ConvCase& c) {
+  const ConvGeometry g = conv_geometry(c.attrs, c.x, c.w);
+  return Shape{g.N, g.O, g.OH, g.OW};
+}
+
+Attrs with(Attrs attrs, const std::string& key, AttrValue value) {
+  attrs.set(key, std::move(value));
+  return attrs;
+}
+
+// ---- convolution ops ----------------------------------------------------------------------
+
+void register_conv2d(OpRegistry& registry) {
+  OpDef def;
+  def.name = "conv2d";
+  def.formula =
+      "y[n,o,i,j] = b[o] + Σ_{c,p,q} x[n, g·C/G + c, i·sh − ph + p·dh, j·sw − pw + q·dw] · "
+      "w[o,c,p,q], g = o / (O/G); x is zero outside the image";
+  def.min_inputs = 2;
+  def.max_inputs = 3;
+  def.shape = [](const ShapeCall& call) -> std::vector<TensorDesc> {
+    require_floating(call, 0);
+    require_same_dtype(call);
+    Shape y = check_conv(call, call.inputs[0].shape, call.inputs[1].shape);
+    if (call.inputs.size() == 3 && call.inputs[2].shape != Shape{y[1]}) {
+      call.fail("bias must be [{}] (one value per output channel), got {}", y[1], call.inputs[2]);
+    }
+    return {TensorDesc{call.inputs[0].dtype, y}};
+  };
+  def.backward = [](const BackwardCall& c) -> std::vector<std::optional<Value>> {
+    const Value g = c.grad();
+    const Conv2dOptions options = conv_options(c.attrs());
+    const Value& x = c.inputs[0];
+    const Value& w = c.inputs[1];
+    std::vector<std::optional<Value>> grads(c.inputs.size());
+    if (c.needs[0]) grads[0] = conv2d_backward_data(g, w, x.shape(), options);
+    if (c.needs[1]) grads[1] = conv2d_backward_weights(x, g, {w.shape()[2], w.shape()[3]}, options);
+    if (c.inputs.size() == 3 && c.needs[2]) grads[2] = sum(g, {0, 2, 3});
+    return grads;
+  };
+  def.second_order = true;
+  def.reference = [](const KernelCall& call) {
+    const ConvGeometry g =
+        conv_geometry(call.attrs(), call.inputs[0].shape(), call.inputs[1].shape());
+    dispatch_floating(call.inputs[0].dtype(), [&](auto zero) {
+      using T = decltype(zero);
+      const T* x = call.inputs[0].data<T>();
+      const T* w = call.inputs[1].data<T>();
+      std::vector<double> acc(static_cast<std::size_t>(call.outputs[0].numel()), 0.0);
+      if (call.inputs.size() == 3) {
+        const T* bias = call.inputs[2].data<T>();
+        const std::int64_t plane = g.OH * g.OW;
+        for (std::size_t i = 0; i < acc.size(); ++i) {
+          acc[i] = static_cast<double>(bias[(static_cast<std::int64_t>(i) / plane) % g.O]);
+        }
+      }
+      for_each_tap(g, [&](std::int64_t xi, std::int64_t wi, std::int64_t yi) {
+        acc[static_cast<std::size_t>(yi)] +=
+            static_cast<double>(x[xi]) * static_cast<double>(w[wi]);
+      });
+      store<T>(call.outputs[0], acc);
+    });
+  };
+  def.onednn = or_reference(conv_forward_onednn);
+  def.samples = [] {
+    std::vector<Sample> samples;
+    for (const ConvCase& c : conv_cases()) {
+      std::vector<InputSpec> inputs{spec(c.x), spec(c.w)};
+      if (c.bias) inputs.push_back(spec(Shape{c.w[0]}));
+      samples.push_back(Sample{c.label, inputs, c.attrs});
+    }
+    return samples;
+  };
+  def.error_samples = [] {
+    const Attrs plain = conv_sample_attrs({1, 1}, {0, 0}, {1, 1}, 1);
+    return std::vector<ErrorSample>{
+        {"channels differ",
+         {spec({1, 3, 5, 5}), spec({4, 4, 3, 3})},
+         plain,
+         "input has 3 channels but the weights expect 4"},
+        {"out-channels not divisible by groups",
+         {spec({1, 4, 5, 5}), spec({3, 2, 3, 3})},
+         conv_sample_attrs({1, 1}, {0, 0}, {1, 1}, 2),
+         "not divisible by 2 groups"},
+        {"kernel larger than padded input",
+         {spec({1, 3, 2, 2}), spec({4, 3, 3, 3})},
+         plain,
+         "larger than the padded input"},
+        {"dilated kernel larger than padded input",
+         {spec({1, 3, 5, 5}), spec({4, 3, 3, 3})},
+         conv_sample_attrs({1, 1}, {0, 0}, {3, 3}, 1),
+         "larger than the padded input"},
+        {"zero-size batch", {spec({0, 3, 5, 5}), spec({4, 3, 3, 3})}, plain, "zero-size"},
+        {"stride 0",
+         {spec({1, 3, 5, 5}), spec({4, 3, 3, 3})},
+         conv_sample_attrs({0, 1}, {0, 0}, {1, 1}, 1),
+         "stride must be at least 1"},
+        {"dilation 0",
+         {spec({1, 3, 5, 5}), spec({4, 3, 3, 3})},
+         conv_sample_attrs({1, 1}, {0, 0}, {0, 1}, 1),
+         "dilation must be at least 1"},
+        {"rank 3 input", {spec({3, 5, 5}), spec({4, 3, 3, 3})}, plain, "must be [N, C, H, W]"},
+        {"bias of the wrong size",
+         {spec({1, 3, 5, 5}), spec({4, 3, 3, 3}), spec({3})},
+         plain,
+         "bias must be [4]"},
+    };
+  };
+  registry.add(std::move(def));
+}
+
+void register_conv2d_backward_data(OpRegistry& registry) {
+  OpDef def;
+  def.name = "conv2d_backward_data";
+  def.formula =
+      "dx = conv2d's adjoint in x: dx[n, g·C/G + c, i·sh − ph + p·dh, j·sw − pw + q·dw] += "
+      "dy[n,o,i,j] · w[o,c,p,q] (taps inside the image)";
+  def.min_inputs = def.max_inputs = 2;
+  def.shape = [](const ShapeCall& call) -> std::vector<TensorDesc> {
+    require_floating(call, 0);
+    require_same_dtype(call);
+    const Shape x = shape_attr(call, "input_shape");
+    const Shape y = check_conv(call, x, call.inputs[1].shape);
+    if (call.inputs[0].shape != y) {
+      call.fail("dy {} does not match the output {} of a convolution of {} by {}", call.inputs[0],
+                y, x, call.inputs[1]);
+    }
+    return {TensorDesc{call.inputs[0].dtype, x}};
+  };
+  // dx is bilinear in (dy, w): ⟨G, dx⟩ = ⟨conv2d(G, w), dy⟩, so d/d dy = conv2d(G, w) and
+  // d/dw = conv2d_backward_weights(G, dy).
+  def.backward = [](const BackwardCall& c) -> std::vector<std::optional<Value>> {
+    const Value g = c.grad();
+    const Conv2dOptions options = conv_options(c.attrs());
+    const Value& dy = c.inputs[0];
+    const Value& w = c.inputs[1];
+    std::optional<Value> d_dy, d_w;
+    if (c.needs[0]) d_dy = conv2d(g, w, std::nullopt, options);
+    if (c.needs[1]) d_w = conv2d_backward_weights(g, dy, {w.shape()[2], w.shape()[3]}, options);
+    return {d_dy, d_w};
+  };
+  def.second_order = true;
+  def.reference = [](const KernelCall& call) {
+    const ConvGeometry g =
+        conv_geometry(call.attrs(), call.outputs[0].shape(), call.inputs[1].shape());
+    dispatch_floating(call.inputs[0].dtype(), [&](auto zero) {
+      using T = decltype(zero);
+      const T* dy = call.inputs[0].data<T>();
+      const T* w = call.inputs[1].data<T>();
+      std::vector<double> acc(static_cast<std::size_t>(call.outputs[0].numel()), 0.0);
+      for_each_tap(g, [&](std::int64_t xi, std::int64_t wi, std::int64_t yi) {
+        acc[static_cast<std::size_t>(xi)] +=
+            static_cast<double>(dy[yi]) * static_cast<double>(w[wi]);
+      });
+      store<T>(call.outputs[0], acc);
+    });
+  };
+  def.onednn = or_reference(conv_backward_data_onednn);
+  def.samples = [] {
+    std::vector<Sample> samples;
+    for (const ConvCase& c : conv_cases()) {
+      samples.push_back(Sample{c.label,
+                               {spec(conv_output_shape(c)), spec(c.w)},
+                               with(c.attrs, "input_shape", c.x.dims())});
+    }
+    return samples;
+  };
+  def.error_samples = [] {
+    const Attrs plain = conv_sample_attrs({1, 1}, {0, 0}, {1, 1}, 1);
+    return std::vector<ErrorSample>{
+        {"dy of the wrong shape",
+         {spec({1, 4, 4, 4}), spec({4, 3, 3, 3})},
+         with(plain, "input_shape", Ints{1, 3, 5, 5}),
+         "does not match the output [1,4,3,3]"},
+        {"input shape of rank 3",
+         {spec({1, 4, 3, 3}), spec({4, 3, 3, 3})},
+         with(plain, "input_shape", Ints{3, 5, 5}),
+         "input_shape must have four values"},
+    };
+  };
+  registry.add(std::move(def));
+}
+
+void register_conv2d_backward_weights(OpRegistry& registry) {
+  OpDef def;
+  def.name = "conv2d_backward_weights";
+  def.formula =
+      "dw[o,c,p,q] = Σ_{n,i,j} dy[n,o,i,j] · x[n, g·C/G + c, i·sh − ph + p·dh, j·sw − pw + q·dw] "
+      "(taps inside the image)";
+  def.min_inputs = def.max_inputs = 2;
+  def.shape = [](const ShapeCall& call) -> std::vector<TensorDesc> {
+    require_floating(call, 0);
+    require_same_dtype(call);
+    const Shape& x = call.inputs[0].shape;
+    const Shape& dy = call.inputs[1].shape;
+    if (x.rank() != 4) call.fail("input must be [N, C, H, W], got {}", x);
+    if (dy.rank() != 4) call.fail("dy must be [N, O, OH, OW], got {}", dy);
+    const Size2 kernel = checked_pair(call, "kernel", 1, "the kernel's height and width");
+    const std::int64_t groups = call.attrs.integer("groups");
+    if (groups < 1) call.fail("groups must be at least 1, got {}", groups);
+    if (x[1] % groups != 0)
+      call.fail("{} input channels are not divisible by {} groups", x[1], groups);
+    const Shape w{dy[1], x[1] / groups, kernel[0], kernel[1]};
+    const Shape y = check_conv(call, x, w);
+    if (dy != y) {
+      call.fail("dy {} does not match the output {} of a convolution of {} by {}", dy, y, x, w);
+    }
+    return {TensorDesc{call.inputs[0].dtype, w}};
+  };
+  // dw is bilinear in (x, dy): ⟨H, dw⟩ = ⟨conv2d(x, H), dy⟩, so d/dx = conv2d_backward_data(dy, H)
+  // and d/d dy = conv2d(x, H).
+  def.backward = [](const BackwardCall& c) -> std::vector<std::optional<Value>> {
+    const Value h = c.grad();
+    const Conv2dOptions options = conv_options(c.attrs());
+    const Value& x = c.inputs[0];
+    const Value& dy = c.inputs[1];
+    std::optional<Value> d_x, d_dy;
+    if (c.needs[0]) d_x = conv2d_backward_data(dy, h, x.shape(), options);
+    if (c.needs[1]) d_dy = conv2d(x, h, std::nullopt, options);
+    return {d_x, d_dy};
+  };
+  def.second_order = true;
+  def.reference = [](const KernelCall& call) {
+    const ConvGeometry g =
+        conv_geometry(call.attrs(), call.inputs[0].shape(), call.outputs[0].shape());
+    dispatch_floating(call.inputs[0].dtype(), [&](auto zero) {
+      using T = decltype(zero);
+      const T* x = call.inputs[0].data<T>();
+      const T* dy = call.inputs[1].data<T>();
+      std::vector<double> acc(static_cast<std::size_t>(call.outputs[0].numel()), 0.0);
+      for_each_tap(g, [&](std::int64_t xi, std::int64_t wi, std::int64_t yi) {
+        acc[static_cast<std::size_t>(wi)] +=
+            static_cast<double>(dy[yi]) * static_cast<double>(x[xi]);
+      });
+      store<T>(call.outputs[0], acc);
+    });
+  };
+  def.onednn = or_reference(conv_backward_weights_onednn);
+  def.samples = [] {
+    std::vector<Sample> samples;
+    for (const ConvCase& c : conv_cases()) {
+      samples.push_back(Sample{c.label,
+                               {spec(c.x), spec(conv_output_shape(c))},
+                               with(c.attrs, "kernel", Ints{c.w[2], c.w[3]})});
+    }
+    return samples;
+  };
+  def.error_samples = [] {
+    const Attrs plain = conv_sample_attrs({1, 1}, {0, 0}, {1, 1}, 1);
+    return std::vector<ErrorSample>{
+        {"dy of the wrong shape",
+         {spec({1, 3, 5, 5}), spec({1, 4, 4, 4})},
+         with(plain, "kernel", Ints{3, 3}),
+         "does not match the output [1,4,3,3]"},
+        {"kernel 0",
+         {spec({1, 3, 5, 5}), spec({1, 4, 3, 3})},
+         with(plain, "kernel", Ints{0, 3}),
+         "kernel must be at least 1"},
+    };
+  };
+  registry.add(std::move(def));
+}
+
+// ---- pooling geometry ---------------------------------------------------------------------
+
+struct PoolGeometry {
+  std::int64_t planes, H, W;  // planes = N · C
+  std::int64_t OH, OW;
+  Size2 kernel, stride, padding;
+};
+
+PoolGeometry pool_geometry(const Attrs& attrs, const Shape& x) {
+  PoolGeometry g{};
+  g.planes = x[0] * x[1], g.H = x[2], g.W = x[3];
+  g.kernel = pair_attr(attrs, "kernel");
+  g.stride = pair_attr(attrs, "stride");
+  g.padding = pair_attr(attrs, "padding");
+  g.OH = output_size(g.H, g.padding[0], g.kernel[0], g.stride[0]);
+  g.OW = output_size(g.W, g.padding[1], g.kernel[1], g.stride[1]);
+  return g;
+}
+
+Attrs pool_attrs(Size2 kernel, Size2 stride, Size2 padding) {
+  return {{"kernel", ints(kernel)}, {"stride", ints(stride)}, {"padding", ints(padding)}};
+}
+
+// Checks pooling of an input of shape x; returns the output shape.
+Shape check_pool(const ShapeCall& call, const Shape& x) {
+  if (x.rank() != 4) call.fail("input must be [N, C, H, W], got {}", x);
+  const Size2 kernel = checked_pair(call, "kernel", 1, "the window's height and width");
+  const Size2 stride = checked_pair(call, "stride", 1, "1 moves the window one pixel");
+  const Size2 padding = checked_pair(call, "padding", 0, "pixels added on each side");
+  if (padding[0] >= kernel[0] || padding[1] >= kernel[1]) {
+    call.fail(
+        "padding {}x{} must be smaller than the kernel {}x{} (a window would hold only padding)",
+        padding[0], padding[1], kernel[0], kernel[1]);
+  }
+  if (x.numel() == 0) call.fail("pooling a zero-size input {} leaves no output", x);
+  const std::int64_t padded_h = x[2] + 2 * padding[0];
+  const std::int64_t padded_w = x[3] + 2 * padding[1];
+  if (kernel[0] > padded_h || kernel[1] > padded_w) {
+    call.fail(
+        "the kernel {}x{} is larger than the padded input {}x{} (x {}, padding {}x{}): "
+        "pooling leaves no output",
+        kernel[0], kernel[1], padded_h, padded_w, x, padding[0], padding[1]);
+  }
+  return Shape{x[0], x[1], output_size(x[2], padding[0], kernel[0], stride[0]),
+               output_size(x[3], padding[1], kernel[1], stride[1])};
+}
+
+// Calls f(x_index) for each element of window (plane, i, j) inside the image, row-major.
+template <class F>
+void for_each_in_window(const PoolGeometry& g, std::int64_t plane, std::int64_t i, std::int64_t j,
+                        F f) {
+  for (std::int64_t p = 0; p < g.kernel[0]; ++p) {
+    const std::int64_t h = i * g.stride[0] - g.padding[0] + p;
+    if (h < 0 || h >= g.H) continue;
+    for (std::int64_t q = 0; q < g.kernel[1]; ++q) {
+      const std::int64_t w = j * g.stride[1] - g.padding[1] + q;
+      if (w < 0 || w >= g.W) continue;
+      f((plane * g.H + h) * g.W + w);
+    }
+  }
+}
+
+// Calls f(window index in y, x_index of the window's first maximum) for every window.
+template <class T, class F>
+void for_each_window_max(const PoolGeometry& g, const T* x, F f) {
+  for (std::int64_t plane = 0; plane < g.planes; ++plane) {
+    for (std::int64_t i = 0; i < g.OH; ++i) {
+      for (std::int64_t j = 0; j < g.OW; ++j) {
+        std::int64_t best = -1;
+        for_each_in_window(g, plane, i, j, [&](std::int64_t xi) {
+          if (best < 0 || x[xi] > x[best]) best = xi;  // strict: ties keep the first maximum
+        });
+        f((plane * g.OH + i) * g.OW + j, best);
+      }
+    }
+  }
+}
+
+// Calls f(window index in y, x_index, element count of the window) for every element of
+// every window.
+template <class F>
+void for_each_window_element(const PoolGeometry& g, F f) {
+  for (std::int64_t plane = 0; plane < g.planes; ++plane) {
+    for (std::int64_t i = 0; i < g.OH; ++i) {
+      for (std::int64_t j = 0; j < g.OW; ++j) {
+        std::int64_t count = 0;
+        for_each_in_window(g, plane, i, j, [&](std::int64_t) { ++count; });
+        const std::int64_t yi = (plane * g.OH + i) * g.OW + j;
+        for_each_in_window(g, plane, i, j, [&](std::int64_t xi) { f(yi, xi, count); });
+      }
+    }
+  }
+}
+
+// ---- oneDNN pooling -----------------------------------------------------------------------
+
+dnnl::pooling_forward::desc pool_forward_desc(dnnl::prop_kind prop, dnnl::algorithm algorithm,
+                                              const PoolGeometry& g, const dnnl::memory::desc& src,
+                                              const dnnl::memory::desc& dst) {
+  using dims = dnnl::memory::dims;
+  return dnnl::pooling_forward::desc(
+      prop, algorithm, src, dst, dims{g.stride[0], g.stride[1]}, dims{g.kernel[0], g.kernel[1]},
+      dims{g.padding[0], g.padding[1]}, dims{g.padding[0], g.padding[1]});
+}
+
+dnnl::pooling_backward::desc pool_backward_desc(dnnl::algorithm algorithm, const PoolGeometry& g,
+                                                const dnnl::memory::desc& diff_src,
+                                                const dnnl::memory::desc& diff_dst) {
+  using dims = dnnl::memory::dims;
+  return dnnl::pooling_backward::desc(
+      algorithm, diff_src, diff_dst, dims{g.stride[0], g.stride[1]}, dims{g.kernel[0], g.kernel[1]},
+      dims{g.padding[0], g.padding[1]}, dims{g.padding[0], g.padding[1]});
+}
+
+KernelFactory pool_forward_onednn(dnnl::algorithm algorithm) {
+  return [algorithm](const KernelBuild& build) -> std::unique_ptr<Kernel> {
+    if (!all_f32(build)) return nullptr;
+    const PoolGeometry g = pool_geometry(build.node.attrs, build.inputs[0].shape);
+    auto src_md = plain_md(build.inputs[0]);
+    auto dst_md = plain_md(build.outputs[0]);
+    dnnl::pooling_forward::primitive_desc pd(
+        pool_forward_desc(dnnl::prop_kind::forward_inference, algorithm, g, src_md, dst_md),
+        build.engine);
+    return std::make_unique<PrimitiveKernel>(
+        dnnl::pooling_forward(pd), std::vector<PrimitiveArg>{input_arg(DNNL_ARG_SRC, 0, src_md),
+                                                             output_arg(DNNL_ARG_DST, 0, dst_md)});
+  };
+}
+
+// max_pool2d_backward: oneDNN's max-pooling backward needs the forward's workspace (where
+// each maximum was), so the kernel reruns the forward on x into its own scratch buffers.
+class MaxPoolBackwardKernel final : public Kernel {
+ public:
+  MaxPoolBackwardKernel(const PoolGeometry& g, const TensorDesc& dy, const TensorDesc& x,
+                        dnnl::engine& engine) {
+    auto src_md = plain_md(x);
+    auto dst_md = plain_md(dy);
+    dnnl::pooling_forward::primitive_desc forward_pd(
+        pool_forward_desc(dnnl::prop_kind::forward_training, dnnl::algorithm::pooling_max, g,
+                          src_md, dst_md),
+        engine);
+    dnnl::pooling_backward::primitive_desc backward_pd(
+        pool_backward_desc(dnnl::algorithm::pooling_max, g, src_md, dst_md), engine, forward_pd);
+    forward_ = dnnl::pooling_forward(forward_pd);
+    backward_ = dnnl::pooling_backward(backward_pd);
+    src_mem_ = dnnl::memory(src_md, engine, nullptr);
+    dst_mem_ = dnnl::memory(forward_pd.dst_desc(), engine);  // scratch: the recomputed maxima
+    workspace_mem_ = dnnl::memory(forward_pd.workspace_desc(), engine);
+    diff_dst_mem_ = dnnl::memory(backward_pd.diff_dst_desc(), engine, nullptr);
+    diff_src_mem_ = dnnl::memory(backward_pd.diff_src_desc(), engine, nullptr);
+  }
+
+  void run(const KernelCall& call) override {
+    src_mem_.set_data_handle(const_cast<void*>(call.inputs[1].raw()));
+    diff_dst_mem_.set_data_handle(const_cast<void*>(call.inputs[0].raw()));
+    diff_src_mem_.set_data_handle(call.outputs[0].raw());
+    dnnl::stream& stream = *call.context.stream;
+    forward_.execute(
+        stream,
+        {{DNNL_ARG_SRC, src_mem_}, {DNNL_ARG_DST, dst_mem_}, {DNNL_ARG_WORKSPACE, workspace_mem_}});
+    backward_.execute(stream, {{DNNL_ARG_DIFF_DST, diff_dst_mem_},
+                               {DNNL_ARG_WORKSPACE, workspace_mem_},
+                               {DNNL_ARG_DIFF_SRC, diff_src_mem_}});
+  }
+
+ private:
+  dnnl::pooling_forward forward_;
+  dnnl::pooling_backward backward_;
+  dnnl::memory src_mem_, dst_mem_, workspace_mem_, diff_dst_mem_, diff_src_mem_;
+};
+
+// ---- pooling samples ----------------------------------------------------------------------
+
+// Distinct values (a shuffled ramp in [-1, 1)) so no window has tied maxima and central
+// differences never move across a tie. The gap between values is 2 / numel.
+InputSpec distinct(const Shape& shape, std::uint64_t seed) {
+  std::vector<double> values(static_cast<std::size_t>(shape.numel()));
+  for (std::size_t i = 0; i < values.size(); ++i) {
+    values[i] = -1.0 + 2.0 * static_cast<double>(i) / static_cast<double>(values.size());
+  }
+  std::mt19937_64 rng(seed);
+  std::shuffle(values.begin(), values.end(), rng);
+  InputSpec s = spec(shape);
+  s.values = std::move(values);
+  return s;
+}
+
+struct PoolCase {
+  std::string label;
+  Shape x;
+  Attrs attrs;
+};
+
+std::vector<PoolCase> pool_cases() {
+  return {
+      {"2x2 stride 2", {2, 3, 4, 4}, pool_attrs({2, 2}, {2, 2}, {0, 0})},
+      {"3x3 stride 2 padding 1", {2, 3, 5, 5}, pool_attrs({3, 3}, {2, 2}, {1, 1})},
+      {"overlapping 3x2 stride 1 padding 0x1", {1, 2, 5, 6}, pool_attrs({3, 2}, {1, 1}, {0, 1})},
+      {"floor drops the last row and column", {1, 2, 5, 5}, pool_attrs({2, 2}, {2, 2}, {0, 0})},
+  };
+}
+
+Shape pool_output_shape(const PoolCase& c) {
+  const PoolGeometry g = pool_geometry(c.attrs, c.x);
+  return Shape{c.x[0], c.x[1], g.OH, g.OW};
+}
+
+std::vector<ErrorSample> pool_errors() {
+  return {
+      {"kernel larger than padded input",
+       {spec({1, 1, 3, 3})},
+       pool_attrs({5, 5}, {1, 1}, {0, 0}),
+       "larger than the padded input"},
+      {"stride 0",
+       {spec({1, 1, 4, 4})},
+       pool_attrs({2, 2}, {0, 2}, {0, 0}),
+       "stride must be at least 1"},
+      {"zero-size input",
+       {spec({0, 1, 4, 4})},
+       pool_attrs({2, 2}, {2, 2}, {0, 0}),
+       "leaves no output"},
+      {"padding as large as the kernel",
+       {spec({1, 1, 4, 4})},
+       pool_attrs({2, 2}, {1, 1}, {2, 0}),
+       "must be smaller than the kernel"},
+      {"rank 2 input", {spec({4, 4})}, pool_attrs({2, 2}, {1, 1}, {0, 0}), "must be [N, C, H, W]"},
+  };
+}
+
+// ---- pooling ops --------------------------------------------------------------------------
+
+void register_max_pool2d(OpRegistry& registry) {
+  OpDef def;
+  def.name = "max_pool2d";
+  def.formula =
+      "y[n,c,i,j] = max_{p<KH,q<KW} x[n,c, i·sh − ph + p, j·sw − pw + q] (padding never wins); "
+      "the gradient goes to the first maximum of each window";
+  def.shape = [](const ShapeCall& call) -> std::vector<TensorDesc> {
+    require_floating(call, 0);
+    return {TensorDesc{call.inputs[0].dtype, check_pool(call, call.inputs[0].shape)}};
+  };
+  def.backward = [](const BackwardCall& c) -> std::vector<std::optional<Value>> {
+    const Attrs& a = c.attrs();
+    return {max_pool2d_backward(c.grad(), c.inputs[0], pair_attr(a, "kernel"),
+                                pair_attr(a, "stride"), pair_attr(a, "padding"))};
+  };
+  def.second_order = true;
+  def.reference = [](const KernelCall& call) {
+    const PoolGeometry g = pool_geometry(call.attrs(), call.inputs[0].shape());
+    dispatch_floating(call.inputs[0].dtype(), [&](auto zero) {
+      using T = decltype(zero);
+      const T* x = call.inputs[0].data<T>();
+      T* y = call.outputs[0].data<T>();
+      for_each_window_max(g, x, [&](std::int64_t yi, std::int64_t xi) { y[yi] = x[xi]; });
+    });
+  };
+  def.onednn = or_reference(pool_forward_onednn(dnnl::algorithm::pooling_max));
+  def.samples = [] {
+    std::vector<Sample> samples;
+    std::uint64_t seed = 1;
+    for (const PoolCase& c : pool_cases())
+      samples.push_back(Sample{c.label, {distinct(c.x, seed++)}, c.attrs});
+    return samples;
+  };
+  def.error_samples = pool_errors;
+  registry.add(std::move(def));
+}
+
+void register_max_pool2d_backward(OpRegistry& registry) {
+  OpDef def;
+  def.name = "max_pool2d_backward";
+  def.formula = "dx[first maximum of window (n,c,i,j)] += dy[n,c,i,j]; 0 elsewhere";
+  def.min_inputs = def.max_inputs = 2;
+  def.shape = [](const ShapeCall& call) -> std::vector<TensorDesc> {
+    require_floating(call, 0);
+    require_same_dtype(call);
+    const Shape y = check_pool(call, call.inputs[1].shape);
+    if (call.inputs[0].shape != y) {
+      call.fail("dy {} does not match the output {} of pooling x {}", call.inputs[0], y,
+                call.inputs[1]);
+    }
+    return {call.inputs[1]};
+  };
+  // Linear in dy; its adjoint is max_pool2d_gather. With respect to x the output is piecewise
+  // constant (the maxima only move at ties), so x gets no gradient (zero almost everywhere).
+  def.backward = [](const BackwardCall& c) -> std::vector<std::optional<Value>> {
+    const Attrs& a = c.attrs();
+    std::optional<Value> d_dy;
+    if (c.needs[0]) {
+      d_dy = max_pool2d_gather(c.grad(), c.inputs[1], pair_attr(a, "kernel"),
+                               pair_attr(a, "stride"), pair_attr(a, "padding"));
+    }
+    return {d_dy, std::nullopt};
+  };
+  def.second_order = true;
+  def.reference = [](const KernelCall& call) {
+    const PoolGeometry g = pool_geometry(call.attrs(), call.inputs[1].shape());
+    dispatch_floating(call.inputs[0].dtype(), [&](auto zero) {
+      using T = decltype(zero);
+      const T* dy = call.inputs[0].data<T>();
+      const T* x = call.inputs[1].data<T>();
+      std::vector<double> acc(static_cast<std::size_t>(call.outputs[0].numel()), 0.0);
+      for_each_window_max(g, x, [&](std::int64_t yi, std::int64_t xi) {
+        acc[static_cast<std::size_t>(xi)] += static_cast<double>(dy[yi]);
+      });
+      store<T>(call.outputs[0], acc);
+    });
+  };
+  def.onednn = or_reference([](const KernelBuild& build) -> std::unique_ptr<Kernel> {
+    if (!all_f32(build)) return nullptr;
+    const PoolGeometry g = pool_geometry(build.node.attrs, build.inputs[1].shape);
+    return std::make_unique<MaxPoolBackwardKernel>(g, build.inputs[0], build.inputs[1],
+                                                   build.engine);
+  });
+  def.samples = [] {
+    std::vector<Sample> samples;
+    std::uint64_t seed = 1;
+    for (const PoolCase& c : pool_cases()) {
+      samples.push_back(
+          Sample{c.label, {spec(pool_output_shape(c)), distinct(c.x, seed++)}, c.attrs});
+    }
+    return samples;
+  };
+  def.error_samples = [] {
+    return std::vector<ErrorSample>{{"dy of the wrong shape",
+                                     {spec({1, 1, 3, 3}), spec({1, 1, 4, 4})},
+                                     pool_attrs({2, 2}, {2, 2}, {0, 0}),
+                                     "does not match the output [1,1,2,2]"}};
+  };
+  registry.add(std::move(def));
+}
+
+void register_max_pool2d_gather(OpRegistry& registry) {
+  OpDef def;
+  def.name = "max_pool2d_gather";
+  def.formula =
+      "y[n,c,i,j] = g[n,c at the first maximum of x's window (i,j)] (the adjoint of "
+      "max_pool2d_backward)";
+  def.min_inputs = def.max_inputs = 2;
+  def.shape = [](const ShapeCall& call) -> std::vector<TensorDesc> {
+    require_floating(call, 0);
+    require_same_dtype(call);
+    if (call.inputs[0].shape != call.inputs[1].shape) {
+      call.fail("g {} and x {} must have the same shape", call.inputs[0], call.inputs[1]);
+    }
+    return {TensorDesc{call.inputs[0].dtype, check_pool(call, call.inputs[1].shape)}};
+  };
+  // Linear in g with adjoint max_pool2d_backward; piecewise constant in x (no gradient).
+  def.backward = [](const BackwardCall& c) -> std::vector<std::optional<Value>> {
+    const Attrs& a = c.attrs();
+    std::optional<Value> d_g;
+    if (c.needs[0]) {
+      d_g = max_pool2d_backward(c.grad(), c.inputs[1], pair_attr(a, "kernel"),
+                                pair_attr(a, "stride"), pair_attr(a, "padding"));
+    }
+    return {d_g, std::nullopt};
+  };
+  def.second_order = true;
+  def.reference = [](const KernelCall& call) {
+    const PoolGeometry g = pool_geometry(call.attrs(), call.inputs[1].shape());
+    dispatch_floating(call.inputs[0].dtype(), [&](auto zero) {
+      using T = decltype(zero);
+      const T* source = call.inputs[0].data<T>();
+      const T* x = call.inputs[1].data<T>();
+      T* y = call.outputs[0].data<T>();
+      for_each_window_max(g, x, [&](std::int64_t yi, std::int64_t xi) { y[yi] = source[xi]; });
+    });
+  };
+  def.samples = [] {
+    std::vector<Sample> samples;
+    std::uint64_t seed = 1;
+    for (const PoolCase& c : pool_cases()) {
+      samples.push_back(Sample{c.label, {spec(c.x), distinct(c.x, seed++)}, c.attrs});
+    }
+    return samples;
+  };
+  def.error_samples = [] {
+    return std::vector<ErrorSample>{{"g and x of different shapes",
+                                     {spec({1, 1, 4, 4}), spec({1, 1, 4, 5})},
+                                     pool_attrs({2, 2}, {2, 2}, {0, 0}),
+                                     "must have the same shape"}};
+  };
+  registry.add(std::move(def));
+}
+
+void register_avg_pool2d(OpRegistry& registry) {
+  OpDef def;
+  def.name = "avg_pool2d";
+  def.formula =
+      "y[n,c,i,j] = mean of x[n,c, i·sh − ph + p, j·sw − pw + q] over the window's elements "
+      "inside the image (padding excluded from sum and count)";
+  def.shape = [](const ShapeCall& call) -> std::vector<TensorDesc> {
+    require_floating(call, 0);
+    return {TensorDesc{call.inputs[0].dtype, check_pool(call, call.inputs[0].shape)}};
+  };
+  def.backward = [](const BackwardCall& c) -> std::vector<std::optional<Value>> {
+    const Attrs& a = c.attrs();
+    return {avg_pool2d_backward(c.grad(), c.inputs[0].shape(), pair_attr(a, "kernel"),
+                                pair_attr(a, "stride"), pair_attr(a, "padding"))};
+  };
+  def.second_order = true;
+  def.reference = [](const KernelCall& call) {
+    const PoolGeometry g = pool_geometry(call.attrs(), call.inputs[0].shape());
+    dispatch_floating(call.inputs[0].dtype(), [&](auto zero) {
+      using T = decltype(zero);
+      const T* x = call.inputs[0].data<T>();
+      std::vector<double> acc(static_cast<std::size_t>(call.outputs[0].numel()), 0.0);
+      for_each_window_element(g, [&](std::int64_t yi, std::int64_t xi, std::int64_t count) {
+        acc[static_cast<std::size_t>(yi)] +=
+            static_cast<double>(x[xi]) / static_cast<double>(count);
+      });
+      store<T>(call.outputs[0], acc);
+    });
+  };
+  def.onednn = or_reference(pool_forward_onednn(dnnl::algorithm::pooling_avg_exclude_padding));
+  def.samples = [] {
+    std::vector<Sample> samples;
+    for (const PoolCase& c : pool_cases()) samples.push_back(Sample{c.label, {spec(c.x)}, c.attrs});
+    return samples;
+  };
+  def.error_samples = pool_errors;
+  registry.add(std::move(def));
+}
+
+void register_avg_pool2d_backward(OpRegistry& registry) {
+  OpDef def;
+  def.name = "avg_pool2d_backward";
+  def.formula =
+      "dx[element of window (n,c,i,j)] += dy[n,c,i,j] / (elements of that window inside the image)";
+  def.shape = [](const ShapeCall& call) -> std::vector<TensorDesc> {
+    require_floating(call, 0);
+    const Shape x = shape_attr(call, "input_shape");
+    const Shape y = check_pool(call, x);
+    if (call.inputs[0].shape != y) {
+      call.fail("dy {} does not match the output {} of pooling an input {}", call.inputs[0], y, x);
+    }
+    return {TensorDesc{call.inputs[0].dtype, x}};
+  };
+  // Linear in dy, and its adjoint is avg_pool2d itself.
+  def.backward = [](const BackwardCall& c) -> std::vector<std::optional<Value>> {
+    const Attrs& a = c.attrs();
+    return {avg_pool2d(c.grad(), pair_attr(a, "kernel"), pair_attr(a, "stride"),
+                       pair_attr(a, "padding"))};
+  };
+  def.second_order = true;
+  def.reference = [](const KernelCall& call) {
+    const PoolGeometry g = pool_geometry(call.attrs(), call.outputs[0].shape());
+    dispatch_floating(call.inputs[0].dtype(), [&](auto zero) {
+      using T = decltype(zero);
+      const T* dy = call.inputs[0].data<T>();
+      std::vector<double> acc(static_cast<std::size_t>(call.outputs[0].numel()), 0.0);
+      for_each_window_element(g, [&](std::int64_t yi, std::int64_t xi, std::int64_t count) {
+        acc[static_cast<std::size_t>(xi)] +=
+            static_cast<double>(dy[yi]) / static_cast<double>(count);
+      });
+      store<T>(call.outputs[0], acc);
+    });
+  };
+  def.onednn = or_reference([](const KernelBuild& build) -> std::unique_ptr<Kernel> {
+    if (!all_f32(build)) return nullptr;
+    const PoolGeometry g = pool_geometry(build.node.attrs, build.outputs[0].shape);
+    auto diff_dst_md = plain_md(build.inputs[0]);
+    auto diff_src_md = plain_md(build.outputs[0]);
+    const auto algorithm = dnnl::algorithm::pooling_avg_exclude_padding;
+    dnnl::pooling_forward::primitive_desc hint(
+        pool_forward_desc(dnnl::prop_kind::forward_training, algorithm, g, diff_src_md,
+                          diff_dst_md),
+        build.engine);
+    dnnl::pooling_backward::primitive_desc pd(
+        pool_backward_desc(algorithm, g, diff_src_md, diff_dst_md), build.engine, hint);
+    return std::make_unique<PrimitiveKernel>(
+        dnnl::pooling_backward(pd),
+        std::vector<PrimitiveArg>{input_arg(DNNL_ARG_DIFF_DST, 0, diff_dst_md),
+                                  output_arg(DNNL_ARG_DIFF_SRC, 0, diff_src_md)});
+  });
+  def.samples = [] {
+    std::vector<Sample> samples;
+    for (const PoolCase& c : pool_cases()) {
+      samples.push_back(
+          Sample{c.label, {spec(pool_output_shape(c))}, with(c.attrs, "input_shape", c.x.dims())});
+    }
+    return samples;
+  };
+  def.error_samples = [] {
+    return std::vector<ErrorSample>{
+        {"dy of the wrong shape",
+         {spec({1, 1, 3, 3})},
+         with(pool_attrs({2, 2}, {2, 2}, {0, 0}), "input_shape", Ints{1, 1, 4, 4}),
+         "does not match the output [1,1,2,2]"},
+        {"input shape of rank 2",
+         {spec({1, 1, 2, 2})},
+         with(pool_attrs({2, 2}, {2, 2}, {0, 0}), "input_shape", Ints{4, 4}),
+         "input_shape must have four values"},
+    };
+  };
+  registry.add(std::move(def));
+}
+
+void require_valid(const Value& v, std::string_view op, std::string_view what) {
+  if (!v.valid()) throw GraphError(fmt::format("{}: {} is an empty Value", op, what));
+}
+
+}  // namespace
+
+Value conv2d(const Value& x, const Value& w, std::optional<Value> bias, Conv2dOptions options,
+             std::source_location where) {
+  require_valid(x, "conv2d", "the input");
+  require_valid(w, "conv2d", "the weights");
+  std::vector<Value> inputs{x, w};
+  if (bias) {
+    require_valid(*bias, "conv2d", "the bias");
+    inputs.push_back(*bias);
+  }
+  return x.graph().apply("conv2d", std::move(inputs), conv_attrs(options), where);
+}
+
+Value conv2d_backward_data(const Value& dy, const Value& w, const Shape& input_shape,
+                           Conv2dOptions options, std::source_location where) {
+  require_valid(dy, "conv2d_backward_data", "dy");
+  require_valid(w, "conv2d_backward_data", "the weights");
+  return dy.graph().apply("conv2d_backward_data", {dy, w},
+                          with(conv_attrs(options), "input_shape", input_shape.dims()), where);
+}
+
+Value conv2d_backward_weights(const Value& x, const Value& dy, Size2 kernel, Conv2dOptions options,
+                              std::source_location where) {
+  require_valid(x, "conv2d_backward_weights", "the input");
+  require_valid(dy, "conv2d_backward_weights", "dy");
+  return x.graph().apply("conv2d_backward_weights", {x, dy},
+                         with(conv_attrs(options), "kernel", ints(kernel)), where);
+}
+
+Value max_pool2d(const Value& x, Size2 kernel, Size2 stride, Size2 padding,
+                 std::source_location where) {
+  require_valid(x, "max_pool2d", "the input");
+  return x.graph().apply("max_pool2d", {x}, pool_attrs(kernel, stride, padding), where);
+}
+
+Value max_pool2d_backward(const Value& dy, const Value& x, Size2 kernel, Size2 stride,
+                          Size2 padding, std::source_location where) {
+  require_valid(dy, "max_pool2d_backward", "dy");
+  require_valid(x, "max_pool2d_backward", "the input");
+  return dy.graph().apply("max_pool2d_backward", {dy, x}, pool_attrs(kernel, stride, padding),
+                          where);
+}
+
+Value max_pool2d_gather(const Value& g, const Value& x, Size2 kernel, Size2 stride, Size2 padding,
+                        std::source_location where) {
+  require_valid(g, "max_pool2d_gather", "g");
+  require_valid(x, "max_pool2d_gather", "the input");
+  return g.graph().apply("max_pool2d_gather", {g, x}, pool_attrs(kernel, stride, padding), where);
+}
+
+Value avg_pool2d(const Value& x, Size2 kernel, Size2 stride, Size2 padding,
+                 std::source_location where) {
+  require_valid(x, "avg_pool2d", "the input");
+  return x.graph().apply("avg_pool2d", {x}, pool_attrs(kernel, stride, padding), where);
+}
+
+Value avg_pool2d_backward(const Value& dy, const Shape& input_shape, Size2 kernel, Size2 stride,
+                          Size2 padding, std::source_location where) {
+  require_valid(dy, "avg_pool2d_backward", "dy");
+  return dy.graph().apply(
+      "avg_pool2d_backward", {dy},
+      with(pool_attrs(kernel, stride, padding), "input_shape", input_shape.dims()), where);
+}
+
+Value global_avg_pool(const Value& x, bool keepdims, std::source_location where) {
+  require_valid(x, "global_avg_pool", "the input");
+  if (x.rank() != 4) {
+    throw ShapeError(fmt::format("global_avg_pool of \"{}\": input must be [N, C, H, W], got {}",
+                                 x.str(), x.shape()));
+  }
+  return mean(x, {2, 3}, keepdims, where);
+}
+
+void register_conv_ops(OpRegistry& registry) {
+  register_conv2d(registry);
+  register_conv2d_backward_data(registry);
+  register_conv2d_backward_weights(registry);
+  register_max_pool2d(registry);
+  register_max_pool2d_backward(registry);
+  register_max_pool2d_gather(registry);
+  register_avg_pool2d(registry);
+  register_avg_pool2d_backward(registry);
+}
 
 }  // namespace dagrad
