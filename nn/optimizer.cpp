@@ -417,7 +417,9 @@ double LBFGS::evaluate(std::span<Tensor> params, const Closure& closure,
   return loss;
 }
 
-void LBFGS::write_params(std::span<Tensor> params, const std::vector<double>& x) const {
+// Writes x into the parameters, and then x ← what they hold (x rounded to f32 where a parameter
+// is f32), so that s = Δx is the step the closure really saw.
+void LBFGS::write_params(std::span<Tensor> params, std::vector<double>& x) const {
   std::size_t offset = 0;
   for (Tensor& param : params) {
     visit_floating(param.dtype(), [&](auto zero) {
@@ -425,7 +427,9 @@ void LBFGS::write_params(std::span<Tensor> params, const std::vector<double>& x)
       T* dst = param.data<T>();
       const std::int64_t n = param.numel();
       for (std::int64_t k = 0; k < n; ++k) {
-        dst[k] = static_cast<T>(x[offset + static_cast<std::size_t>(k)]);
+        double& value = x[offset + static_cast<std::size_t>(k)];
+        dst[k] = static_cast<T>(value);
+        value = static_cast<double>(dst[k]);
       }
     });
     offset += static_cast<std::size_t>(param.numel());

@@ -237,7 +237,7 @@ class LBFGS {
 
  private:
   double evaluate(std::span<Tensor> params, const Closure& closure, std::vector<double>& g_out);
-  void write_params(std::span<Tensor> params, const std::vector<double>& x) const;
+  void write_params(std::span<Tensor> params, std::vector<double>& x) const;
   void two_loop(const std::vector<double>& g, std::vector<double>& d);
 
   LBFGSOptions options_;
