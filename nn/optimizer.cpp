@@ -1,0 +1,579 @@
+#include "nn/optimizer.hpp"
+
+#include <fmt/format.h>
+#include <fmt/ranges.h>
+
+#include <algorithm>
+#include <cmath>
+#include <map>
+#include <optional>
+
+namespace dagrad {
+
+namespace {
+
+// Calls f(T{}) with T = float or double per `dtype` (callers checked it is floating).
+template <class F>
+void visit_floating(DType dtype, F&& f) {
+  if (dtype == DType::f32) {
+    f(float{});
+  } else {
+    f(double{});
+  }
+}
+
+std::int64_t to_index(const std::string& text) {
+  if (text.empty() || text.size() > 9 ||
+      !std::all_of(text.begin(), text.end(), [](char c) { return c >= '0' && c <= '9'; })) {
+    return -1;
+  }
+  return std::stoll(text);
+}
+
+}  // namespace
+
+// ---------------------------------------------------------------------------------------------
+// Optimizer
+
+Optimizer::Optimizer(std::string name, double learning_rate, double weight_decay,
+                     std::vector<std::string> slot_names)
+    : name_(std::move(name)), weight_decay_(weight_decay), slot_names_(std::move(slot_names)) {
+  set_learning_rate(learning_rate);
+  check_range("weight decay", weight_decay, 0, HUGE_VAL);
+}
+
+void Optimizer::check_range(std::string_view what, double value, double low, double high,
+                            bool high_inclusive) const {
+  const bool inside =
+      std::isfinite(value) && value >= low && (high_inclusive ? value <= high : value < high);
+  if (!inside) {
+    const std::string upper = std::isinf(high)
+                                  ? std::string("inf)")
+                                  : fmt::format("{}{}", high, high_inclusive ? "]" : ")");
+    throw Error(fmt::format("{}: {} must be finite and in [{}, {}, got {}", name_, what, low, upper,
+                            value));
+  }
+}
+
+void Optimizer::set_learning_rate(double learning_rate) {
+  if (!(learning_rate > 0) || !std::isfinite(learning_rate)) {
+    throw Error(
+        fmt::format("{}: learning rate must be positive and finite, got {}", name_, learning_rate));
+  }
+  learning_rate_ = learning_rate;
+}
+
+void Optimizer::step(std::span<Tensor> params, std::span<const Tensor> grads) {
+  if (params.size() != grads.size()) {
+    throw Error(
+        fmt::format("{}: {} parameters but {} gradients", name_, params.size(), grads.size()));
+  }
+  for (std::size_t i = 0; i < params.size(); ++i) {
+    if (!is_floating(params[i].dtype())) {
+      throw Error(fmt::format("{}: parameter {} is {}; only f32 and f64 parameters can be trained",
+                              name_, i, params[i].desc()));
+    }
+    if (params[i].desc() != grads[i].desc()) {
+      throw Error(fmt::format("{}: gradient {} is {} but parameter {} is {}", name_, i,
+                              grads[i].desc(), i, params[i].desc()));
+    }
+  }
+  if (!slots_.empty() || !descs_.empty()) {
+    if (descs_.size() != params.size()) {
+      throw Error(
+          fmt::format("{}: the state was created for {} parameters, got {}; pass the same "
+                      "parameters every step or call reset()",
+                      name_, descs_.size(), params.size()));
+    }
+    for (std::size_t i = 0; i < params.size(); ++i) {
+      if (params[i].desc() != descs_[i]) {
+        throw Error(
+            fmt::format("{}: parameter {} is {} but the state was created for {}; pass the "
+                        "same parameters every step or call reset()",
+                        name_, i, params[i].desc(), descs_[i]));
+      }
+    }
+  } else {
+    // First step: the state buffers, zero-filled.
+    descs_.clear();
+    slots_.assign(params.size(), {});
+    for (std::size_t i = 0; i < params.size(); ++i) {
+      descs_.push_back(params[i].desc());
+      for (std::size_t s = 0; s < slot_names_.size(); ++s) slots_[i].emplace_back(params[i].desc());
+    }
+  }
+  ++steps_;
+  for (std::size_t i = 0; i < params.size(); ++i) update(params[i], grads[i], slots_[i]);
+}
+
+NamedTensors Optimizer::state() const {
+  NamedTensors result;
+  result.emplace_back("step", Tensor::scalar(static_cast<double>(steps_), DType::f64));
+  for (std::size_t i = 0; i < slots_.size(); ++i) {
+    for (std::size_t s = 0; s < slot_names_.size(); ++s) {
+      result.emplace_back(fmt::format("{}.{}", slot_names_[s], i), slots_[i][s]);
+    }
+  }
+  return result;
+}
+
+void Optimizer::load_state(const NamedTensors& state) {
+  std::optional<std::int64_t> steps;
+  std::map<std::int64_t, std::vector<const Tensor*>> by_param;
+  for (const auto& [name, tensor] : state) {
+    if (name == "step") {
+      if (tensor.numel() != 1 || !is_floating(tensor.dtype()) || !(tensor.item() >= 0) ||
+          tensor.item() != std::floor(tensor.item())) {
+        throw Error(
+            fmt::format("{}: state tensor \"step\" must be one non-negative whole number, "
+                        "got {}",
+                        name_, tensor.desc()));
+      }
+      steps = static_cast<std::int64_t>(tensor.item());
+      continue;
+    }
+    const auto dot = name.rfind('.');
+    const auto slot = std::find(slot_names_.begin(), slot_names_.end(),
+                                dot == std::string::npos ? name : name.substr(0, dot));
+    const std::int64_t index = dot == std::string::npos ? -1 : to_index(name.substr(dot + 1));
+    if (slot == slot_names_.end() || index < 0) {
+      throw Error(
+          fmt::format("{}: unknown state tensor \"{}\" (expected \"step\"{})", name_, name,
+                      slot_names_.empty()
+                          ? std::string()
+                          : fmt::format(" and \"{}.<i>\"", fmt::join(slot_names_, ".<i>\", \""))));
+    }
+    auto& entry = by_param[index];
+    entry.resize(slot_names_.size(), nullptr);
+    entry[static_cast<std::size_t>(slot - slot_names_.begin())] = &tensor;
+  }
+  if (!steps) throw Error(fmt::format("{}: the state has no \"step\" tensor", name_));
+
+  std::vector<TensorDesc> descs;
+  std::vector<std::vector<Tensor>> slots;
+  for (std::int64_t i = 0; i < static_cast<std::int64_t>(by_param.size()); ++i) {
+    const auto found = by_param.find(i);
+    if (found == by_param.end()) {
+      throw Error(fmt::format("{}: the state has slots for parameter {} but none for parameter {}",
+                              name_, by_param.rbegin()->first, i));
+    }
+    std::vector<Tensor> copies;
+    for (std::size_t s = 0; s < slot_names_.size(); ++s) {
+      const Tensor* tensor = found->second[s];
+      if (tensor == nullptr) {
+        throw Error(fmt::format("{}: state tensor \"{}.{}\" is missing", name_, slot_names_[s], i));
+      }
+      if (!is_floating(tensor->dtype()) || (s > 0 && tensor->desc() != copies.front().desc())) {
+        throw Error(
+            fmt::format("{}: state tensor \"{}.{}\" is {}, expected a floating tensor like "
+                        "\"{}.{}\"",
+                        name_, slot_names_[s], i, tensor->desc(), slot_names_[0], i));
+      }
+      copies.push_back(tensor->clone());
+    }
+    if (!copies.empty()) descs.push_back(copies.front().desc());
+    slots.push_back(std::move(copies));
+  }
+  steps_ = *steps;
+  descs_ = std::move(descs);
+  slots_ = slot_names_.empty() ? std::vector<std::vector<Tensor>>{} : std::move(slots);
+}
+
+void Optimizer::reset() {
+  steps_ = 0;
+  descs_.clear();
+  slots_.clear();
+}
+
+// ---------------------------------------------------------------------------------------------
+// The update rules. Each loop computes in the parameter's own type T.
+
+SGD::SGD(SGDOptions options) : Optimizer("SGD", options.learning_rate, options.weight_decay, {}) {}
+
+void SGD::update(Tensor& param, const Tensor& grad, std::span<Tensor>) {
+  visit_floating(param.dtype(), [&](auto zero) {
+    using T = decltype(zero);
+    T* w = param.data<T>();
+    const T* dw = grad.data<T>();
+    const T eta = static_cast<T>(learning_rate());
+    const T lambda = static_cast<T>(weight_decay());
+    const std::int64_t n = param.numel();
+#pragma omp simd
+    for (std::int64_t i = 0; i < n; ++i) w[i] -= eta * (dw[i] + lambda * w[i]);
+  });
+}
+
+Momentum::Momentum(MomentumOptions options) : Momentum("Momentum", options, false) {}
+
+Momentum::Momentum(std::string name, MomentumOptions options, bool nesterov)
+    : Optimizer(std::move(name), options.learning_rate, options.weight_decay, {"velocity"}),
+      momentum_(options.momentum),
+      nesterov_(nesterov) {
+  check_range("momentum", momentum_, 0, 1);
+}
+
+void Momentum::update(Tensor& param, const Tensor& grad, std::span<Tensor> slots) {
+  visit_floating(param.dtype(), [&](auto zero) {
+    using T = decltype(zero);
+    T* w = param.data<T>();
+    const T* dw = grad.data<T>();
+    T* v = slots[0].data<T>();
+    const T eta = static_cast<T>(learning_rate());
+    const T lambda = static_cast<T>(weight_decay());
+    const T gamma = static_cast<T>(momentum_);
+    const std::int64_t n = param.numel();
+    if (nesterov_) {
+#pragma omp simd
+      for (std::int64_t i = 0; i < n; ++i) {
+        const T g = dw[i] + lambda * w[i];
+        v[i] = gamma * v[i] - eta * g;
+        w[i] += gamma * v[i] - eta * g;
+      }
+    } else {
+#pragma omp simd
+      for (std::int64_t i = 0; i < n; ++i) {
+        const T g = dw[i] + lambda * w[i];
+        v[i] = gamma * v[i] - eta * g;
+        w[i] += v[i];
+      }
+    }
+  });
+}
+
+Nesterov::Nesterov(MomentumOptions options) : Momentum("Nesterov", options, true) {}
+
+AdaGrad::AdaGrad(AdaGradOptions options)
+    : Optimizer("AdaGrad", options.learning_rate, options.weight_decay, {"sum_squares"}),
+      epsilon_(options.epsilon) {
+  check_range("epsilon", epsilon_, 0, HUGE_VAL);
+}
+
+void AdaGrad::update(Tensor& param, const Tensor& grad, std::span<Tensor> slots) {
+  visit_floating(param.dtype(), [&](auto zero) {
+    using T = decltype(zero);
+    T* w = param.data<T>();
+    const T* dw = grad.data<T>();
+    T* sum_squares = slots[0].data<T>();
+    const T eta = static_cast<T>(learning_rate());
+    const T lambda = static_cast<T>(weight_decay());
+    const T eps = static_cast<T>(epsilon_);
+    const std::int64_t n = param.numel();
+#pragma omp simd
+    for (std::int64_t i = 0; i < n; ++i) {
+      const T g = dw[i] + lambda * w[i];
+      sum_squares[i] += g * g;
+      w[i] -= eta * g / (std::sqrt(sum_squares[i]) + eps);
+    }
+  });
+}
+
+RMSProp::RMSProp(RMSPropOptions options)
+    : Optimizer("RMSProp", options.learning_rate, options.weight_decay, {"mean_square"}),
+      decay_(options.decay),
+      epsilon_(options.epsilon) {
+  check_range("decay", decay_, 0, 1);
+  check_range("epsilon", epsilon_, 0, HUGE_VAL);
+}
+
+void RMSProp::update(Tensor& param, const Tensor& grad, std::span<Tensor> slots) {
+  visit_floating(param.dtype(), [&](auto zero) {
+    using T = decltype(zero);
+    T* w = param.data<T>();
+    const T* dw = grad.data<T>();
+    T* mean_square = slots[0].data<T>();
+    const T eta = static_cast<T>(learning_rate());
+    const T lambda = static_cast<T>(weight_decay());
+    const T rho = static_cast<T>(decay_);
+    const T eps = static_cast<T>(epsilon_);
+    const std::int64_t n = param.numel();
+#pragma omp simd
+    for (std::int64_t i = 0; i < n; ++i) {
+      const T g = dw[i] + lambda * w[i];
+      mean_square[i] = rho * mean_square[i] + (T(1) - rho) * g * g;
+      w[i] -= eta * g / (std::sqrt(mean_square[i]) + eps);
+    }
+  });
+}
+
+Adam::Adam(AdamOptions options) : Adam("Adam", options, false) {}
+
+Adam::Adam(std::string name, AdamOptions options, bool decoupled)
+    : Optimizer(std::move(name), options.learning_rate, options.weight_decay, {"m", "v"}),
+      beta1_(options.beta1),
+      beta2_(options.beta2),
+      epsilon_(options.epsilon),
+      decoupled_(decoupled) {
+  check_range("beta1", beta1_, 0, 1);
+  check_range("beta2", beta2_, 0, 1);
+  check_range("epsilon", epsilon_, 0, HUGE_VAL);
+}
+
+void Adam::update(Tensor& param, const Tensor& grad, std::span<Tensor> slots) {
+  // Bias corrections in f64: βᵗ underflows gracefully, and 1 − β2ᵗ is tiny for small t.
+  const double t = static_cast<double>(steps());
+  const double correction1 = 1.0 - std::pow(beta1_, t);
+  const double correction2 = 1.0 - std::pow(beta2_, t);
+  visit_floating(param.dtype(), [&](auto zero) {
+    using T = decltype(zero);
+    T* w = param.data<T>();
+    const T* dw = grad.data<T>();
+    T* m = slots[0].data<T>();
+    T* v = slots[1].data<T>();
+    const T eta = static_cast<T>(learning_rate());
+    const T l2 = static_cast<T>(decoupled_ ? 0.0 : weight_decay());
+    const T shrink = static_cast<T>(decoupled_ ? 1.0 - learning_rate() * weight_decay() : 1.0);
+    const T b1 = static_cast<T>(beta1_);
+    const T b2 = static_cast<T>(beta2_);
+    const T eps = static_cast<T>(epsilon_);
+    const T inverse_correction1 = static_cast<T>(1.0 / correction1);
+    const T inverse_correction2 = static_cast<T>(1.0 / correction2);
+    const std::int64_t n = param.numel();
+#pragma omp simd
+    for (std::int64_t i = 0; i < n; ++i) {
+      const T g = dw[i] + l2 * w[i];
+      m[i] = b1 * m[i] + (T(1) - b1) * g;
+      v[i] = b2 * v[i] + (T(1) - b2) * g * g;
+      const T m_hat = m[i] * inverse_correction1;
+      const T v_hat = v[i] * inverse_correction2;
+      w[i] = shrink * w[i] - eta * m_hat / (std::sqrt(v_hat) + eps);
+    }
+  });
+}
+
+AdamW::AdamW(AdamWOptions options)
+    : Adam("AdamW",
+           AdamOptions{.learning_rate = options.learning_rate,
+                       .beta1 = options.beta1,
+                       .beta2 = options.beta2,
+                       .epsilon = options.epsilon,
+                       .weight_decay = options.weight_decay},
+           true) {}
+
+// ---------------------------------------------------------------------------------------------
+// L-BFGS
+
+namespace {
+
+double dot(const std::vector<double>& a, const double* b) {
+  double total = 0;
+  for (std::size_t i = 0; i < a.size(); ++i) total += a[i] * b[i];
+  return total;
+}
+
+double max_abs(const std::vector<double>& a) {
+  double largest = 0;
+  for (double value : a) largest = std::max(largest, std::abs(value));
+  return largest;
+}
+
+}  // namespace
+
+LBFGS::LBFGS(LBFGSOptions options) : options_(options) {
+  const auto check = [](std::string_view what, double value, bool ok) {
+    if (!ok || std::isnan(value)) {
+      throw Error(fmt::format("LBFGS: {} is out of range, got {}", what, value));
+    }
+  };
+  check("learning rate (must be positive and finite)", options.learning_rate,
+        options.learning_rate > 0 && std::isfinite(options.learning_rate));
+  check("max_iterations (must be >= 1)", options.max_iterations, options.max_iterations >= 1);
+  check("history_size (must be >= 1)", options.history_size, options.history_size >= 1);
+  check("tolerance_grad (must be >= 0)", options.tolerance_grad, options.tolerance_grad >= 0);
+  check("tolerance_change (must be >= 0)", options.tolerance_change, options.tolerance_change >= 0);
+  check("armijo_c1 (must be in (0, 1))", options.armijo_c1,
+        options.armijo_c1 > 0 && options.armijo_c1 < 1);
+  check("backtrack_factor (must be in (0, 1))", options.backtrack_factor,
+        options.backtrack_factor > 0 && options.backtrack_factor < 1);
+  check("max_line_search_steps (must be >= 1)", options.max_line_search_steps,
+        options.max_line_search_steps >= 1);
+}
+
+void LBFGS::reset() {
+  history_count_ = 0;
+  history_head_ = 0;
+  gamma_ = 1;
+}
+
+double LBFGS::evaluate(std::span<Tensor> params, const Closure& closure,
+                       std::vector<double>& g_out) {
+  ++evaluations_;
+  const double loss = closure(grads_);
+  std::size_t offset = 0;
+  for (std::size_t i = 0; i < grads_.size(); ++i) {
+    if (grads_[i].desc() != params[i].desc()) {
+      throw Error(
+          fmt::format("LBFGS: the closure replaced gradient {} by a {} tensor; parameter "
+                      "{} is {}",
+                      i, grads_[i].desc(), i, params[i].desc()));
+    }
+    visit_floating(grads_[i].dtype(), [&](auto zero) {
+      using T = decltype(zero);
+      const T* src = grads_[i].data<T>();
+      const std::int64_t n = grads_[i].numel();
+      for (std::int64_t k = 0; k < n; ++k) g_out[offset + static_cast<std::size_t>(k)] = src[k];
+    });
+    offset += static_cast<std::size_t>(grads_[i].numel());
+  }
+  return loss;
+}
+
+// Writes x into the parameters, and then x ← what they hold (x rounded to f32 where a parameter
+// is f32), so that s = Δx is the step the closure really saw.
+void LBFGS::write_params(std::span<Tensor> params, std::vector<double>& x) const {
+  std::size_t offset = 0;
+  for (Tensor& param : params) {
+    visit_floating(param.dtype(), [&](auto zero) {
+      using T = decltype(zero);
+      T* dst = param.data<T>();
+      const std::int64_t n = param.numel();
+      for (std::int64_t k = 0; k < n; ++k) {
+        double& value = x[offset + static_cast<std::size_t>(k)];
+        dst[k] = static_cast<T>(value);
+        value = static_cast<double>(dst[k]);
+      }
+    });
+    offset += static_cast<std::size_t>(param.numel());
+  }
+}
+
+// d = −H g, H the L-BFGS inverse-Hessian estimate from the stored (s, y) pairs.
+void LBFGS::two_loop(const std::vector<double>& g, std::vector<double>& d) {
+  const std::size_t n = g.size();
+  const int m = options_.history_size;
+  for (std::size_t k = 0; k < n; ++k) d[k] = -g[k];
+  for (int j = 0; j < history_count_; ++j) {  // newest to oldest
+    const int slot = (history_head_ - 1 - j + m) % m;
+    const double* s = &s_history_[static_cast<std::size_t>(slot) * n];
+    const double* y = &y_history_[static_cast<std::size_t>(slot) * n];
+    const double a = rho_[slot] * dot(d, s);
+    alpha_[slot] = a;
+    for (std::size_t k = 0; k < n; ++k) d[k] -= a * y[k];
+  }
+  for (std::size_t k = 0; k < n; ++k) d[k] *= gamma_;
+  for (int j = history_count_ - 1; j >= 0; --j) {  // oldest to newest
+    const int slot = (history_head_ - 1 - j + m) % m;
+    const double* s = &s_history_[static_cast<std::size_t>(slot) * n];
+    const double* y = &y_history_[static_cast<std::size_t>(slot) * n];
+    const double b = rho_[slot] * dot(d, y);
+    for (std::size_t k = 0; k < n; ++k) d[k] += s[k] * (alpha_[slot] - b);
+  }
+}
+
+double LBFGS::step(std::span<Tensor> params, const Closure& closure) {
+  if (!closure) throw Error("LBFGS: step() needs a closure that computes the loss and gradients");
+  for (std::size_t i = 0; i < params.size(); ++i) {
+    if (!is_floating(params[i].dtype())) {
+      throw Error(
+          fmt::format("LBFGS: parameter {} is {}; only f32 and f64 parameters can be trained", i,
+                      params[i].desc()));
+    }
+  }
+  if (descs_.empty() && grads_.empty()) {
+    std::size_t n = 0;
+    for (const Tensor& param : params) {
+      descs_.push_back(param.desc());
+      grads_.emplace_back(param.desc());
+      n += static_cast<std::size_t>(param.numel());
+    }
+    const auto m = static_cast<std::size_t>(options_.history_size);
+    for (auto* buffer : {&x_, &g_, &x_trial_, &g_trial_, &d_}) buffer->assign(n, 0.0);
+    s_history_.assign(m * n, 0.0);
+    y_history_.assign(m * n, 0.0);
+    rho_.assign(m, 0.0);
+    alpha_.assign(m, 0.0);
+  } else {
+    if (params.size() != descs_.size()) {
+      throw Error(
+          fmt::format("LBFGS: created for {} parameters, got {}", descs_.size(), params.size()));
+    }
+    for (std::size_t i = 0; i < params.size(); ++i) {
+      if (params[i].desc() != descs_[i]) {
+        throw Error(fmt::format("LBFGS: parameter {} is {} but the optimiser was created for {}", i,
+                                params[i].desc(), descs_[i]));
+      }
+    }
+  }
+  // x ← the current parameters.
+  {
+    std::size_t offset = 0;
+    for (const Tensor& param : params) {
+      visit_floating(param.dtype(), [&](auto zero) {
+        using T = decltype(zero);
+        const T* src = param.data<T>();
+        for (std::int64_t k = 0; k < param.numel(); ++k) {
+          x_[offset + static_cast<std::size_t>(k)] = static_cast<double>(src[k]);
+        }
+      });
+      offset += static_cast<std::size_t>(param.numel());
+    }
+  }
+  double loss = evaluate(params, closure, g_);
+  if (!std::isfinite(loss)) {
+    throw Error(
+        fmt::format("LBFGS: the closure returned a non-finite loss ({}) at the starting "
+                    "point",
+                    loss));
+  }
+  const std::size_t n = x_.size();
+  const int m = options_.history_size;
+  for (int iteration = 0; iteration < options_.max_iterations; ++iteration) {
+    if (max_abs(g_) <= options_.tolerance_grad) break;
+    ++iterations_;
+    two_loop(g_, d_);
+    double slope = dot(d_, g_.data());
+    double t = options_.learning_rate;
+    if (history_count_ == 0 || !(slope < 0)) {
+      // Steepest descent, with a first step no longer than η in the ℓ1 sense.
+      reset();
+      double l1 = 0;
+      for (std::size_t k = 0; k < n; ++k) {
+        d_[k] = -g_[k];
+        l1 += std::abs(g_[k]);
+      }
+      slope = -dot(g_, g_.data());
+      t = options_.learning_rate * std::min(1.0, 1.0 / l1);
+    }
+    // Backtracking line search on the Armijo (sufficient decrease) condition.
+    bool accepted = false;
+    double trial_loss = loss;
+    for (int k = 0; k < options_.max_line_search_steps; ++k) {
+      for (std::size_t j = 0; j < n; ++j) x_trial_[j] = x_[j] + t * d_[j];
+      write_params(params, x_trial_);
+      trial_loss = evaluate(params, closure, g_trial_);
+      if (std::isfinite(trial_loss) && trial_loss <= loss + options_.armijo_c1 * t * slope) {
+        accepted = true;
+        break;
+      }
+      t *= options_.backtrack_factor;
+    }
+    if (!accepted) {
+      write_params(params, x_);  // stay at the best point found
+      break;
+    }
+    // Curvature pair s = x_trial − x, y = g_trial − g.
+    double* s = &s_history_[static_cast<std::size_t>(history_head_) * n];
+    double* y = &y_history_[static_cast<std::size_t>(history_head_) * n];
+    double sy = 0, yy = 0, step_size = 0;
+    for (std::size_t j = 0; j < n; ++j) {
+      s[j] = x_trial_[j] - x_[j];
+      y[j] = g_trial_[j] - g_[j];
+      sy += s[j] * y[j];
+      yy += y[j] * y[j];
+      step_size = std::max(step_size, std::abs(s[j]));
+    }
+    if (sy > 1e-10) {
+      rho_[history_head_] = 1.0 / sy;
+      gamma_ = sy / yy;
+      history_head_ = (history_head_ + 1) % m;
+      history_count_ = std::min(history_count_ + 1, m);
+    }
+    std::swap(x_, x_trial_);
+    std::swap(g_, g_trial_);
+    const double change = std::abs(trial_loss - loss);
+    loss = trial_loss;
+    if (change < options_.tolerance_change || step_size < options_.tolerance_change) break;
+  }
+  return loss;
+}
+
+}  // namespace dagrad
