@@ -123,7 +123,7 @@ struct ChannelGeometry {
 };
 
 // Checks shared by batch_norm and batch_norm_grad: x is [N, C] or [N, C, H, W] and the inputs
-// from `first_channel_input` on are [C] (their names in `names`).
+// from index `first` on are [C] (their names in `names`).
 void check_channel_inputs(const ShapeCall& call, const TensorDesc& x, std::size_t first,
                           std::initializer_list<const char*> names) {
   if (x.shape.rank() != 2 && x.shape.rank() != 4) {
