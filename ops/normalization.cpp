@@ -1,6 +1,7 @@
-// dropout, dropconnect, batch_norm, batch_norm_grad (registered ops); layer_norm and the
-// weight penalties (composites). Kernels: oneDNN batch_normalization forward/backward for f32;
-// plain loops for the reference (and for dropout, which oneDNN 2.6 has no primitive for).
+// dropout, dropconnect, batch_norm, batch_norm_grad, layer_norm (registered ops) and the weight
+// penalties (composites). Kernels: oneDNN batch_normalization forward/backward and
+// layer_normalization forward for f32; plain loops for the reference (and for dropout, which
+// oneDNN 2.6 has no primitive for).
 #include "ops/normalization.hpp"
 
 #include <cmath>
@@ -122,7 +123,7 @@ struct ChannelGeometry {
 };
 
 // Checks shared by batch_norm and batch_norm_grad: x is [N, C] or [N, C, H, W] and the inputs
-// from `first_channel_input` on are [C] (their names in `names`).
+// from index `first` on are [C] (their names in `names`).
 void check_channel_inputs(const ShapeCall& call, const TensorDesc& x, std::size_t first,
                           std::initializer_list<const char*> names) {
   if (x.shape.rank() != 2 && x.shape.rank() != 4) {
@@ -604,6 +605,165 @@ void register_batch_norm_grad(OpRegistry& registry) {
   registry.add(std::move(def));
 }
 
+// ---- layer_norm ---------------------------------------------------------------------------
+
+// The trailing axes from `first`, which layer_norm normalises over (also gamma's shape).
+Shape trailing_shape(const Shape& shape, int first) {
+  return Shape(std::vector<std::int64_t>(shape.dims().begin() + first, shape.dims().end()));
+}
+
+std::vector<TensorDesc> layer_norm_rule(const ShapeCall& call) {
+  require_floating(call, 0);
+  require_same_dtype(call);
+  const TensorDesc& x = call.inputs[0];
+  if (x.shape.rank() == 0) call.fail("x must have at least one axis, got {}", x);
+  const std::int64_t axis = call.attrs.integer("axis");
+  const Shape normalized = trailing_shape(x.shape, normalize_axis(axis, x.shape.rank(), call.site));
+  const char* names[] = {"gamma", "beta"};
+  for (std::size_t i = 1; i <= 2; ++i) {
+    if (call.inputs[i].shape != normalized) {
+      call.fail("{} must have the shape {} of x {} from axis {}, got {}", names[i - 1], normalized,
+                x, axis, call.inputs[i]);
+    }
+  }
+  require_epsilon(call);
+  return {x};
+}
+
+// x viewed as [rows, D], D = the number of normalised elements per row.
+std::pair<std::int64_t, std::int64_t> layer_norm_rows(const Shape& shape, const Attrs& attrs) {
+  const int first = normalize_axis(attrs.integer("axis"), shape.rank(), "layer_norm");
+  const std::int64_t width = trailing_shape(shape, first).numel();
+  return {width == 0 ? 0 : shape.numel() / width, width};
+}
+
+void layer_norm_reference(const KernelCall& call) {
+  const Tensor& x = call.inputs[0];
+  const auto [rows, width] = layer_norm_rows(x.shape(), call.attrs());
+  const double epsilon = call.attrs().real("epsilon");
+  dispatch_floating(x.dtype(), [&](auto zero) {
+    using T = decltype(zero);
+    const T* src = x.data<T>();
+    const T* gamma = call.inputs[1].data<T>();
+    const T* beta = call.inputs[2].data<T>();
+    T* dst = call.outputs[0].data<T>();
+    for (std::int64_t r = 0; r < rows; ++r) {
+      const T* row = src + r * width;
+      double total = 0.0;
+      for (std::int64_t j = 0; j < width; ++j) total += static_cast<double>(row[j]);
+      const double mu = total / static_cast<double>(width);
+      double squares = 0.0;
+      for (std::int64_t j = 0; j < width; ++j) {
+        const double d = static_cast<double>(row[j]) - mu;
+        squares += d * d;
+      }
+      const double inverse_std = 1.0 / std::sqrt(squares / static_cast<double>(width) + epsilon);
+      for (std::int64_t j = 0; j < width; ++j) {
+        dst[r * width + j] = static_cast<T>(static_cast<double>(gamma[j]) *
+                                                (static_cast<double>(row[j]) - mu) * inverse_std +
+                                            static_cast<double>(beta[j]));
+      }
+    }
+  });
+}
+
+// oneDNN layer_normalization_forward (f32) on the [rows, D] view; the statistics are computed
+// inside the primitive and not kept (the backward recomputes them with ops).
+std::unique_ptr<Kernel> layer_norm_onednn(const KernelBuild& build) {
+  if (build.inputs[0].dtype != DType::f32 || build.inputs[0].numel() == 0) return nullptr;
+  const auto [rows, width] = layer_norm_rows(build.inputs[0].shape, build.node.attrs);
+  const auto data_md = plain_md(Shape{rows, width}, DType::f32);
+  const auto channel_md = plain_md(Shape{width}, DType::f32);
+  const float epsilon = static_cast<float>(build.node.attrs.real("epsilon"));
+  dnnl::layer_normalization_forward::primitive_desc pd(
+      dnnl::layer_normalization_forward::desc(dnnl::prop_kind::forward_inference, data_md, epsilon,
+                                              scale_and_shift()),
+      build.engine);
+  return std::make_unique<PrimitiveKernel>(
+      dnnl::layer_normalization_forward(pd),
+      std::vector<PrimitiveArg>{
+          input_arg(DNNL_ARG_SRC, 0, data_md), input_arg(DNNL_ARG_SCALE, 1, channel_md),
+          input_arg(DNNL_ARG_SHIFT, 2, channel_md), output_arg(DNNL_ARG_DST, 0, data_md)});
+}
+
+// layer_norm's backward, built from ops so it can be differentiated again. With the
+// statistics recomputed from x, x̂ = (x − μ) σ̂⁻¹ and h = dy γ (means over the normalised axes):
+//   dβ = Σ_rows dy,  dγ = Σ_rows dy x̂,  dx = σ̂⁻¹ (h − mean(h) − x̂ mean(h x̂)).
+std::vector<std::optional<Value>> layer_norm_backward(const BackwardCall& c) {
+  const Value& x = c.inputs[0];
+  const Value& gamma = c.inputs[1];
+  const Value dy = c.grad();
+  const int first = normalize_axis(c.attrs().integer("axis"), x.rank(), "layer_norm");
+  std::vector<std::int64_t> axes;
+  for (int i = first; i < x.rank(); ++i) axes.push_back(i);
+  const Value centred = sub(x, mean(x, axes, true));
+  const Value variance = mean(mul(centred, centred), axes, true);
+  const Value inverse_std =
+      exp(mul(log(add(variance, scalar_like(x, c.attrs().real("epsilon")))), scalar_like(x, -0.5)));
+  const Value normalized = mul(centred, inverse_std);
+  std::optional<Value> dx, dgamma, dbeta;
+  if (c.needs[0]) {
+    const Value h = mul(dy, gamma);
+    const Value h_mean = mean(h, axes, true);
+    const Value projection = mean(mul(h, normalized), axes, true);
+    dx = mul(inverse_std, sub(sub(h, h_mean), mul(normalized, projection)));
+  }
+  if (c.needs[1]) dgamma = unbroadcast(mul(dy, normalized), gamma.shape());
+  if (c.needs[2]) dbeta = unbroadcast(dy, c.inputs[2].shape());
+  return {dx, dgamma, dbeta};
+}
+
+void register_layer_norm(OpRegistry& registry) {
+  OpDef def;
+  def.name = "layer_norm";
+  def.formula =
+      "y = γ (x − μ) / √(σ² + ε) + β, μ and biased σ² over the trailing axes from `axis` "
+      "(γ, β of those axes' shape); the same in training and inference";
+  def.min_inputs = def.max_inputs = 3;
+  def.shape = layer_norm_rule;
+  def.backward = layer_norm_backward;
+  def.second_order = true;
+  def.reference = layer_norm_reference;
+  def.onednn = layer_norm_onednn;
+  def.samples = [] {
+    auto attrs = [](std::int64_t axis, double epsilon) {
+      return Attrs{{"axis", axis}, {"epsilon", epsilon}};
+    };
+    auto inputs = [](Shape x, Shape normalized) {
+      return std::vector<InputSpec>{spec(std::move(x), -2.0, 2.0), spec(normalized, 0.5, 1.5),
+                                    spec(normalized)};
+    };
+    return std::vector<Sample>{
+        {"matrix, last axis", inputs({3, 4}, {4}), attrs(-1, 1e-5)},
+        {"rank 3, last two axes", inputs({2, 3, 4}, {3, 4}), attrs(1, 1e-5)},
+        {"rank 3, last axis, epsilon 1e-3", inputs({2, 3, 4}, {4}), attrs(-1, 1e-3)},
+        {"vector", inputs({5}, {5}), attrs(0, 1e-5)},
+    };
+  };
+  def.error_samples = [] {
+    Attrs attrs{{"axis", std::int64_t{-1}}, {"epsilon", 1e-5}};
+    return std::vector<ErrorSample>{
+        {"gamma of another shape",
+         {spec({2, 4}), spec({2}), spec({4})},
+         attrs,
+         "gamma must have the shape [4]"},
+        {"beta of another shape",
+         {spec({2, 4}), spec({4}), spec({2, 4})},
+         attrs,
+         "beta must have the shape [4]"},
+        {"axis out of range",
+         {spec({2, 4}), spec({4}), spec({4})},
+         Attrs{{"axis", std::int64_t{2}}, {"epsilon", 1e-5}},
+         "out of range"},
+        {"epsilon zero",
+         {spec({2, 4}), spec({4}), spec({4})},
+         Attrs{{"axis", std::int64_t{-1}}, {"epsilon", 0.0}},
+         "epsilon 0 must be positive"},
+    };
+  };
+  registry.add(std::move(def));
+}
+
 // ---- penalties ----------------------------------------------------------------------------
 
 void check_penalty_params(const std::vector<Value>& params, std::string_view what) {
@@ -682,31 +842,9 @@ std::vector<Value> batch_norm_grad(const Value& dy, const Value& x, const Value&
 
 Value layer_norm(const Value& x, const Value& gamma, const Value& beta, std::int64_t axis,
                  double epsilon, std::source_location where) {
-  if (!x.valid() || !gamma.valid() || !beta.valid()) {
-    throw GraphError("layer_norm: an input is an empty Value");
-  }
-  const int rank = x.rank();
-  const int first = normalize_axis(axis, rank, "layer_norm");
-  const Shape normalized(
-      std::vector<std::int64_t>(x.shape().dims().begin() + first, x.shape().dims().end()));
-  for (const Value* v : {&gamma, &beta}) {
-    if (v->shape() != normalized) {
-      throw ShapeError(fmt::format(
-          "layer_norm: {} \"{}\" must have the shape {} of x {} from axis {}, got {}",
-          v == &gamma ? "gamma" : "beta", v->str(), normalized, x.desc(), axis, v->desc()));
-    }
-  }
-  if (!(epsilon > 0.0))
-    throw ShapeError(fmt::format("layer_norm: epsilon {} must be positive", epsilon));
-  std::vector<std::int64_t> axes;
-  for (int i = first; i < rank; ++i) axes.push_back(i);
-  Value centred = sub(x, mean(x, axes, true, where), where);
-  Value variance = mean(mul(centred, centred, where), axes, true, where);
-  // 1/√(σ² + ε) = e^(−½ ln(σ² + ε)): built from differentiable ops.
-  Value inverse_std = exp(
-      mul(log(add(variance, scalar_like(x, epsilon), where), where), scalar_like(x, -0.5), where),
-      where);
-  return add(mul(mul(centred, inverse_std, where), gamma, where), beta, where);
+  if (!x.valid()) throw GraphError("layer_norm: the input is an empty Value");
+  return x.graph().apply("layer_norm", {x, gamma, beta}, {{"axis", axis}, {"epsilon", epsilon}},
+                         where);
 }
 
 Value l1_penalty(const std::vector<Value>& params, double lambda) {
@@ -735,6 +873,7 @@ void register_normalization_ops(OpRegistry& registry) {
                         "Bernoulli(1 − rate); inference: w. Outputs w' and the scaled mask");
   register_batch_norm(registry);
   register_batch_norm_grad(registry);
+  register_layer_norm(registry);
 }
 
 }  // namespace dagrad

@@ -86,9 +86,10 @@ std::vector<Value> batch_norm_grad(const Value& dy, const Value& x, const Value&
 //
 // Normalises over the trailing axes from `axis` (negative counts from the end):
 //   μ = mean(x), σ² = mean((x − μ)²) over those axes, y = γ (x − μ) / √(σ² + ε) + β
-// gamma and beta have the shape of those trailing axes (x.shape[axis:]). A composite of
-// mean, sub, mul, log, exp (1/√v = e^(−½ ln v)), so every order of gradient is available.
-// Same behaviour in training and inference.
+// gamma and beta have the shape of those trailing axes (x.shape[axis:]); ShapeError otherwise.
+// Same behaviour in training and inference. One op (oneDNN layer_normalization for f32); its
+// backward is built from ops (mean, sub, mul, log, exp, with 1/√v = e^(−½ ln v)), recomputing
+// the statistics from x, so gradients of every order are available.
 Value layer_norm(const Value& x, const Value& gamma, const Value& beta, std::int64_t axis = -1,
                  double epsilon = 1e-5,
                  std::source_location where = std::source_location::current());
