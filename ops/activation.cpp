@@ -95,12 +95,16 @@ std::vector<Sample> unary_samples(double low, double high, double min_magnitude 
   return samples;
 }
 
-// A sample with exact input values.
-Sample exact_sample(std::string label, Shape shape, std::vector<double> values,
-                    const Attrs& attrs = {}) {
+// An input with exact values instead of random ones.
+InputSpec exact(Shape shape, std::vector<double> values) {
   InputSpec x = spec(std::move(shape));
   x.values = std::move(values);
-  return Sample{std::move(label), {x}, attrs};
+  return x;
+}
+
+Sample exact_sample(std::string label, Shape shape, std::vector<double> values,
+                    const Attrs& attrs = {}) {
+  return Sample{std::move(label), {exact(std::move(shape), std::move(values))}, attrs};
 }
 
 std::vector<ErrorSample> unary_errors(const Attrs& attrs = {}) {
@@ -215,12 +219,6 @@ std::vector<ErrorSample> binary_errors() {
                   {},
                   "different dtypes"},
   };
-}
-
-InputSpec exact(Shape shape, std::vector<double> values) {
-  InputSpec x = spec(std::move(shape));
-  x.values = std::move(values);
-  return x;
 }
 
 template <class Op>
