@@ -95,12 +95,16 @@ std::vector<Sample> unary_samples(double low, double high, double min_magnitude 
   return samples;
 }
 
-// A sample with exact input values.
-Sample exact_sample(std::string label, Shape shape, std::vector<double> values,
-                    const Attrs& attrs = {}) {
+// An input with exact values instead of random ones.
+InputSpec exact(Shape shape, std::vector<double> values) {
   InputSpec x = spec(std::move(shape));
   x.values = std::move(values);
-  return Sample{std::move(label), {x}, attrs};
+  return x;
+}
+
+Sample exact_sample(std::string label, Shape shape, std::vector<double> values,
+                    const Attrs& attrs = {}) {
+  return Sample{std::move(label), {exact(std::move(shape), std::move(values))}, attrs};
 }
 
 std::vector<ErrorSample> unary_errors(const Attrs& attrs = {}) {
@@ -217,12 +221,6 @@ std::vector<ErrorSample> binary_errors() {
   };
 }
 
-InputSpec exact(Shape shape, std::vector<double> values) {
-  InputSpec x = spec(std::move(shape));
-  x.values = std::move(values);
-  return x;
-}
-
 template <class Op>
 void register_comparison(OpRegistry& registry, std::string name, std::string relation,
                          dnnl::algorithm algorithm, dnnl::algorithm swapped, Op op) {
@@ -287,6 +285,64 @@ TensorDesc maxout_output(const ShapeCall& call, const TensorDesc& x) {
   out[axis] = features / pieces;
   return TensorDesc{x.dtype, out};
 }
+
+// x viewed as NCHW [outer, 1, F, inner] (plain row-major x is exactly that layout) and maxout
+// as max pooling with a (pieces x 1) window and stride.
+struct MaxoutPooling {
+  dnnl::memory::desc src_md, dst_md;
+  dnnl::memory::dims window;
+  explicit MaxoutPooling(const MaxoutGeometry& m)
+      : src_md({m.outer, 1, m.features, m.inner}, dnnl::memory::data_type::f32,
+               dnnl::memory::format_tag::nchw),
+        dst_md({m.outer, 1, m.groups, m.inner}, dnnl::memory::data_type::f32,
+               dnnl::memory::format_tag::nchw),
+        window{m.pieces, 1} {}
+  dnnl::pooling_forward::desc forward(dnnl::prop_kind prop_kind) const {
+    return dnnl::pooling_forward::desc(prop_kind, dnnl::algorithm::pooling_max, src_md, dst_md,
+                                       window, window, {0, 0}, {0, 0});
+  }
+};
+
+// maxout_grad on oneDNN: max pooling backward needs the arg-max workspace of a training-mode
+// forward pass, so each run recomputes the forward (into a scratch dst) and then scatters dy.
+// Primitives and scratch memories are created once per plan.
+class MaxoutGradKernel final : public Kernel {
+ public:
+  MaxoutGradKernel(const MaxoutGeometry& m, dnnl::engine& engine) {
+    MaxoutPooling pooling(m);
+    dnnl::pooling_forward::primitive_desc forward_pd(
+        pooling.forward(dnnl::prop_kind::forward_training), engine);
+    dnnl::pooling_backward::primitive_desc backward_pd(
+        dnnl::pooling_backward::desc(dnnl::algorithm::pooling_max, pooling.src_md, pooling.dst_md,
+                                     pooling.window, pooling.window, {0, 0}, {0, 0}),
+        engine, forward_pd);
+    forward_ = dnnl::pooling_forward(forward_pd);
+    backward_ = dnnl::pooling_backward(backward_pd);
+    src_mem_ = dnnl::memory(pooling.src_md, engine, nullptr);
+    diff_src_mem_ = dnnl::memory(pooling.src_md, engine, nullptr);
+    diff_dst_mem_ = dnnl::memory(pooling.dst_md, engine, nullptr);
+    dst_scratch_mem_ = dnnl::memory(forward_pd.dst_desc(), engine);
+    workspace_mem_ = dnnl::memory(forward_pd.workspace_desc(), engine);
+  }
+
+  void run(const KernelCall& call) override {
+    diff_dst_mem_.set_data_handle(const_cast<void*>(call.inputs[0].raw()));
+    src_mem_.set_data_handle(const_cast<void*>(call.inputs[1].raw()));
+    diff_src_mem_.set_data_handle(call.outputs[0].raw());
+    dnnl::stream& stream = *call.context.stream;
+    forward_.execute(stream, {{DNNL_ARG_SRC, src_mem_},
+                              {DNNL_ARG_DST, dst_scratch_mem_},
+                              {DNNL_ARG_WORKSPACE, workspace_mem_}});
+    backward_.execute(stream, {{DNNL_ARG_DIFF_DST, diff_dst_mem_},
+                               {DNNL_ARG_WORKSPACE, workspace_mem_},
+                               {DNNL_ARG_DIFF_SRC, diff_src_mem_}});
+  }
+
+ private:
+  dnnl::pooling_forward forward_;
+  dnnl::pooling_backward backward_;
+  dnnl::memory src_mem_, diff_src_mem_, diff_dst_mem_, dst_scratch_mem_, workspace_mem_;
+};
 
 // Index (within its group) of the first maximum of group j at (o, i).
 template <class T>
@@ -398,23 +454,15 @@ void register_maxout(OpRegistry& registry) {
         }
       });
     };
-    // Max pooling over x viewed as NCHW [outer, 1, F, inner] with a (pieces x 1) window and
-    // stride: plain row-major x is exactly that layout, so no reorder is needed.
     def.onednn = [](const KernelBuild& build) -> std::unique_ptr<Kernel> {
       if (build.inputs[0].dtype != DType::f32 || build.outputs[0].numel() == 0) return nullptr;
-      const MaxoutGeometry m = maxout_geometry(build.inputs[0].shape, build.node.attrs);
-      using tag = dnnl::memory::format_tag;
-      const auto f32 = dnnl::memory::data_type::f32;
-      dnnl::memory::desc src_md({m.outer, 1, m.features, m.inner}, f32, tag::nchw);
-      dnnl::memory::desc dst_md({m.outer, 1, m.groups, m.inner}, f32, tag::nchw);
-      dnnl::pooling_forward::primitive_desc pd(
-          dnnl::pooling_forward::desc(dnnl::prop_kind::forward_inference, A::pooling_max, src_md,
-                                      dst_md, {m.pieces, 1}, {m.pieces, 1}, {0, 0}, {0, 0}),
-          build.engine);
+      MaxoutPooling pooling(maxout_geometry(build.inputs[0].shape, build.node.attrs));
+      dnnl::pooling_forward::primitive_desc pd(pooling.forward(dnnl::prop_kind::forward_inference),
+                                               build.engine);
       return std::make_unique<PrimitiveKernel>(
           dnnl::pooling_forward(pd),
-          std::vector<PrimitiveArg>{input_arg(DNNL_ARG_SRC, 0, src_md),
-                                    output_arg(DNNL_ARG_DST, 0, dst_md)});
+          std::vector<PrimitiveArg>{input_arg(DNNL_ARG_SRC, 0, pooling.src_md),
+                                    output_arg(DNNL_ARG_DST, 0, pooling.dst_md)});
     };
     def.samples = maxout_samples;
     def.error_samples = [] { return maxout_errors(false); };
@@ -484,6 +532,11 @@ void register_maxout(OpRegistry& registry) {
         samples.push_back(std::move(s));
       }
       return samples;
+    };
+    def.onednn = [](const KernelBuild& build) -> std::unique_ptr<Kernel> {
+      if (build.inputs[1].dtype != DType::f32 || build.inputs[0].numel() == 0) return nullptr;
+      return std::make_unique<MaxoutGradKernel>(
+          maxout_geometry(build.inputs[1].shape, build.node.attrs), build.engine);
     };
     def.error_samples = [] { return maxout_errors(true); };
     registry.add(std::move(def));
@@ -563,6 +616,10 @@ void register_where(OpRegistry& registry) {
          {InputSpec{{2}, DType::i32}, InputSpec{{2}, DType::i32}, InputSpec{{2}, DType::i32}},
          {},
          "must be f32 or f64"},
+        {"cond of another floating dtype",
+         {InputSpec{{2}, DType::f64}, InputSpec{{2}, DType::f32}, InputSpec{{2}, DType::f32}},
+         {},
+         "must be i32 or of a's dtype"},
         {"values of different dtypes",
          {spec({2}), InputSpec{{2}, DType::f32}, InputSpec{{2}, DType::f64}},
          {},

@@ -211,13 +211,17 @@ TEST(Maxout, RefusesFeaturesNotDivisibleByPieces) {
 
 TEST(MaxoutGrad, SendsTiesToTheFirstArgMax) {
   Graph g;
-  Value dy = g.input("dy", {2});
-  Value x = g.input("x", {4});
-  Value dx = maxout_grad(dy, x, 2, 0);
-  expect_values(
-      evaluate(g, dx, {{dy, Tensor::from({3, 4}, {2})}, {x, Tensor::from({2, 2, 1, 7}, {4})}},
-               Backend::reference),
-      {3, 0, 0, 4}, 0, "maxout_grad");
+  Value dy = g.input("dy", {2, 2});
+  Value x = g.input("x", {2, 4});
+  Value dx = maxout_grad(dy, x, 2, 1);
+  Feeds feeds{{dy, Tensor::from({3, 4, 5, 6}, {2, 2})},
+              {x, Tensor::from({2, 2, 1, 7,  //
+                                -1, -1, 0, 0},
+                               {2, 4})}};
+  for (Backend backend : both_backends) {
+    expect_values(evaluate(g, dx, feeds, backend), {3, 0, 0, 4, 5, 0, 6, 0}, 0,
+                  "maxout_grad " + backend_name(backend));
+  }
 }
 
 // Runs a binary op on (a, b) in f32 on both backends and in f64 on the reference.
