@@ -397,5 +397,79 @@ TEST(SparseCrossEntropy, GradientIsSoftmaxMinusOneHotOverN) {
   for (std::size_t i = 0; i < expected.size(); ++i) EXPECT_NEAR(values[i], expected[i], 1e-12) << i;
 }
 
+// ---- the primitives the losses are built on: known answers and kink choices ----------------
+
+TEST(LossBuildingBlocks, SoftmaxAndLogSoftmaxMatchKnownValuesAndSurviveHugeLogits) {
+  for (Backend backend : {Backend::onednn, Backend::reference}) {
+    Graph g;
+    Value x = g.input("x", {2, 3});
+    Feeds feeds{{x, tensor({1, 2, 3, 1000, 0, -1000}, {2, 3})}};
+    auto probabilities = run(g, softmax(x), feeds, backend);
+    auto log_probabilities = run(g, log_softmax(x), feeds, backend);
+    const double total = std::exp(1) + std::exp(2) + std::exp(3);
+    for (int c = 0; c < 3; ++c) {
+      EXPECT_NEAR(probabilities[static_cast<std::size_t>(c)], std::exp(c + 1) / total, 1e-6);
+      EXPECT_NEAR(log_probabilities[static_cast<std::size_t>(c)], (c + 1) - std::log(total), 1e-5);
+    }
+    EXPECT_NEAR(probabilities[3], 1.0, 1e-6);
+    EXPECT_NEAR(probabilities[5], 0.0, 1e-6);
+    EXPECT_NEAR(log_probabilities[3], 0.0, 1e-5);
+    EXPECT_NEAR(log_probabilities[4], -1000.0, 1e-2);
+  }
+}
+
+TEST(LossBuildingBlocks, SoftmaxAlongTheFirstAxisNormalisesColumns) {
+  Graph g;
+  Value x = g.input("x", {2, 2});
+  auto values = run(g, softmax(x, 0), {{x, tensor({0, 5, 0, 5}, {2, 2})}});
+  for (double v : values) EXPECT_NEAR(v, 0.5, 1e-6);
+}
+
+TEST(LossBuildingBlocks, MatmulMatchesKnownProducts) {
+  for (Backend backend : {Backend::onednn, Backend::reference}) {
+    Graph g;
+    Value a = g.input("a", {2, 2, 3});
+    Value b = g.input("b", {3, 2});
+    // Batch 0: [[1,2,3],[4,5,6]]; batch 1: the identity's first two rows.
+    Feeds feeds{{a, tensor({1, 2, 3, 4, 5, 6, 1, 0, 0, 0, 1, 0}, {2, 2, 3})},
+                {b, tensor({1, 2, 3, 4, 5, 6}, {3, 2})}};
+    auto values = run(g, matmul(a, b), feeds, backend);
+    const std::vector<double> expected{22, 28, 49, 64, 1, 2, 3, 4};
+    ASSERT_EQ(values.size(), expected.size());
+    for (std::size_t i = 0; i < expected.size(); ++i)
+      EXPECT_NEAR(values[i], expected[i], 1e-5) << i;
+  }
+}
+
+TEST(LossBuildingBlocks, MatmulGradientOfABroadcastOperandSumsOverTheBatch) {
+  Graph g;
+  Value a = g.input("a", {2, 1, 2}, DType::f64);
+  Value b = g.input("b", {2, 1}, DType::f64);
+  Value db = grad(sum(matmul(a, b)), {b})[0];
+  auto values = run(
+      g, db,
+      {{a, tensor({1, 2, 3, 4}, {2, 1, 2}, DType::f64)}, {b, tensor({0, 0}, {2, 1}, DType::f64)}});
+  ASSERT_EQ(values.size(), 2u);
+  EXPECT_DOUBLE_EQ(values[0], 1 + 3);
+  EXPECT_DOUBLE_EQ(values[1], 2 + 4);
+}
+
+TEST(LossBuildingBlocks, AbsSignAndClipUseTheDocumentedSubgradients) {
+  Graph g;
+  Value x = g.input("x", {5}, DType::f64);
+  // abs: sign(x), 0 at 0. clip to [-1, 1]: 1 strictly inside, 0 at and beyond the bounds.
+  Value d_abs = grad(sum(abs(x)), {x})[0];
+  Value d_clip = grad(sum(clip(x, -1, 1)), {x})[0];
+  Feeds feeds{{x, tensor({-2, -1, 0, 0.5, 1}, {5}, DType::f64)}};
+  const std::vector<double> expected_abs{-1, -1, 0, 1, 1};
+  const std::vector<double> expected_clip{0, 0, 1, 1, 0};
+  EXPECT_EQ(run(g, d_abs, feeds), expected_abs);
+  EXPECT_EQ(run(g, d_clip, feeds), expected_clip);
+  const std::vector<double> expected_sign{-1, -1, 0, 1, 1};
+  EXPECT_EQ(run(g, sign(x), feeds), expected_sign);
+  const std::vector<double> expected_clipped{-1, -1, 0, 0.5, 1};
+  EXPECT_EQ(run(g, clip(x, -1, 1), feeds), expected_clipped);
+}
+
 }  // namespace
 }  // namespace dagrad
