@@ -85,6 +85,11 @@ std::unique_ptr<Kernel> matmul_onednn(const KernelBuild& build) {
   if (build.outputs[0].dtype != DType::f32) return nullptr;
   const int rank = build.outputs[0].shape.rank();
   if (rank > DNNL_MAX_NDIMS) return nullptr;
+  // Empty operands (a zero size anywhere, including k = 0 whose product is all zeros) are
+  // left to the reference loop.
+  for (const TensorDesc& desc : {build.inputs[0], build.inputs[1], build.outputs[0]}) {
+    if (desc.numel() == 0) return nullptr;
+  }
   auto src_md = plain_md(padded(build.inputs[0].shape, rank), DType::f32);
   auto weights_md = plain_md(padded(build.inputs[1].shape, rank), DType::f32);
   auto dst_md = plain_md(build.outputs[0]);

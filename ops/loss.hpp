@@ -13,7 +13,9 @@
 //     axis (the last) for the categorical cross-entropies.
 //   - `weights` (optional) has shape [N]: one weight per example.
 //   - Probabilities are clamped to [ε, 1] with ε = 1e-7 before a log (clip, so no NaN or
-//     infinity for p = 0 or p < 0; the gradient is 0 where the clamp is active).
+//     infinity for p = 0 or p < 0). The gradient is clip's: 0 where the clamp is active and
+//     at the bounds themselves (so also at p = 1 exactly). Prefer the *_with_logits losses
+//     for training: they need no clamp.
 // Losses are composites of registered ops, so their gradients come from those ops.
 #pragma once
 

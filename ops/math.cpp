@@ -41,7 +41,7 @@ ReferenceFn unary_reference(Op op) {
 KernelFactory eltwise_onednn(dnnl::algorithm algorithm, std::string alpha_attr = "",
                              std::string beta_attr = "") {
   return [=](const KernelBuild& build) -> std::unique_ptr<Kernel> {
-    if (build.inputs[0].dtype != DType::f32) return nullptr;
+    if (build.inputs[0].dtype != DType::f32 || build.inputs[0].numel() == 0) return nullptr;
     const Attrs& attrs = build.node.attrs;
     const float alpha = alpha_attr.empty() ? 0.f : static_cast<float>(attrs.real(alpha_attr));
     const float beta = beta_attr.empty() ? 0.f : static_cast<float>(attrs.real(beta_attr));
@@ -205,7 +205,7 @@ void register_clip_grad(OpRegistry& registry) {
   };
   // eltwise_clip_v2's backward passes dd exactly where alpha < s < beta, as clip_grad does.
   def.onednn = [](const KernelBuild& build) -> std::unique_ptr<Kernel> {
-    if (build.inputs[0].dtype != DType::f32) return nullptr;
+    if (build.inputs[0].dtype != DType::f32 || build.inputs[0].numel() == 0) return nullptr;
     const auto low = static_cast<float>(build.node.attrs.real("low"));
     const auto high = static_cast<float>(build.node.attrs.real("high"));
     auto md = plain_md(build.inputs[0]);

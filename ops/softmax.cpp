@@ -74,7 +74,7 @@ ReferenceFn softmax_reference(bool log_output) {
 template <class Primitive>
 KernelFactory softmax_onednn() {
   return [](const KernelBuild& build) -> std::unique_ptr<Kernel> {
-    if (build.inputs[0].dtype != DType::f32) return nullptr;
+    if (build.inputs[0].dtype != DType::f32 || build.inputs[0].numel() == 0) return nullptr;
     const int axis = normalize_axis(build.node.attrs.integer("axis"), build.inputs[0].shape.rank(),
                                     build.node.op);
     auto md = plain_md(build.inputs[0]);
