@@ -9,6 +9,7 @@
 
 #include <algorithm>
 #include <cmath>
+#include <filesystem>
 #include <type_traits>
 
 #include "ops/common.hpp"
@@ -270,6 +271,11 @@ std::vector<Window> piece_windows(std::span<const TensorDesc> pieces, const Shap
   return windows;
 }
 
+// The steps of a slice attribute set (absent: all 1, like an empty list).
+Dims steps_of(const Attrs& attrs) {
+  return attrs.has("steps") ? attrs.integers("steps") : Dims{};
+}
+
 Attrs slice_attrs(Dims starts, Dims ends, Dims steps) {
   return {{"starts", std::move(starts)}, {"ends", std::move(ends)}, {"steps", std::move(steps)}};
 }
@@ -484,7 +490,7 @@ void register_slice(OpRegistry& registry) {
   def.backward = [](const BackwardCall& c) -> std::vector<std::optional<Value>> {
     const Attrs& a = c.attrs();
     return {slice_grad(c.grad(), c.inputs[0].shape(), a.integers("starts"), a.integers("ends"),
-                       a.integers("steps"))};
+                       steps_of(a))};
   };
   def.second_order = true;
   WindowFn windows_of = [](auto inputs, auto, const Attrs& attrs) {
@@ -500,7 +506,10 @@ void register_slice(OpRegistry& registry) {
          slice_attrs({-4, 1}, {slice_to_end, -1}, {2, 1})},
         {"reversed rows", {spec({4, 3})}, slice_attrs({3, 0}, {slice_to_end, 3}, {-1, 1})},
         {"leading axis only", {spec({3, 4, 2})}, slice_attrs({1}, {3}, {})},
-        {"step past the end", {spec({7})}, slice_attrs({0}, {7}, {3})}};
+        {"step past the end", {spec({7})}, slice_attrs({0}, {7}, {3})},
+        {"integers",
+         {InputSpec{{3, 4}, DType::i32, -9, 9, 0, false}},
+         slice_attrs({1, -3}, {3, slice_to_end}, {1, 2})}};
   };
   def.error_samples = [] {
     return std::vector<ErrorSample>{
@@ -536,7 +545,7 @@ void register_slice_grad(OpRegistry& registry) {
   };
   def.backward = [](const BackwardCall& c) -> std::vector<std::optional<Value>> {
     const Attrs& a = c.attrs();
-    return {slice(c.grad(), a.integers("starts"), a.integers("ends"), a.integers("steps"))};
+    return {slice(c.grad(), a.integers("starts"), a.integers("ends"), steps_of(a))};
   };
   def.second_order = true;
   WindowFn windows_of = [](auto, auto outputs, const Attrs& attrs) {
@@ -617,7 +626,10 @@ void register_pad(OpRegistry& registry) {
         {"value", {spec({3})}, {{"before", Dims{2}}, {"after", Dims{0}}, {"value", 1.5}}},
         {"rank 3",
          {spec({1, 2, 2})},
-         {{"before", Dims{0, 1, 1}}, {"after", Dims{1, 0, 1}}, {"value", -1.0}}}};
+         {{"before", Dims{0, 1, 1}}, {"after", Dims{1, 0, 1}}, {"value", -1.0}}},
+        {"integers",
+         {InputSpec{{2, 2}, DType::i32, -9, 9, 0, false}},
+         {{"before", Dims{1, 0}}, {"after", Dims{0, 2}}, {"value", 7.0}}}};
   };
   def.error_samples = [] {
     return std::vector<ErrorSample>{{"negative padding",
@@ -768,7 +780,8 @@ void register_argmax(OpRegistry& registry) {
 }
 
 std::string value_site(std::string_view op, const Value& x, const std::source_location& where) {
-  return fmt::format("{} of \"{}\" (built at {}:{})", op, x.str(), where.file_name(), where.line());
+  return fmt::format("{} of \"{}\" (built at {}:{})", op, x.str(),
+                     std::filesystem::path(where.file_name()).filename().string(), where.line());
 }
 
 }  // namespace
