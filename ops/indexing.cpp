@@ -132,12 +132,13 @@ class WindowReorderKernel final : public Kernel {
   std::vector<dnnl::memory> sources_, destinations_;
 };
 
-// Scalars and negative strides (reversed slices) are left to the reference kernel.
+// Scalars, empty windows and negative strides (reversed slices) are left to the reference
+// kernel.
 KernelFactory window_onednn(WindowFn windows_of) {
   return [windows_of](const KernelBuild& build) -> std::unique_ptr<Kernel> {
     WindowCopy copy = windows_of(build.inputs, build.outputs, build.node.attrs);
     for (const Window& w : copy.windows) {
-      if (w.dims.rank() == 0) return nullptr;
+      if (w.dims.rank() == 0 || w.dims.numel() == 0) return nullptr;
       if (std::any_of(w.strides.begin(), w.strides.end(), [](auto s) { return s < 0; }))
         return nullptr;
     }
@@ -359,6 +360,9 @@ void register_concat(OpRegistry& registry) {
                       piece_windows(inputs, joined, axis_of(attrs, joined.rank()))};
   });
   def.onednn = [](const KernelBuild& build) -> std::unique_ptr<Kernel> {
+    for (const auto& in : build.inputs) {
+      if (in.numel() == 0) return nullptr;  // empty pieces: the reference kernel
+    }
     const auto dst_md = plain_md(build.outputs[0]);
     std::vector<dnnl::memory::desc> src_mds;
     std::vector<PrimitiveArg> args;

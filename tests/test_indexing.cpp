@@ -57,6 +57,15 @@ TEST(Concat, JoinsIntegers) {
   EXPECT_EQ(evaluate(g, joined), (std::vector<double>{1, -2, 3, 1, -2}));
 }
 
+TEST(Concat, AcceptsAnEmptyPiece) {
+  Graph g;
+  Value empty = g.constant(Tensor(Shape({2, 0}), DType::f32));
+  Value b = g.constant(Tensor::from({1, 2, 3, 4}, {2, 2}));
+  Value joined = concat({empty, b}, 1);
+  EXPECT_EQ(joined.shape(), Shape({2, 2}));
+  EXPECT_EQ(evaluate(g, joined), (std::vector<double>{1, 2, 3, 4}));
+}
+
 TEST(Concat, MismatchedShapesNameBoth) {
   Graph g;
   Value a = g.input("a", {2, 3});
