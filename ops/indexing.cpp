@@ -63,15 +63,16 @@ ReferenceFn window_reference(WindowFn windows_of) {
     const WindowCopy copy = windows_of(in, out, call.attrs());
     dispatch_any(call.outputs[0].dtype(), [&](auto zero) {
       using T = decltype(zero);
+      if (copy.scatter && copy.fill_first) {
+        auto dst = call.outputs[0].span<T>();
+        std::fill(dst.begin(), dst.end(), static_cast<T>(copy.fill));
+      }
       for (std::size_t k = 0; k < copy.windows.size(); ++k) {
         const Window& w = copy.windows[k];
         BroadcastIndex index(w.dims, w.strides);
         const std::int64_t n = w.dims.numel();
         if (copy.scatter) {
           T* big = call.outputs[0].data<T>();
-          if (k == 0 && copy.fill_first) {
-            std::fill(big, big + call.outputs[0].numel(), static_cast<T>(copy.fill));
-          }
           const T* small = call.inputs[k].data<T>();
           for (std::int64_t i = 0; i < n; ++i, index.next())
             big[w.offset + index.offset()] = small[i];
