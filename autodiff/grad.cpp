@@ -70,7 +70,9 @@ std::vector<Value> grad(const Value& loss, const std::vector<Value>& wrt, std::o
   for (NodeId id : order) {
     const Node& n = g.node(id);
     for (const auto& v : n.inputs) {
-      if (active[v.node_id()] && is_floating(v.dtype())) active[id] = 1;
+      // Integer values computed from a wrt value (argmax) stay on the path, so that an op
+      // without a gradient on it is refused below rather than yielding a silent zero.
+      if (active[v.node_id()]) active[id] = 1;
     }
   }
 
@@ -106,17 +108,30 @@ std::vector<Value> grad(const Value& loss, const std::vector<Value>& wrt, std::o
     if (!any) continue;
     std::vector<bool> needs(n.inputs.size());
     bool needed = false;
+    std::string integer_origin;  // an active integer input made by an op without a gradient
     for (std::size_t i = 0; i < n.inputs.size(); ++i) {
-      needs[i] = active[n.inputs[i].node_id()] && is_floating(n.inputs[i].dtype());
+      const Value& in = n.inputs[i];
+      needs[i] = active[in.node_id()] && is_floating(in.dtype());
       needed = needed || needs[i];
+      const Node& producer = g.node(in.node_id());
+      if (active[in.node_id()] && !is_floating(in.dtype()) && integer_origin.empty() &&
+          producer.kind == NodeKind::op && !producer.def->backward) {
+        integer_origin = fmt::format(" (its input {} is {}, computed by {}: {})", i, in.desc(),
+                                     producer.site(),
+                                     producer.def->no_gradient.empty() ? "it has no gradient"
+                                                                       : producer.def->no_gradient);
+      }
     }
-    if (!needed) continue;
+    // The node is active, so an input is on the path: an op without a gradient is refused
+    // even when that input is an integer (its floating inputs, if any, need no gradient).
     if (!n.def->backward) {
       throw GraphError(fmt::format(
-          "grad: cannot differentiate through {}: {}. Wrap its input in stop_gradient() if no "
+          "grad: cannot differentiate through {}: {}{}. Wrap its output in stop_gradient() if no "
           "gradient should flow there",
-          n.site(), n.def->no_gradient.empty() ? "the op has no gradient" : n.def->no_gradient));
+          n.site(), n.def->no_gradient.empty() ? "the op has no gradient" : n.def->no_gradient,
+          integer_origin));
     }
+    if (!needed) continue;
     std::vector<Value> outputs;
     for (std::size_t k = 0; k < n.outputs.size(); ++k) outputs.emplace_back(&g, n.id, static_cast<int>(k));
     BackwardCall call{n, g, n.inputs, outputs, output_grads, needs};

@@ -9,6 +9,7 @@
 
 #include <algorithm>
 #include <cmath>
+#include <filesystem>
 #include <type_traits>
 
 #include "ops/common.hpp"
@@ -62,15 +63,16 @@ ReferenceFn window_reference(WindowFn windows_of) {
     const WindowCopy copy = windows_of(in, out, call.attrs());
     dispatch_any(call.outputs[0].dtype(), [&](auto zero) {
       using T = decltype(zero);
+      if (copy.scatter && copy.fill_first) {
+        auto dst = call.outputs[0].span<T>();
+        std::fill(dst.begin(), dst.end(), static_cast<T>(copy.fill));
+      }
       for (std::size_t k = 0; k < copy.windows.size(); ++k) {
         const Window& w = copy.windows[k];
         BroadcastIndex index(w.dims, w.strides);
         const std::int64_t n = w.dims.numel();
         if (copy.scatter) {
           T* big = call.outputs[0].data<T>();
-          if (k == 0 && copy.fill_first) {
-            std::fill(big, big + call.outputs[0].numel(), static_cast<T>(copy.fill));
-          }
           const T* small = call.inputs[k].data<T>();
           for (std::int64_t i = 0; i < n; ++i, index.next())
             big[w.offset + index.offset()] = small[i];
@@ -131,12 +133,13 @@ class WindowReorderKernel final : public Kernel {
   std::vector<dnnl::memory> sources_, destinations_;
 };
 
-// Scalars and negative strides (reversed slices) are left to the reference kernel.
+// Scalars, empty windows and negative strides (reversed slices) are left to the reference
+// kernel.
 KernelFactory window_onednn(WindowFn windows_of) {
   return [windows_of](const KernelBuild& build) -> std::unique_ptr<Kernel> {
     WindowCopy copy = windows_of(build.inputs, build.outputs, build.node.attrs);
     for (const Window& w : copy.windows) {
-      if (w.dims.rank() == 0) return nullptr;
+      if (w.dims.rank() == 0 || w.dims.numel() == 0) return nullptr;
       if (std::any_of(w.strides.begin(), w.strides.end(), [](auto s) { return s < 0; }))
         return nullptr;
     }
@@ -270,6 +273,11 @@ std::vector<Window> piece_windows(std::span<const TensorDesc> pieces, const Shap
   return windows;
 }
 
+// The steps of a slice attribute set (absent: all 1, like an empty list).
+Dims steps_of(const Attrs& attrs) {
+  return attrs.has("steps") ? attrs.integers("steps") : Dims{};
+}
+
 Attrs slice_attrs(Dims starts, Dims ends, Dims steps) {
   return {{"starts", std::move(starts)}, {"ends", std::move(ends)}, {"steps", std::move(steps)}};
 }
@@ -353,6 +361,9 @@ void register_concat(OpRegistry& registry) {
                       piece_windows(inputs, joined, axis_of(attrs, joined.rank()))};
   });
   def.onednn = [](const KernelBuild& build) -> std::unique_ptr<Kernel> {
+    for (const auto& in : build.inputs) {
+      if (in.numel() == 0) return nullptr;  // empty pieces: the reference kernel
+    }
     const auto dst_md = plain_md(build.outputs[0]);
     std::vector<dnnl::memory::desc> src_mds;
     std::vector<PrimitiveArg> args;
@@ -484,7 +495,7 @@ void register_slice(OpRegistry& registry) {
   def.backward = [](const BackwardCall& c) -> std::vector<std::optional<Value>> {
     const Attrs& a = c.attrs();
     return {slice_grad(c.grad(), c.inputs[0].shape(), a.integers("starts"), a.integers("ends"),
-                       a.integers("steps"))};
+                       steps_of(a))};
   };
   def.second_order = true;
   WindowFn windows_of = [](auto inputs, auto, const Attrs& attrs) {
@@ -500,7 +511,10 @@ void register_slice(OpRegistry& registry) {
          slice_attrs({-4, 1}, {slice_to_end, -1}, {2, 1})},
         {"reversed rows", {spec({4, 3})}, slice_attrs({3, 0}, {slice_to_end, 3}, {-1, 1})},
         {"leading axis only", {spec({3, 4, 2})}, slice_attrs({1}, {3}, {})},
-        {"step past the end", {spec({7})}, slice_attrs({0}, {7}, {3})}};
+        {"step past the end", {spec({7})}, slice_attrs({0}, {7}, {3})},
+        {"integers",
+         {InputSpec{{3, 4}, DType::i32, -9, 9, 0, false}},
+         slice_attrs({1, -3}, {3, slice_to_end}, {1, 2})}};
   };
   def.error_samples = [] {
     return std::vector<ErrorSample>{
@@ -536,7 +550,7 @@ void register_slice_grad(OpRegistry& registry) {
   };
   def.backward = [](const BackwardCall& c) -> std::vector<std::optional<Value>> {
     const Attrs& a = c.attrs();
-    return {slice(c.grad(), a.integers("starts"), a.integers("ends"), a.integers("steps"))};
+    return {slice(c.grad(), a.integers("starts"), a.integers("ends"), steps_of(a))};
   };
   def.second_order = true;
   WindowFn windows_of = [](auto, auto outputs, const Attrs& attrs) {
@@ -617,7 +631,10 @@ void register_pad(OpRegistry& registry) {
         {"value", {spec({3})}, {{"before", Dims{2}}, {"after", Dims{0}}, {"value", 1.5}}},
         {"rank 3",
          {spec({1, 2, 2})},
-         {{"before", Dims{0, 1, 1}}, {"after", Dims{1, 0, 1}}, {"value", -1.0}}}};
+         {{"before", Dims{0, 1, 1}}, {"after", Dims{1, 0, 1}}, {"value", -1.0}}},
+        {"integers",
+         {InputSpec{{2, 2}, DType::i32, -9, 9, 0, false}},
+         {{"before", Dims{1, 0}}, {"after", Dims{0, 2}}, {"value", 7.0}}}};
   };
   def.error_samples = [] {
     return std::vector<ErrorSample>{{"negative padding",
@@ -768,7 +785,8 @@ void register_argmax(OpRegistry& registry) {
 }
 
 std::string value_site(std::string_view op, const Value& x, const std::source_location& where) {
-  return fmt::format("{} of \"{}\" (built at {}:{})", op, x.str(), where.file_name(), where.line());
+  return fmt::format("{} of \"{}\" (built at {}:{})", op, x.str(),
+                     std::filesystem::path(where.file_name()).filename().string(), where.line());
 }
 
 }  // namespace
