@@ -8,6 +8,7 @@
 #include <limits>
 #include <numeric>
 #include <random>
+#include <unordered_map>
 
 #include "ops/common.hpp"
 #include "ops/reduction.hpp"
@@ -165,13 +166,17 @@ void store(Tensor& out, const std::vector<double>& acc) {
 
 // ---- oneDNN convolution -------------------------------------------------------------------
 
+// Plain (row-major) descriptors of the node's tensors, and `any` descriptors of the same
+// dims with which oneDNN picks its preferred (blocked) layouts.
 struct ConvDescs {
   dnnl::memory::desc src, weights, dst;
+  dnnl::memory::desc src_any, weights_any, dst_any;
   dnnl::memory::dims strides, dilates, padding;
 };
 
 ConvDescs conv_descs(const ConvGeometry& g) {
   using dims = dnnl::memory::dims;
+  using tag = dnnl::memory::format_tag;
   ConvDescs d;
   d.src = plain_md(Shape{g.N, g.C, g.H, g.W}, DType::f32);
   d.dst = plain_md(Shape{g.N, g.O, g.OH, g.OW}, DType::f32);
@@ -179,11 +184,64 @@ ConvDescs conv_descs(const ConvGeometry& g) {
   d.weights =
       g.G == 1 ? plain_md(Shape{g.O, g.C, g.KH, g.KW}, DType::f32)
                : plain_md(Shape{g.G, g.out_per_group(), g.in_per_group(), g.KH, g.KW}, DType::f32);
+  const auto f32 = dnnl::memory::data_type::f32;
+  d.src_any = dnnl::memory::desc(d.src.dims(), f32, tag::any);
+  d.weights_any = dnnl::memory::desc(d.weights.dims(), f32, tag::any);
+  d.dst_any = dnnl::memory::desc(d.dst.dims(), f32, tag::any);
   d.strides = dims{g.stride[0], g.stride[1]};
   d.dilates = dims{g.dilation[0] - 1, g.dilation[1] - 1};  // oneDNN counts dilation from 0
   d.padding = dims{g.padding[0], g.padding[1]};
   return d;
 }
+
+// A primitive created with `any` layouts, run on the node's plain tensors: each argument whose
+// chosen layout differs from plain gets an internal buffer and a reorder (before the primitive
+// for inputs, after it for outputs). Primitives, buffers and reorders are created once.
+class ReorderingKernel final : public Kernel {
+ public:
+  ReorderingKernel(dnnl::primitive primitive, const dnnl::primitive_desc& pd,
+                   const std::vector<PrimitiveArg>& args, dnnl::engine& engine)
+      : primitive_(std::move(primitive)) {
+    for (const PrimitiveArg& a : args) {
+      Slot slot{a.arg, a.output, a.index, dnnl::memory(a.md, engine, nullptr), {}, {}};
+      const dnnl::memory::desc chosen = pd.query_md(dnnl::query::exec_arg_md, a.arg);
+      if (chosen != a.md) {
+        slot.internal = dnnl::memory(chosen, engine);
+        slot.reorder = a.output ? dnnl::reorder(slot.internal, slot.user)
+                                : dnnl::reorder(slot.user, slot.internal);
+      }
+      args_[a.arg] = slot.internal ? slot.internal : slot.user;
+      slots_.push_back(std::move(slot));
+    }
+  }
+
+  void run(const KernelCall& call) override {
+    dnnl::stream& stream = *call.context.stream;
+    for (Slot& slot : slots_) {
+      const Tensor& t = slot.output ? call.outputs[static_cast<std::size_t>(slot.index)]
+                                    : call.inputs[static_cast<std::size_t>(slot.index)];
+      slot.user.set_data_handle(const_cast<void*>(t.raw()));
+      if (!slot.output && slot.reorder) slot.reorder.execute(stream, slot.user, slot.internal);
+    }
+    primitive_.execute(stream, args_);
+    for (Slot& slot : slots_) {
+      if (slot.output && slot.reorder) slot.reorder.execute(stream, slot.internal, slot.user);
+    }
+  }
+
+ private:
+  struct Slot {
+    int arg;
+    bool output;
+    int index;
+    dnnl::memory user;      // the node's plain tensor (handle set each run)
+    dnnl::memory internal;  // empty when the primitive uses the plain layout
+    dnnl::reorder reorder;
+  };
+  dnnl::primitive primitive_;
+  std::vector<Slot> slots_;
+  std::unordered_map<int, dnnl::memory> args_;
+};
 
 bool all_f32(const KernelBuild& build) {
   for (const auto& d : build.inputs) {
@@ -211,12 +269,17 @@ KernelFactory or_reference(KernelFactory make) {
 dnnl::convolution_forward::primitive_desc conv_forward_hint(const ConvDescs& d,
                                                             dnnl::engine& engine) {
   return dnnl::convolution_forward::primitive_desc(
-      dnnl::convolution_forward::desc(
-          dnnl::prop_kind::forward_training, dnnl::algorithm::convolution_direct, d.src, d.weights,
-          dnnl::memory::desc(), d.dst, d.strides, d.dilates, d.padding, d.padding),
+      dnnl::convolution_forward::desc(dnnl::prop_kind::forward_training,
+                                      dnnl::algorithm::convolution_direct, d.src_any, d.weights_any,
+                                      dnnl::memory::desc(), d.dst_any, d.strides, d.dilates,
+                                      d.padding, d.padding),
       engine);
 }
 
+// Layouts: `any` for every convolution primitive, with reorders from and to the plain tensors
+// inside the kernel. Measured (CPU time per run, batch 64, [64,32,28,28] * [64,32,3,3], pad 1,
+// 1 thread): forward 36 -> 25 ms, data gradient 46 -> 22 ms, weights gradient 57 -> 34 ms; with
+// 2 threads on a loaded machine the plain weights gradient (gemm) took 250 ms against 70 ms.
 std::unique_ptr<Kernel> conv_forward_onednn(const KernelBuild& build) {
   if (!all_f32(build)) return nullptr;
   const ConvGeometry g =
@@ -226,14 +289,14 @@ std::unique_ptr<Kernel> conv_forward_onednn(const KernelBuild& build) {
   const dnnl::memory::desc bias = has_bias ? plain_md(build.inputs[2]) : dnnl::memory::desc();
   dnnl::convolution_forward::primitive_desc pd(
       dnnl::convolution_forward::desc(dnnl::prop_kind::forward_inference,
-                                      dnnl::algorithm::convolution_direct, d.src, d.weights, bias,
-                                      d.dst, d.strides, d.dilates, d.padding, d.padding),
+                                      dnnl::algorithm::convolution_direct, d.src_any, d.weights_any,
+                                      bias, d.dst_any, d.strides, d.dilates, d.padding, d.padding),
       build.engine);
   std::vector<PrimitiveArg> args{input_arg(DNNL_ARG_SRC, 0, d.src),
                                  input_arg(DNNL_ARG_WEIGHTS, 1, d.weights),
                                  output_arg(DNNL_ARG_DST, 0, d.dst)};
   if (has_bias) args.push_back(input_arg(DNNL_ARG_BIAS, 2, bias));
-  return std::make_unique<PrimitiveKernel>(dnnl::convolution_forward(pd), std::move(args));
+  return std::make_unique<ReorderingKernel>(dnnl::convolution_forward(pd), pd, args, build.engine);
 }
 
 std::unique_ptr<Kernel> conv_backward_data_onednn(const KernelBuild& build) {
@@ -242,14 +305,16 @@ std::unique_ptr<Kernel> conv_backward_data_onednn(const KernelBuild& build) {
       conv_geometry(build.node.attrs, build.outputs[0].shape, build.inputs[1].shape);
   const ConvDescs d = conv_descs(g);
   dnnl::convolution_backward_data::primitive_desc pd(
-      dnnl::convolution_backward_data::desc(dnnl::algorithm::convolution_direct, d.src, d.weights,
-                                            d.dst, d.strides, d.dilates, d.padding, d.padding),
+      dnnl::convolution_backward_data::desc(dnnl::algorithm::convolution_direct, d.src_any,
+                                            d.weights_any, d.dst_any, d.strides, d.dilates,
+                                            d.padding, d.padding),
       build.engine, conv_forward_hint(d, build.engine));
-  return std::make_unique<PrimitiveKernel>(
-      dnnl::convolution_backward_data(pd),
+  return std::make_unique<ReorderingKernel>(
+      dnnl::convolution_backward_data(pd), pd,
       std::vector<PrimitiveArg>{input_arg(DNNL_ARG_DIFF_DST, 0, d.dst),
                                 input_arg(DNNL_ARG_WEIGHTS, 1, d.weights),
-                                output_arg(DNNL_ARG_DIFF_SRC, 0, d.src)});
+                                output_arg(DNNL_ARG_DIFF_SRC, 0, d.src)},
+      build.engine);
 }
 
 std::unique_ptr<Kernel> conv_backward_weights_onednn(const KernelBuild& build) {
@@ -258,15 +323,16 @@ std::unique_ptr<Kernel> conv_backward_weights_onednn(const KernelBuild& build) {
       conv_geometry(build.node.attrs, build.inputs[0].shape, build.outputs[0].shape);
   const ConvDescs d = conv_descs(g);
   dnnl::convolution_backward_weights::primitive_desc pd(
-      dnnl::convolution_backward_weights::desc(dnnl::algorithm::convolution_direct, d.src,
-                                               d.weights, d.dst, d.strides, d.dilates, d.padding,
-                                               d.padding),
+      dnnl::convolution_backward_weights::desc(dnnl::algorithm::convolution_direct, d.src_any,
+                                               d.weights_any, d.dst_any, d.strides, d.dilates,
+                                               d.padding, d.padding),
       build.engine, conv_forward_hint(d, build.engine));
-  return std::make_unique<PrimitiveKernel>(
-      dnnl::convolution_backward_weights(pd),
+  return std::make_unique<ReorderingKernel>(
+      dnnl::convolution_backward_weights(pd), pd,
       std::vector<PrimitiveArg>{input_arg(DNNL_ARG_SRC, 0, d.src),
                                 input_arg(DNNL_ARG_DIFF_DST, 1, d.dst),
-                                output_arg(DNNL_ARG_DIFF_WEIGHTS, 0, d.weights)});
+                                output_arg(DNNL_ARG_DIFF_WEIGHTS, 0, d.weights)},
+      build.engine);
 }
 
 // ---- convolution samples ------------------------------------------------------------------
