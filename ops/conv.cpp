@@ -30,18 +30,44 @@ Size2 pair_attr(const Attrs& attrs, const std::string& key) {
   return {v.at(0), v.at(1)};
 }
 
+// Attribute readers for shape rules: a missing or mistyped attribute fails naming the op.
+const Ints& ints_attr(const ShapeCall& call, const std::string& key) {
+  if (!call.attrs.has(key)) call.fail("attribute '{}' is missing", key);
+  try {
+    return call.attrs.integers(key);
+  } catch (const GraphError& e) {
+    call.fail("{}", e.what());
+  }
+}
+
+std::int64_t int_attr(const ShapeCall& call, const std::string& key) {
+  if (!call.attrs.has(key)) call.fail("attribute '{}' is missing", key);
+  try {
+    return call.attrs.integer(key);
+  } catch (const GraphError& e) {
+    call.fail("{}", e.what());
+  }
+}
+
+// Sizes, strides, paddings and dilations above this are refused so that the shape arithmetic
+// cannot overflow.
+constexpr std::int64_t max_window_attr = std::int64_t{1} << 20;
+
 Size2 checked_pair(const ShapeCall& call, const std::string& key, std::int64_t minimum,
                    std::string_view meaning) {
-  const Ints& v = call.attrs.integers(key);
+  const Ints& v = ints_attr(call, key);
   if (v.size() != 2) call.fail("{} must have two values {{height, width}}, got {}", key, Shape(v));
   if (v[0] < minimum || v[1] < minimum) {
     call.fail("{} must be at least {} ({}), got {}", key, minimum, meaning, Shape(v));
+  }
+  if (v[0] > max_window_attr || v[1] > max_window_attr) {
+    call.fail("{} {} is too large (at most {})", key, Shape(v), max_window_attr);
   }
   return {v[0], v[1]};
 }
 
 Shape shape_attr(const ShapeCall& call, const std::string& key) {
-  const Ints& v = call.attrs.integers(key);
+  const Ints& v = ints_attr(call, key);
   if (v.size() != 4) call.fail("{} must have four values [N, C, H, W], got {}", key, Shape(v));
   for (auto d : v) {
     if (d < 0) call.fail("{} {} has a negative size", key, Shape(v));
@@ -100,8 +126,9 @@ Shape check_conv(const ShapeCall& call, const Shape& x, const Shape& w) {
   const Size2 stride = checked_pair(call, "stride", 1, "1 moves the kernel one pixel");
   const Size2 padding = checked_pair(call, "padding", 0, "zeros added on each side");
   const Size2 dilation = checked_pair(call, "dilation", 1, "1 means no dilation");
-  const std::int64_t groups = call.attrs.integer("groups");
+  const std::int64_t groups = int_attr(call, "groups");
   if (groups < 1) call.fail("groups must be at least 1, got {}", groups);
+  if (groups > x[1]) call.fail("{} groups but the input {} has only {} channels", groups, x, x[1]);
   if (x[1] != w[1] * groups) {
     call.fail(
         "input has {} channels but the weights expect {} ({} per group x {} groups; x {}, w {})",
@@ -485,6 +512,18 @@ void register_conv2d(OpRegistry& registry) {
          conv_sample_attrs({1, 1}, {0, 0}, {0, 1}, 1),
          "dilation must be at least 1"},
         {"rank 3 input", {spec({3, 5, 5}), spec({4, 3, 3, 3})}, plain, "must be [N, C, H, W]"},
+        {"missing attributes",
+         {spec({1, 3, 5, 5}), spec({4, 3, 3, 3})},
+         {},
+         "attribute 'stride' is missing"},
+        {"huge padding",
+         {spec({1, 3, 5, 5}), spec({4, 3, 3, 3})},
+         conv_sample_attrs({1, 1}, {std::int64_t{1} << 40, 0}, {1, 1}, 1),
+         "too large"},
+        {"more groups than channels",
+         {spec({1, 3, 5, 5}), spec({4, 1, 3, 3})},
+         conv_sample_attrs({1, 1}, {0, 0}, {1, 1}, 4),
+         "4 groups but the input"},
         {"bias of the wrong size",
          {spec({1, 3, 5, 5}), spec({4, 3, 3, 3}), spec({3})},
          plain,
@@ -581,7 +620,7 @@ void register_conv2d_backward_weights(OpRegistry& registry) {
     if (x.rank() != 4) call.fail("input must be [N, C, H, W], got {}", x);
     if (dy.rank() != 4) call.fail("dy must be [N, O, OH, OW], got {}", dy);
     const Size2 kernel = checked_pair(call, "kernel", 1, "the kernel's height and width");
-    const std::int64_t groups = call.attrs.integer("groups");
+    const std::int64_t groups = int_attr(call, "groups");
     if (groups < 1) call.fail("groups must be at least 1, got {}", groups);
     if (x[1] % groups != 0)
       call.fail("{} input channels are not divisible by {} groups", x[1], groups);
