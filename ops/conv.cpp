@@ -1,12 +1,11 @@
 // conv2d (+ its data and weights gradients), max_pool2d, avg_pool2d (+ their gradients).
 // Layouts: NCHW images, OIHW weights, grouped weights [O, I/G, KH, KW], which is the same
-// memory as oneDNN's goihw [G, O/G, I/G, KH, KW]. Kernels use plain row-major memory
-// descriptors (no blocked layouts yet). Reference kernels accumulate in double.
+// memory as oneDNN's goihw [G, O/G, I/G, KH, KW]. Tensors stay plain row-major between nodes;
+// oneDNN kernels reorder to the blocked layouts their primitives prefer and back (see
+// ReorderingKernel, pool_md). Reference kernels accumulate in double.
 #include "ops/conv.hpp"
 
 #include <algorithm>
-#include <limits>
-#include <numeric>
 #include <random>
 #include <unordered_map>
 
