@@ -401,6 +401,12 @@ std::vector<ConvCase> conv_cases() {
        {3, 2, 2, 3},
        conv_sample_attrs({2, 1}, {1, 0}, {1, 1}, 1),
        true},
+      // Rows and columns 2, 5 and 6 are read by no window: their data gradient must be zero.
+      {"stride 3 skips pixels",
+       {1, 2, 7, 7},
+       {2, 2, 2, 2},
+       conv_sample_attrs({3, 3}, {0, 0}, {1, 1}, 1),
+       true},
       {"depthwise stride 2 dilation 2",
        {1, 3, 7, 7},
        {3, 1, 3, 3},
