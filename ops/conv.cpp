@@ -1,13 +1,13 @@
 // conv2d (+ its data and weights gradients), max_pool2d, avg_pool2d (+ their gradients).
 // Layouts: NCHW images, OIHW weights, grouped weights [O, I/G, KH, KW], which is the same
-// memory as oneDNN's goihw [G, O/G, I/G, KH, KW]. Kernels use plain row-major memory
-// descriptors (no blocked layouts yet). Reference kernels accumulate in double.
+// memory as oneDNN's goihw [G, O/G, I/G, KH, KW]. Tensors stay plain row-major between nodes;
+// oneDNN kernels reorder to the blocked layouts their primitives prefer and back (see
+// ReorderingKernel, pool_md). Reference kernels accumulate in double.
 #include "ops/conv.hpp"
 
 #include <algorithm>
-#include <limits>
-#include <numeric>
 #include <random>
+#include <unordered_map>
 
 #include "ops/common.hpp"
 #include "ops/reduction.hpp"
@@ -29,18 +29,44 @@ Size2 pair_attr(const Attrs& attrs, const std::string& key) {
   return {v.at(0), v.at(1)};
 }
 
+// Attribute readers for shape rules: a missing or mistyped attribute fails naming the op.
+const Ints& ints_attr(const ShapeCall& call, const std::string& key) {
+  if (!call.attrs.has(key)) call.fail("attribute '{}' is missing", key);
+  try {
+    return call.attrs.integers(key);
+  } catch (const GraphError& e) {
+    call.fail("{}", e.what());
+  }
+}
+
+std::int64_t int_attr(const ShapeCall& call, const std::string& key) {
+  if (!call.attrs.has(key)) call.fail("attribute '{}' is missing", key);
+  try {
+    return call.attrs.integer(key);
+  } catch (const GraphError& e) {
+    call.fail("{}", e.what());
+  }
+}
+
+// Sizes, strides, paddings and dilations above this are refused so that the shape arithmetic
+// cannot overflow.
+constexpr std::int64_t max_window_attr = std::int64_t{1} << 20;
+
 Size2 checked_pair(const ShapeCall& call, const std::string& key, std::int64_t minimum,
                    std::string_view meaning) {
-  const Ints& v = call.attrs.integers(key);
+  const Ints& v = ints_attr(call, key);
   if (v.size() != 2) call.fail("{} must have two values {{height, width}}, got {}", key, Shape(v));
   if (v[0] < minimum || v[1] < minimum) {
     call.fail("{} must be at least {} ({}), got {}", key, minimum, meaning, Shape(v));
+  }
+  if (v[0] > max_window_attr || v[1] > max_window_attr) {
+    call.fail("{} {} is too large (at most {})", key, Shape(v), max_window_attr);
   }
   return {v[0], v[1]};
 }
 
 Shape shape_attr(const ShapeCall& call, const std::string& key) {
-  const Ints& v = call.attrs.integers(key);
+  const Ints& v = ints_attr(call, key);
   if (v.size() != 4) call.fail("{} must have four values [N, C, H, W], got {}", key, Shape(v));
   for (auto d : v) {
     if (d < 0) call.fail("{} {} has a negative size", key, Shape(v));
@@ -99,8 +125,9 @@ Shape check_conv(const ShapeCall& call, const Shape& x, const Shape& w) {
   const Size2 stride = checked_pair(call, "stride", 1, "1 moves the kernel one pixel");
   const Size2 padding = checked_pair(call, "padding", 0, "zeros added on each side");
   const Size2 dilation = checked_pair(call, "dilation", 1, "1 means no dilation");
-  const std::int64_t groups = call.attrs.integer("groups");
+  const std::int64_t groups = int_attr(call, "groups");
   if (groups < 1) call.fail("groups must be at least 1, got {}", groups);
+  if (groups > x[1]) call.fail("{} groups but the input {} has only {} channels", groups, x, x[1]);
   if (x[1] != w[1] * groups) {
     call.fail(
         "input has {} channels but the weights expect {} ({} per group x {} groups; x {}, w {})",
@@ -165,13 +192,17 @@ void store(Tensor& out, const std::vector<double>& acc) {
 
 // ---- oneDNN convolution -------------------------------------------------------------------
 
+// Plain (row-major) descriptors of the node's tensors, and `any` descriptors of the same
+// dims with which oneDNN picks its preferred (blocked) layouts.
 struct ConvDescs {
   dnnl::memory::desc src, weights, dst;
+  dnnl::memory::desc src_any, weights_any, dst_any;
   dnnl::memory::dims strides, dilates, padding;
 };
 
 ConvDescs conv_descs(const ConvGeometry& g) {
   using dims = dnnl::memory::dims;
+  using tag = dnnl::memory::format_tag;
   ConvDescs d;
   d.src = plain_md(Shape{g.N, g.C, g.H, g.W}, DType::f32);
   d.dst = plain_md(Shape{g.N, g.O, g.OH, g.OW}, DType::f32);
@@ -179,11 +210,64 @@ ConvDescs conv_descs(const ConvGeometry& g) {
   d.weights =
       g.G == 1 ? plain_md(Shape{g.O, g.C, g.KH, g.KW}, DType::f32)
                : plain_md(Shape{g.G, g.out_per_group(), g.in_per_group(), g.KH, g.KW}, DType::f32);
+  const auto f32 = dnnl::memory::data_type::f32;
+  d.src_any = dnnl::memory::desc(d.src.dims(), f32, tag::any);
+  d.weights_any = dnnl::memory::desc(d.weights.dims(), f32, tag::any);
+  d.dst_any = dnnl::memory::desc(d.dst.dims(), f32, tag::any);
   d.strides = dims{g.stride[0], g.stride[1]};
   d.dilates = dims{g.dilation[0] - 1, g.dilation[1] - 1};  // oneDNN counts dilation from 0
   d.padding = dims{g.padding[0], g.padding[1]};
   return d;
 }
+
+// A primitive created with `any` layouts, run on the node's plain tensors: each argument whose
+// chosen layout differs from plain gets an internal buffer and a reorder (before the primitive
+// for inputs, after it for outputs). Primitives, buffers and reorders are created once.
+class ReorderingKernel final : public Kernel {
+ public:
+  ReorderingKernel(dnnl::primitive primitive, const dnnl::primitive_desc& pd,
+                   const std::vector<PrimitiveArg>& args, dnnl::engine& engine)
+      : primitive_(std::move(primitive)) {
+    for (const PrimitiveArg& a : args) {
+      Slot slot{a.arg, a.output, a.index, dnnl::memory(a.md, engine, nullptr), {}, {}};
+      const dnnl::memory::desc chosen = pd.query_md(dnnl::query::exec_arg_md, a.arg);
+      if (chosen != a.md) {
+        slot.internal = dnnl::memory(chosen, engine);
+        slot.reorder = a.output ? dnnl::reorder(slot.internal, slot.user)
+                                : dnnl::reorder(slot.user, slot.internal);
+      }
+      args_[a.arg] = slot.internal ? slot.internal : slot.user;
+      slots_.push_back(std::move(slot));
+    }
+  }
+
+  void run(const KernelCall& call) override {
+    dnnl::stream& stream = *call.context.stream;
+    for (Slot& slot : slots_) {
+      const Tensor& t = slot.output ? call.outputs[static_cast<std::size_t>(slot.index)]
+                                    : call.inputs[static_cast<std::size_t>(slot.index)];
+      slot.user.set_data_handle(const_cast<void*>(t.raw()));
+      if (!slot.output && slot.reorder) slot.reorder.execute(stream, slot.user, slot.internal);
+    }
+    primitive_.execute(stream, args_);
+    for (Slot& slot : slots_) {
+      if (slot.output && slot.reorder) slot.reorder.execute(stream, slot.internal, slot.user);
+    }
+  }
+
+ private:
+  struct Slot {
+    int arg;
+    bool output;
+    int index;
+    dnnl::memory user;      // the node's plain tensor (handle set each run)
+    dnnl::memory internal;  // empty when the primitive uses the plain layout
+    dnnl::reorder reorder;
+  };
+  dnnl::primitive primitive_;
+  std::vector<Slot> slots_;
+  std::unordered_map<int, dnnl::memory> args_;
+};
 
 bool all_f32(const KernelBuild& build) {
   for (const auto& d : build.inputs) {
@@ -211,12 +295,17 @@ KernelFactory or_reference(KernelFactory make) {
 dnnl::convolution_forward::primitive_desc conv_forward_hint(const ConvDescs& d,
                                                             dnnl::engine& engine) {
   return dnnl::convolution_forward::primitive_desc(
-      dnnl::convolution_forward::desc(
-          dnnl::prop_kind::forward_training, dnnl::algorithm::convolution_direct, d.src, d.weights,
-          dnnl::memory::desc(), d.dst, d.strides, d.dilates, d.padding, d.padding),
+      dnnl::convolution_forward::desc(dnnl::prop_kind::forward_training,
+                                      dnnl::algorithm::convolution_direct, d.src_any, d.weights_any,
+                                      dnnl::memory::desc(), d.dst_any, d.strides, d.dilates,
+                                      d.padding, d.padding),
       engine);
 }
 
+// Layouts: `any` for every convolution primitive, with reorders from and to the plain tensors
+// inside the kernel. Measured (CPU time per run, batch 64, [64,32,28,28] * [64,32,3,3], pad 1,
+// 1 thread): forward 36 -> 25 ms, data gradient 46 -> 22 ms, weights gradient 57 -> 34 ms; with
+// 2 threads on a loaded machine the plain weights gradient (gemm) took 250 ms against 70 ms.
 std::unique_ptr<Kernel> conv_forward_onednn(const KernelBuild& build) {
   if (!all_f32(build)) return nullptr;
   const ConvGeometry g =
@@ -226,14 +315,14 @@ std::unique_ptr<Kernel> conv_forward_onednn(const KernelBuild& build) {
   const dnnl::memory::desc bias = has_bias ? plain_md(build.inputs[2]) : dnnl::memory::desc();
   dnnl::convolution_forward::primitive_desc pd(
       dnnl::convolution_forward::desc(dnnl::prop_kind::forward_inference,
-                                      dnnl::algorithm::convolution_direct, d.src, d.weights, bias,
-                                      d.dst, d.strides, d.dilates, d.padding, d.padding),
+                                      dnnl::algorithm::convolution_direct, d.src_any, d.weights_any,
+                                      bias, d.dst_any, d.strides, d.dilates, d.padding, d.padding),
       build.engine);
   std::vector<PrimitiveArg> args{input_arg(DNNL_ARG_SRC, 0, d.src),
                                  input_arg(DNNL_ARG_WEIGHTS, 1, d.weights),
                                  output_arg(DNNL_ARG_DST, 0, d.dst)};
   if (has_bias) args.push_back(input_arg(DNNL_ARG_BIAS, 2, bias));
-  return std::make_unique<PrimitiveKernel>(dnnl::convolution_forward(pd), std::move(args));
+  return std::make_unique<ReorderingKernel>(dnnl::convolution_forward(pd), pd, args, build.engine);
 }
 
 std::unique_ptr<Kernel> conv_backward_data_onednn(const KernelBuild& build) {
@@ -242,14 +331,16 @@ std::unique_ptr<Kernel> conv_backward_data_onednn(const KernelBuild& build) {
       conv_geometry(build.node.attrs, build.outputs[0].shape, build.inputs[1].shape);
   const ConvDescs d = conv_descs(g);
   dnnl::convolution_backward_data::primitive_desc pd(
-      dnnl::convolution_backward_data::desc(dnnl::algorithm::convolution_direct, d.src, d.weights,
-                                            d.dst, d.strides, d.dilates, d.padding, d.padding),
+      dnnl::convolution_backward_data::desc(dnnl::algorithm::convolution_direct, d.src_any,
+                                            d.weights_any, d.dst_any, d.strides, d.dilates,
+                                            d.padding, d.padding),
       build.engine, conv_forward_hint(d, build.engine));
-  return std::make_unique<PrimitiveKernel>(
-      dnnl::convolution_backward_data(pd),
+  return std::make_unique<ReorderingKernel>(
+      dnnl::convolution_backward_data(pd), pd,
       std::vector<PrimitiveArg>{input_arg(DNNL_ARG_DIFF_DST, 0, d.dst),
                                 input_arg(DNNL_ARG_WEIGHTS, 1, d.weights),
-                                output_arg(DNNL_ARG_DIFF_SRC, 0, d.src)});
+                                output_arg(DNNL_ARG_DIFF_SRC, 0, d.src)},
+      build.engine);
 }
 
 std::unique_ptr<Kernel> conv_backward_weights_onednn(const KernelBuild& build) {
@@ -258,15 +349,16 @@ std::unique_ptr<Kernel> conv_backward_weights_onednn(const KernelBuild& build) {
       conv_geometry(build.node.attrs, build.inputs[0].shape, build.outputs[0].shape);
   const ConvDescs d = conv_descs(g);
   dnnl::convolution_backward_weights::primitive_desc pd(
-      dnnl::convolution_backward_weights::desc(dnnl::algorithm::convolution_direct, d.src,
-                                               d.weights, d.dst, d.strides, d.dilates, d.padding,
-                                               d.padding),
+      dnnl::convolution_backward_weights::desc(dnnl::algorithm::convolution_direct, d.src_any,
+                                               d.weights_any, d.dst_any, d.strides, d.dilates,
+                                               d.padding, d.padding),
       build.engine, conv_forward_hint(d, build.engine));
-  return std::make_unique<PrimitiveKernel>(
-      dnnl::convolution_backward_weights(pd),
+  return std::make_unique<ReorderingKernel>(
+      dnnl::convolution_backward_weights(pd), pd,
       std::vector<PrimitiveArg>{input_arg(DNNL_ARG_SRC, 0, d.src),
                                 input_arg(DNNL_ARG_DIFF_DST, 1, d.dst),
-                                output_arg(DNNL_ARG_DIFF_WEIGHTS, 0, d.weights)});
+                                output_arg(DNNL_ARG_DIFF_WEIGHTS, 0, d.weights)},
+      build.engine);
 }
 
 // ---- convolution samples ------------------------------------------------------------------
@@ -308,6 +400,12 @@ std::vector<ConvCase> conv_cases() {
        {1, 2, 6, 5},
        {3, 2, 2, 3},
        conv_sample_attrs({2, 1}, {1, 0}, {1, 1}, 1),
+       true},
+      // Rows and columns 2, 5 and 6 are read by no window: their data gradient must be zero.
+      {"stride 3 skips pixels",
+       {1, 2, 7, 7},
+       {2, 2, 2, 2},
+       conv_sample_attrs({3, 3}, {0, 0}, {1, 1}, 1),
        true},
       {"depthwise stride 2 dilation 2",
        {1, 3, 7, 7},
@@ -419,6 +517,18 @@ void register_conv2d(OpRegistry& registry) {
          conv_sample_attrs({1, 1}, {0, 0}, {0, 1}, 1),
          "dilation must be at least 1"},
         {"rank 3 input", {spec({3, 5, 5}), spec({4, 3, 3, 3})}, plain, "must be [N, C, H, W]"},
+        {"missing attributes",
+         {spec({1, 3, 5, 5}), spec({4, 3, 3, 3})},
+         {},
+         "attribute 'stride' is missing"},
+        {"huge padding",
+         {spec({1, 3, 5, 5}), spec({4, 3, 3, 3})},
+         conv_sample_attrs({1, 1}, {std::int64_t{1} << 40, 0}, {1, 1}, 1),
+         "too large"},
+        {"more groups than channels",
+         {spec({1, 3, 5, 5}), spec({4, 1, 3, 3})},
+         conv_sample_attrs({1, 1}, {0, 0}, {1, 1}, 4),
+         "4 groups but the input"},
         {"bias of the wrong size",
          {spec({1, 3, 5, 5}), spec({4, 3, 3, 3}), spec({3})},
          plain,
@@ -515,7 +625,7 @@ void register_conv2d_backward_weights(OpRegistry& registry) {
     if (x.rank() != 4) call.fail("input must be [N, C, H, W], got {}", x);
     if (dy.rank() != 4) call.fail("dy must be [N, O, OH, OW], got {}", dy);
     const Size2 kernel = checked_pair(call, "kernel", 1, "the kernel's height and width");
-    const std::int64_t groups = call.attrs.integer("groups");
+    const std::int64_t groups = int_attr(call, "groups");
     if (groups < 1) call.fail("groups must be at least 1, got {}", groups);
     if (x[1] % groups != 0)
       call.fail("{} input channels are not divisible by {} groups", x[1], groups);
@@ -694,20 +804,62 @@ dnnl::pooling_backward::desc pool_backward_desc(dnnl::algorithm algorithm, const
       dims{g.padding[0], g.padding[1]}, dims{g.padding[0], g.padding[1]});
 }
 
+// Layouts: oneDNN's pooling on plain NCHW runs a slow generic kernel; on channel-blocked
+// layouts (nChw8c, nChw16c with AVX-512) it runs JIT kernels. Measured: max pooling 2x2 of
+// [64,64,28,28], 1 thread: NCHW 35.9 ms, reorder to nChw8c + pool + reorder back 13.6 ms. So
+// pooling kernels reorder to a blocked layout when the channels fill whole blocks.
+dnnl::memory::desc pool_md(const TensorDesc& desc) {
+  using tag = dnnl::memory::format_tag;
+  const bool wide = dnnl::get_effective_cpu_isa() >= dnnl::cpu_isa::avx512_core &&
+                    dnnl::get_effective_cpu_isa() != dnnl::cpu_isa::avx2_vnni;
+  const std::int64_t block = wide ? 16 : 8;
+  if (desc.shape[1] % block != 0) return plain_md(desc);
+  return dnnl::memory::desc(desc.shape.dims(), dnnl::memory::data_type::f32,
+                            wide ? tag::nChw16c : tag::nChw8c);
+}
+
 KernelFactory pool_forward_onednn(dnnl::algorithm algorithm) {
   return [algorithm](const KernelBuild& build) -> std::unique_ptr<Kernel> {
     if (!all_f32(build)) return nullptr;
     const PoolGeometry g = pool_geometry(build.node.attrs, build.inputs[0].shape);
-    auto src_md = plain_md(build.inputs[0]);
-    auto dst_md = plain_md(build.outputs[0]);
     dnnl::pooling_forward::primitive_desc pd(
-        pool_forward_desc(dnnl::prop_kind::forward_inference, algorithm, g, src_md, dst_md),
+        pool_forward_desc(dnnl::prop_kind::forward_inference, algorithm, g,
+                          pool_md(build.inputs[0]), pool_md(build.outputs[0])),
         build.engine);
-    return std::make_unique<PrimitiveKernel>(
-        dnnl::pooling_forward(pd), std::vector<PrimitiveArg>{input_arg(DNNL_ARG_SRC, 0, src_md),
-                                                             output_arg(DNNL_ARG_DST, 0, dst_md)});
+    return std::make_unique<ReorderingKernel>(
+        dnnl::pooling_forward(pd), pd,
+        std::vector<PrimitiveArg>{input_arg(DNNL_ARG_SRC, 0, plain_md(build.inputs[0])),
+                                  output_arg(DNNL_ARG_DST, 0, plain_md(build.outputs[0]))},
+        build.engine);
   };
 }
+
+// A plain tensor of the node and, when the primitive wants another layout, an internal buffer
+// in that layout with the reorder between them.
+struct StagedMemory {
+  dnnl::memory user, internal;
+  dnnl::reorder to_internal, to_user;
+
+  StagedMemory() = default;
+  StagedMemory(const dnnl::memory::desc& plain, const dnnl::memory::desc& chosen,
+               dnnl::engine& engine)
+      : user(plain, engine, nullptr) {
+    if (chosen != plain) {
+      internal = dnnl::memory(chosen, engine);
+      to_internal = dnnl::reorder(user, internal);
+      to_user = dnnl::reorder(internal, user);
+    }
+  }
+  dnnl::memory& used() { return internal ? internal : user; }
+  void load(dnnl::stream& stream, const void* data) {
+    user.set_data_handle(const_cast<void*>(data));
+    if (internal) to_internal.execute(stream, user, internal);
+  }
+  void bind(void* data) { user.set_data_handle(data); }
+  void store(dnnl::stream& stream) {
+    if (internal) to_user.execute(stream, internal, user);
+  }
+};
 
 // max_pool2d_backward: oneDNN's max-pooling backward needs the forward's workspace (where
 // each maximum was), so the kernel reruns the forward on x into its own scratch buffers.
@@ -715,40 +867,41 @@ class MaxPoolBackwardKernel final : public Kernel {
  public:
   MaxPoolBackwardKernel(const PoolGeometry& g, const TensorDesc& dy, const TensorDesc& x,
                         dnnl::engine& engine) {
-    auto src_md = plain_md(x);
-    auto dst_md = plain_md(dy);
     dnnl::pooling_forward::primitive_desc forward_pd(
         pool_forward_desc(dnnl::prop_kind::forward_training, dnnl::algorithm::pooling_max, g,
-                          src_md, dst_md),
+                          pool_md(x), pool_md(dy)),
         engine);
     dnnl::pooling_backward::primitive_desc backward_pd(
-        pool_backward_desc(dnnl::algorithm::pooling_max, g, src_md, dst_md), engine, forward_pd);
+        pool_backward_desc(dnnl::algorithm::pooling_max, g, pool_md(x), pool_md(dy)), engine,
+        forward_pd);
     forward_ = dnnl::pooling_forward(forward_pd);
     backward_ = dnnl::pooling_backward(backward_pd);
-    src_mem_ = dnnl::memory(src_md, engine, nullptr);
-    dst_mem_ = dnnl::memory(forward_pd.dst_desc(), engine);  // scratch: the recomputed maxima
-    workspace_mem_ = dnnl::memory(forward_pd.workspace_desc(), engine);
-    diff_dst_mem_ = dnnl::memory(backward_pd.diff_dst_desc(), engine, nullptr);
-    diff_src_mem_ = dnnl::memory(backward_pd.diff_src_desc(), engine, nullptr);
+    src_ = StagedMemory(plain_md(x), forward_pd.src_desc(), engine);
+    diff_dst_ = StagedMemory(plain_md(dy), backward_pd.diff_dst_desc(), engine);
+    diff_src_ = StagedMemory(plain_md(x), backward_pd.diff_src_desc(), engine);
+    dst_ = dnnl::memory(forward_pd.dst_desc(), engine);  // scratch: the recomputed maxima
+    workspace_ = dnnl::memory(forward_pd.workspace_desc(), engine);
   }
 
   void run(const KernelCall& call) override {
-    src_mem_.set_data_handle(const_cast<void*>(call.inputs[1].raw()));
-    diff_dst_mem_.set_data_handle(const_cast<void*>(call.inputs[0].raw()));
-    diff_src_mem_.set_data_handle(call.outputs[0].raw());
     dnnl::stream& stream = *call.context.stream;
+    src_.load(stream, call.inputs[1].raw());
+    diff_dst_.load(stream, call.inputs[0].raw());
+    diff_src_.bind(call.outputs[0].raw());
     forward_.execute(
         stream,
-        {{DNNL_ARG_SRC, src_mem_}, {DNNL_ARG_DST, dst_mem_}, {DNNL_ARG_WORKSPACE, workspace_mem_}});
-    backward_.execute(stream, {{DNNL_ARG_DIFF_DST, diff_dst_mem_},
-                               {DNNL_ARG_WORKSPACE, workspace_mem_},
-                               {DNNL_ARG_DIFF_SRC, diff_src_mem_}});
+        {{DNNL_ARG_SRC, src_.used()}, {DNNL_ARG_DST, dst_}, {DNNL_ARG_WORKSPACE, workspace_}});
+    backward_.execute(stream, {{DNNL_ARG_DIFF_DST, diff_dst_.used()},
+                               {DNNL_ARG_WORKSPACE, workspace_},
+                               {DNNL_ARG_DIFF_SRC, diff_src_.used()}});
+    diff_src_.store(stream);
   }
 
  private:
   dnnl::pooling_forward forward_;
   dnnl::pooling_backward backward_;
-  dnnl::memory src_mem_, dst_mem_, workspace_mem_, diff_dst_mem_, diff_src_mem_;
+  StagedMemory src_, diff_dst_, diff_src_;
+  dnnl::memory dst_, workspace_;
 };
 
 // ---- pooling samples ----------------------------------------------------------------------
@@ -779,6 +932,7 @@ std::vector<PoolCase> pool_cases() {
       {"3x3 stride 2 padding 1", {2, 3, 5, 5}, pool_attrs({3, 3}, {2, 2}, {1, 1})},
       {"overlapping 3x2 stride 1 padding 0x1", {1, 2, 5, 6}, pool_attrs({3, 2}, {1, 1}, {0, 1})},
       {"floor drops the last row and column", {1, 2, 5, 5}, pool_attrs({2, 2}, {2, 2}, {0, 0})},
+      {"16 channels (blocked layout in oneDNN)", {1, 16, 5, 5}, pool_attrs({3, 3}, {2, 2}, {1, 1})},
   };
 }
 
@@ -1041,19 +1195,20 @@ void register_avg_pool2d_backward(OpRegistry& registry) {
   def.onednn = or_reference([](const KernelBuild& build) -> std::unique_ptr<Kernel> {
     if (!all_f32(build)) return nullptr;
     const PoolGeometry g = pool_geometry(build.node.attrs, build.outputs[0].shape);
-    auto diff_dst_md = plain_md(build.inputs[0]);
-    auto diff_src_md = plain_md(build.outputs[0]);
     const auto algorithm = dnnl::algorithm::pooling_avg_exclude_padding;
+    const auto diff_src_md = pool_md(build.outputs[0]);
+    const auto diff_dst_md = pool_md(build.inputs[0]);
     dnnl::pooling_forward::primitive_desc hint(
         pool_forward_desc(dnnl::prop_kind::forward_training, algorithm, g, diff_src_md,
                           diff_dst_md),
         build.engine);
     dnnl::pooling_backward::primitive_desc pd(
         pool_backward_desc(algorithm, g, diff_src_md, diff_dst_md), build.engine, hint);
-    return std::make_unique<PrimitiveKernel>(
-        dnnl::pooling_backward(pd),
-        std::vector<PrimitiveArg>{input_arg(DNNL_ARG_DIFF_DST, 0, diff_dst_md),
-                                  output_arg(DNNL_ARG_DIFF_SRC, 0, diff_src_md)});
+    return std::make_unique<ReorderingKernel>(
+        dnnl::pooling_backward(pd), pd,
+        std::vector<PrimitiveArg>{input_arg(DNNL_ARG_DIFF_DST, 0, plain_md(build.inputs[0])),
+                                  output_arg(DNNL_ARG_DIFF_SRC, 0, plain_md(build.outputs[0]))},
+        build.engine);
   });
   def.samples = [] {
     std::vector<Sample> samples;
