@@ -104,7 +104,7 @@ class IdxSource {
 
   const std::string& name() const { return name_; }
   std::int64_t offset() const { return offset_; }
-  // " (the gzip stream is cut short)" after a short read of a truncated .gz file, else "".
+  // A note for error messages when a short read came from a truncated .gz file, else "".
   std::string truncation_note() const {
     return gzip_truncated_ ? " (the gzip stream is cut short: the .gz file is truncated)" : "";
   }
