@@ -190,6 +190,20 @@ TEST_F(IdxFiles, CorruptedGzipIsAnIOError) {
   EXPECT_NE(message.find("corrupted gzip data"), std::string::npos) << message;
 }
 
+TEST_F(IdxFiles, EveryTruncationOfAPlainOrGzipFileIsAnIOError) {
+  for (const char* name : {"whole", "whole.gz"}) {
+    SCOPED_TRACE(name);
+    write_idx(file(name), IdxArray::from_values(IdxType::i16, {3, 5}, std::vector<double>(15, 7)));
+    const std::vector<std::uint8_t> bytes = read_bytes(file(name));
+    EXPECT_EQ(read_idx(file(name)).numel(), 15);
+    for (std::size_t length = 0; length < bytes.size(); ++length) {
+      write_bytes("cut", std::vector<std::uint8_t>(
+                             bytes.begin(), bytes.begin() + static_cast<std::ptrdiff_t>(length)));
+      EXPECT_THROW(read_idx(file("cut")), IOError) << "prefix of " << length << " bytes";
+    }
+  }
+}
+
 TEST_F(IdxFiles, TruncatedHeaderNamesTheOffset) {
   // Three dimensions need a 16-byte header; the file stops after 10 bytes.
   const fs::path short_dims = write_bytes("short-dims", {0, 0, 8, 3, 0, 0, 0, 1, 0, 0});
