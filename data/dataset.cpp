@@ -7,6 +7,7 @@
 #include <cmath>
 #include <cstring>
 #include <string>
+#include <tuple>
 
 #include "data/idx.hpp"
 #include "data/random.hpp"
@@ -213,6 +214,21 @@ std::pair<Dataset, Dataset> split_train_validation(const Dataset& dataset,
   const auto validation_count = static_cast<std::size_t>(validation_size);
   return {subset(dataset, all.subspan(validation_count)),
           subset(dataset, all.first(validation_count))};
+}
+
+TrainingData load_training_data(const TrainingDataOptions& options) {
+  const Dataset full_train = load_mnist_like(options.dir, Split::train, options.layout);
+  TrainingData data;
+  data.test = load_mnist_like(options.dir, Split::test, options.layout);
+  std::tie(data.train, data.validation) =
+      split_train_validation(full_train, options.validation_size, options.seed);
+  data.normalization = options.scaling == Scaling::standardize
+                           ? Normalization::standardize(data.train.images)
+                           : Normalization::unit_range();
+  for (Dataset* part : {&data.train, &data.validation, &data.test}) {
+    normalize(part->images, data.normalization);
+  }
+  return data;
 }
 
 }  // namespace dagrad::data

@@ -77,4 +77,31 @@ std::pair<Dataset, Dataset> split_train_validation(const Dataset& dataset,
                                                    std::int64_t validation_size,
                                                    std::uint64_t seed);
 
+enum class Scaling {
+  unit_range,   // x / 255
+  standardize,  // (x - mean) / std, both measured on the training part
+};
+
+struct TrainingDataOptions {
+  std::filesystem::path dir{default_fashion_mnist_dir};
+  ImageLayout layout = ImageLayout::nchw;
+  std::int64_t validation_size = 5000;  // held out of the train split
+  std::uint64_t seed = 0;               // chooses the validation examples
+  Scaling scaling = Scaling::unit_range;
+};
+
+// The three sets a training run needs, normalised alike.
+struct TrainingData {
+  Dataset train;                // train split minus the validation examples
+  Dataset validation;           // validation_size examples of the train split
+  Dataset test;                 // the test split
+  Normalization normalization;  // what was applied to all three
+};
+
+// Loads both splits of an MNIST-like dataset from options.dir, holds out a seeded validation
+// set from the train split, and normalises all three sets with the transform chosen by
+// options.scaling (standardisation statistics come from the training part only, so nothing
+// about the validation or test images leaks into training).
+TrainingData load_training_data(const TrainingDataOptions& options = {});
+
 }  // namespace dagrad::data

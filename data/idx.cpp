@@ -104,7 +104,8 @@ class IdxSource {
 
   const std::string& name() const { return name_; }
   std::int64_t offset() const { return offset_; }
-  // " (the gzip stream is cut short)" after a short read of a truncated .gz file, else "".
+  bool gzip_truncated() const { return gzip_truncated_; }
+  // A note for error messages when a short read came from a truncated .gz file, else "".
   std::string truncation_note() const {
     return gzip_truncated_ ? " (the gzip stream is cut short: the .gz file is truncated)" : "";
   }
@@ -320,6 +321,13 @@ IdxArray read_idx(const std::filesystem::path& path) {
         fmt::format("{}: header says {}, but the file continues past the end of the "
                     "data (offset {})",
                     name, announced, header_bytes + data_bytes));
+  }
+  if (source.gzip_truncated()) {
+    // All data arrived but the gzip trailer (CRC-32 and length) did not: nothing vouches for it.
+    throw IOError(
+        fmt::format("{}: header says {}, all present, but the gzip stream is cut short "
+                    "before its checksum trailer (the .gz file is truncated)",
+                    name, announced));
   }
   swap_big_endian(array.data, size_of(array.type));
   return array;

@@ -5,6 +5,7 @@
 
 #include <algorithm>
 #include <array>
+#include <cmath>
 #include <cstdint>
 #include <filesystem>
 #include <fstream>
@@ -189,6 +190,20 @@ TEST_F(IdxFiles, CorruptedGzipIsAnIOError) {
   EXPECT_NE(message.find("corrupted gzip data"), std::string::npos) << message;
 }
 
+TEST_F(IdxFiles, EveryTruncationOfAPlainOrGzipFileIsAnIOError) {
+  for (const char* name : {"whole", "whole.gz"}) {
+    SCOPED_TRACE(name);
+    write_idx(file(name), IdxArray::from_values(IdxType::i16, {3, 5}, std::vector<double>(15, 7)));
+    const std::vector<std::uint8_t> bytes = read_bytes(file(name));
+    EXPECT_EQ(read_idx(file(name)).numel(), 15);
+    for (std::size_t length = 0; length < bytes.size(); ++length) {
+      write_bytes("cut", std::vector<std::uint8_t>(
+                             bytes.begin(), bytes.begin() + static_cast<std::ptrdiff_t>(length)));
+      EXPECT_THROW(read_idx(file("cut")), IOError) << "prefix of " << length << " bytes";
+    }
+  }
+}
+
 TEST_F(IdxFiles, TruncatedHeaderNamesTheOffset) {
   // Three dimensions need a 16-byte header; the file stops after 10 bytes.
   const fs::path short_dims = write_bytes("short-dims", {0, 0, 8, 3, 0, 0, 0, 1, 0, 0});
@@ -300,6 +315,52 @@ TEST_F(IdxFiles, MissingFilesSayWhichAndHowToGetThem) {
   EXPECT_EQ(message.find("train-labels-idx1-ubyte(.gz) and"), std::string::npos) << message;
   EXPECT_NE(message.find("apt-get install dataset-fashion-mnist"), std::string::npos) << message;
   EXPECT_NE(message.find("--data"), std::string::npos) << message;
+}
+
+TEST_F(IdxFiles, TrainingDataIsSplitAndNormalisedWithTrainingStatistics) {
+  // Train images 0..9 are constant images of value 10 * n; test images 0..3 likewise.
+  auto constant_images = [](std::int64_t count) {
+    std::vector<double> values;
+    for (std::int64_t n = 0; n < count; ++n) values.insert(values.end(), 4, 10.0 * n);
+    return IdxArray::from_values(IdxType::u8, {count, 2, 2}, values);
+  };
+  write_idx(file("train-images-idx3-ubyte.gz"), constant_images(10));
+  const std::vector<double> labels = {0, 1, 2, 3, 4, 5, 6, 7, 8, 9};
+  write_idx(file("train-labels-idx1-ubyte.gz"), IdxArray::from_values(IdxType::u8, {10}, labels));
+  write_idx(file("t10k-images-idx3-ubyte.gz"), constant_images(4));
+  write_idx(file("t10k-labels-idx1-ubyte.gz"),
+            IdxArray::from_values(IdxType::u8, {4}, std::span(labels).first(4)));
+
+  const TrainingData unit = load_training_data(
+      {.dir = dir_, .layout = ImageLayout::flat, .validation_size = 3, .seed = 4});
+  EXPECT_EQ(unit.train.size(), 7);
+  EXPECT_EQ(unit.validation.size(), 3);
+  EXPECT_EQ(unit.test.size(), 4);
+  EXPECT_EQ(unit.test.images.shape(), (Shape{4, 4}));
+  EXPECT_FLOAT_EQ(static_cast<float>(unit.test.images.at(12)), 30.0F / 255.0F);
+
+  const TrainingData standard = load_training_data(
+      {.dir = dir_, .validation_size = 3, .seed = 4, .scaling = Scaling::standardize});
+  // Statistics of the 7 training images only: recompute them from the raw values.
+  double sum = 0.0;
+  double squares = 0.0;
+  std::vector<double> raw_train;
+  for (std::int64_t n = 0; n < 7; ++n) {
+    const double raw = unit.train.images.at(n * 4) * 255.0;
+    raw_train.push_back(raw);
+    sum += raw;
+  }
+  const double mean = sum / 7.0;
+  // Three held-out images (10 n each) can never average 45, so the training mean differs from
+  // the mean over all ten images, 45: the check below tells the two apart.
+  EXPECT_NE(mean, 45.0);
+  for (double raw : raw_train) squares += (raw - mean) * (raw - mean);
+  const double deviation = std::sqrt(squares / 7.0);
+  EXPECT_NEAR(standard.normalization.mean, mean, 1e-4);
+  EXPECT_NEAR(standard.normalization.scale, deviation, 1e-4);
+  EXPECT_NEAR(standard.test.images.at(12), (30.0 - mean) / deviation, 1e-5);
+  EXPECT_NEAR(standard.validation.images.at(0),
+              (unit.validation.images.at(0) * 255.0 - mean) / deviation, 1e-4);
 }
 
 TEST(FashionMnist, HasTenClassNames) {
