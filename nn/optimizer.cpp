@@ -550,18 +550,23 @@ double LBFGS::step(std::span<Tensor> params, const Closure& closure) {
       write_params(params, x_);  // stay at the best point found
       break;
     }
-    // Curvature pair s = x_trial − x, y = g_trial − g.
-    double* s = &s_history_[static_cast<std::size_t>(history_head_) * n];
-    double* y = &y_history_[static_cast<std::size_t>(history_head_) * n];
+    // Curvature pair s = x_trial − x, y = g_trial − g, stored only when sᵀy > 0 (a full ring's
+    // oldest pair must survive a rejected one).
     double sy = 0, yy = 0, step_size = 0;
     for (std::size_t j = 0; j < n; ++j) {
-      s[j] = x_trial_[j] - x_[j];
-      y[j] = g_trial_[j] - g_[j];
-      sy += s[j] * y[j];
-      yy += y[j] * y[j];
-      step_size = std::max(step_size, std::abs(s[j]));
+      const double s = x_trial_[j] - x_[j];
+      const double y = g_trial_[j] - g_[j];
+      sy += s * y;
+      yy += y * y;
+      step_size = std::max(step_size, std::abs(s));
     }
     if (sy > 1e-10) {
+      double* s = &s_history_[static_cast<std::size_t>(history_head_) * n];
+      double* y = &y_history_[static_cast<std::size_t>(history_head_) * n];
+      for (std::size_t j = 0; j < n; ++j) {
+        s[j] = x_trial_[j] - x_[j];
+        y[j] = g_trial_[j] - g_[j];
+      }
       rho_[history_head_] = 1.0 / sy;
       gamma_ = sy / yy;
       history_head_ = (history_head_ + 1) % m;
