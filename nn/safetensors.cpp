@@ -164,7 +164,13 @@ SafetensorsFile load_safetensors(const std::string& path) {
   }
   std::uint64_t header_length = 0;
   in.read(reinterpret_cast<char*>(&header_length), sizeof header_length);
-  if (header_length > file_size - 8 || header_length > max_header_bytes) {
+  if (header_length > max_header_bytes) {
+    throw IOError(
+        fmt::format("load_safetensors \"{}\": the header length is {} bytes, more than "
+                    "the {} bytes a safetensors header may have (not a safetensors file?)",
+                    path, header_length, max_header_bytes));
+  }
+  if (header_length > file_size - 8) {
     throw IOError(
         fmt::format("load_safetensors \"{}\": the header length is {} bytes but the file "
                     "has only {} bytes after the 8-byte length (truncated or not a "

@@ -134,6 +134,9 @@ TEST_F(Checkpoints, HeaderLengthBeyondTheFileIsRejected) {
   write_raw(path("h.safetensors"), "{}", "", 1'000'000);
   expect_io_error([&] { load_safetensors(path("h.safetensors")); },
                   {"h.safetensors", "header length is 1000000 bytes", "only 2 bytes"});
+  write_raw(path("g.safetensors"), "{}", "", std::uint64_t{1} << 62);
+  expect_io_error([&] { load_safetensors(path("g.safetensors")); },
+                  {"g.safetensors", "header length is 4611686018427387904 bytes"});
 }
 
 TEST_F(Checkpoints, OffsetsOutOfRangeAreRejectedBeforeReading) {

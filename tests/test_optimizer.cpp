@@ -298,6 +298,26 @@ TEST(Optimizer, LBFGSSolvesAnIllConditionedQuadraticInF32Parameters) {
   }
 }
 
+TEST(Optimizer, LBFGSFitsAGraphParameterThroughACompiledPlan) {
+  // Least squares through the engine: loss = ½ Σ a (w − 1)², gradients from grad() and a plan.
+  Graph g;
+  const Value w = g.parameter("w", Tensor::from(w0, {3}, DType::f64));
+  const Value diff = sub(w, g.constant(Tensor::full({3}, 1.0, DType::f64)));
+  const Value loss = mul(g.scalar(0.5, DType::f64),
+                         sum(mul(g.constant(Tensor::from(a, {3}, DType::f64)), mul(diff, diff))));
+  const std::vector<Value> grads = grad(loss, {w});
+  Plan plan = compile(g, {loss, grads[0]});
+  std::vector<Tensor> params = {g.value_of(w)};
+  LBFGS lbfgs;
+  const double final_loss = lbfgs.step(params, [&](std::span<Tensor> grads_out) {
+    auto out = plan.run({});
+    grads_out[0].copy_from(out[1]);
+    return out[0].item();
+  });
+  EXPECT_LT(final_loss, 1e-14);
+  for (double v : g.value_of(w).to_doubles()) EXPECT_NEAR(v, 1.0, 1e-7);
+}
+
 void expect_error(const std::function<void()>& f, std::initializer_list<std::string> fragments) {
   try {
     f();
@@ -343,6 +363,20 @@ TEST(Optimizer, MismatchedGradientsNameParameterAndGradient) {
   adam.reset();
   adam.step(other, other);
   EXPECT_EQ(adam.steps(), 1);
+}
+
+TEST(Optimizer, LBFGSRefusesOtherParametersAndANonFiniteStart) {
+  std::vector<Tensor> params = {Tensor({2}, DType::f64)};
+  LBFGS lbfgs;
+  const auto zero_loss = [](std::span<Tensor>) { return 0.0; };
+  EXPECT_EQ(lbfgs.step(params, zero_loss), 0.0);
+  std::vector<Tensor> other = {Tensor({3}, DType::f64)};
+  expect_error([&] { lbfgs.step(other, zero_loss); },
+               {"LBFGS", "parameter 0 is f64[3]", "created for f64[2]"});
+  expect_error([&] { lbfgs.step(params, [](std::span<Tensor>) { return NAN; }); },
+               {"LBFGS", "non-finite loss (nan)"});
+  std::vector<Tensor> ints = {Tensor({2}, DType::i32)};
+  expect_error([&] { LBFGS().step(ints, zero_loss); }, {"parameter 0 is i32[2]"});
 }
 
 TEST(Optimizer, LoadedStateContinuesExactlyLikeTheOriginal) {
