@@ -382,6 +382,8 @@ LBFGS::LBFGS(LBFGSOptions options) : options_(options) {
   check("tolerance_change (must be >= 0)", options.tolerance_change, options.tolerance_change >= 0);
   check("armijo_c1 (must be in (0, 1))", options.armijo_c1,
         options.armijo_c1 > 0 && options.armijo_c1 < 1);
+  check("wolfe_c2 (must be in (armijo_c1, 1))", options.wolfe_c2,
+        options.wolfe_c2 > options.armijo_c1 && options.wolfe_c2 < 1);
   check("backtrack_factor (must be in (0, 1))", options.backtrack_factor,
         options.backtrack_factor > 0 && options.backtrack_factor < 1);
   check("max_line_search_steps (must be >= 1)", options.max_line_search_steps,
@@ -459,6 +461,111 @@ void LBFGS::two_loop(const std::vector<double>& g, std::vector<double>& d) {
   }
 }
 
+// x_trial ← x + t d; evaluates there (g_trial ← ∇f) and returns f; `slope` ← g_trialᵀd.
+double LBFGS::evaluate_at(std::span<Tensor> params, const Closure& closure, double t,
+                          double& slope) {
+  for (std::size_t j = 0; j < x_.size(); ++j) x_trial_[j] = x_[j] + t * d_[j];
+  write_params(params, x_trial_);
+  const double value = evaluate(params, closure, g_trial_);
+  slope = dot(d_, g_trial_.data());
+  return value;
+}
+
+// Backtracking on the Armijo (sufficient decrease) condition: t ← t·factor until
+// f(x + t d) <= f(x) + c1 t gᵀd. On success x_trial/g_trial hold the accepted point.
+bool LBFGS::backtrack(std::span<Tensor> params, const Closure& closure, double loss, double slope,
+                      double& t, double& trial_loss) {
+  for (int k = 0; k < options_.max_line_search_steps; ++k) {
+    double trial_slope = 0;
+    trial_loss = evaluate_at(params, closure, t, trial_slope);
+    if (std::isfinite(trial_loss) && trial_loss <= loss + options_.armijo_c1 * t * slope) {
+      return true;
+    }
+    t *= options_.backtrack_factor;
+  }
+  return false;
+}
+
+namespace {
+
+// Minimiser of the cubic through (a, fa, da) and (b, fb, db), kept inside the middle 80% of
+// [a, b]; bisection when the cubic has no usable minimiser (Nocedal & Wright, eq. 3.59).
+double cubic_step(double a, double fa, double da, double b, double fb, double db) {
+  const double low = std::min(a, b), high = std::max(a, b), margin = 0.1 * (high - low);
+  const double d1 = da + db - 3 * (fa - fb) / (a - b);
+  const double radicand = d1 * d1 - da * db;
+  if (radicand >= 0 && std::isfinite(radicand)) {
+    const double d2 = std::copysign(std::sqrt(radicand), b - a);
+    const double t = b - (b - a) * (db + d2 - d1) / (db - da + 2 * d2);
+    if (std::isfinite(t) && t >= low + margin && t <= high - margin) return t;
+  }
+  return 0.5 * (a + b);
+}
+
+}  // namespace
+
+// Strong-Wolfe line search (Nocedal & Wright, algorithms 3.5 and 3.6): finds t with
+//   f(x + t d) <= f(x) + c1 t gᵀd   and   |∇f(x + t d)ᵀd| <= c2 |gᵀd|,
+// doubling t while the slope stays negative, then zooming into the bracket by safeguarded cubic
+// interpolation. On success x_trial/g_trial hold the accepted point.
+bool LBFGS::strong_wolfe(std::span<Tensor> params, const Closure& closure, double loss,
+                         double slope, double& t, double& trial_loss) {
+  const double c1 = options_.armijo_c1, c2 = options_.wolfe_c2;
+  const auto sufficient = [&](double step, double value) {
+    return std::isfinite(value) && value <= loss + c1 * step * slope;
+  };
+  int budget = options_.max_line_search_steps;
+  double previous_t = 0, previous_loss = loss, previous_slope = slope;
+  double low = 0, low_loss = 0, low_slope = 0, high = 0, high_loss = 0, high_slope = 0;
+  bool bracketed = false;
+  while (budget-- > 0) {
+    double trial_slope = 0;
+    trial_loss = evaluate_at(params, closure, t, trial_slope);
+    if (!sufficient(t, trial_loss) || (previous_t > 0 && trial_loss >= previous_loss)) {
+      low = previous_t, low_loss = previous_loss, low_slope = previous_slope;
+      high = t, high_loss = trial_loss, high_slope = trial_slope;
+      bracketed = true;
+      break;
+    }
+    if (std::abs(trial_slope) <= -c2 * slope) return true;
+    if (trial_slope >= 0) {
+      low = t, low_loss = trial_loss, low_slope = trial_slope;
+      high = previous_t, high_loss = previous_loss, high_slope = previous_slope;
+      bracketed = true;
+      break;
+    }
+    previous_t = t, previous_loss = trial_loss, previous_slope = trial_slope;
+    t *= 2;
+  }
+  if (bracketed) {
+    while (budget-- > 0) {
+      // A non-finite end of the bracket has no usable slope: bisect.
+      t = std::isfinite(high_loss) && std::isfinite(high_slope)
+              ? cubic_step(low, low_loss, low_slope, high, high_loss, high_slope)
+              : 0.5 * (low + high);
+      double trial_slope = 0;
+      trial_loss = evaluate_at(params, closure, t, trial_slope);
+      if (!sufficient(t, trial_loss) || trial_loss >= low_loss) {
+        high = t, high_loss = trial_loss, high_slope = trial_slope;
+      } else {
+        if (std::abs(trial_slope) <= -c2 * slope) return true;
+        if (trial_slope * (high - low) >= 0) {
+          high = low, high_loss = low_loss, high_slope = low_slope;
+        }
+        low = t, low_loss = trial_loss, low_slope = trial_slope;
+      }
+    }
+  }
+  // Out of evaluations: settle for the best point that decreases f enough, if any.
+  if (low > 0 || previous_t > 0) {
+    t = low > 0 ? low : previous_t;
+    double trial_slope = 0;
+    trial_loss = evaluate_at(params, closure, t, trial_slope);
+    return sufficient(t, trial_loss);
+  }
+  return false;
+}
+
 double LBFGS::step(std::span<Tensor> params, const Closure& closure) {
   if (!closure) throw Error("LBFGS: step() needs a closure that computes the loss and gradients");
   for (std::size_t i = 0; i < params.size(); ++i) {
@@ -533,19 +640,10 @@ double LBFGS::step(std::span<Tensor> params, const Closure& closure) {
       slope = -dot(g_, g_.data());
       t = options_.learning_rate * std::min(1.0, 1.0 / l1);
     }
-    // Backtracking line search on the Armijo (sufficient decrease) condition.
-    bool accepted = false;
     double trial_loss = loss;
-    for (int k = 0; k < options_.max_line_search_steps; ++k) {
-      for (std::size_t j = 0; j < n; ++j) x_trial_[j] = x_[j] + t * d_[j];
-      write_params(params, x_trial_);
-      trial_loss = evaluate(params, closure, g_trial_);
-      if (std::isfinite(trial_loss) && trial_loss <= loss + options_.armijo_c1 * t * slope) {
-        accepted = true;
-        break;
-      }
-      t *= options_.backtrack_factor;
-    }
+    const bool accepted = options_.line_search == LineSearch::strong_wolfe
+                              ? strong_wolfe(params, closure, loss, slope, t, trial_loss)
+                              : backtrack(params, closure, loss, slope, t, trial_loss);
     if (!accepted) {
       write_params(params, x_);  // stay at the best point found
       break;

@@ -276,6 +276,44 @@ TEST(Optimizer, LBFGSConvergesOnRosenbrockInFewEvaluations) {
   EXPECT_LT(lbfgs.evaluations(), 200);  // plain gradient descent needs many thousands
 }
 
+TEST(Optimizer, LBFGSWithStrongWolfeConvergesOnRosenbrock) {
+  std::vector<Tensor> params = {Tensor::from({-1.2, 1.0}, {2}, DType::f64)};
+  LBFGS lbfgs({.max_iterations = 200,
+               .tolerance_grad = 1e-9,
+               .tolerance_change = 0,
+               .line_search = LineSearch::strong_wolfe});
+  const double loss = lbfgs.step(params, [&](std::span<Tensor> grads) {
+    double* g = grads[0].data<double>();
+    return rosenbrock(params[0].at(0), params[0].at(1), &g[0], &g[1]);
+  });
+  EXPECT_LT(loss, 1e-12);
+  EXPECT_NEAR(params[0].at(0), 1.0, 1e-6);
+  EXPECT_NEAR(params[0].at(1), 1.0, 1e-6);
+  EXPECT_LT(lbfgs.evaluations(), 200);
+}
+
+TEST(Optimizer, LBFGSLineSearchesStopWhereTheirConditionsHold) {
+  // f(w) = ½ w², w0 = 100: the first iteration tries t = 1/‖g‖₁ = 0.01 along d = −g = −100,
+  // i.e. w = 99. Armijo accepts it (99²/2 <= 100²/2 − 1e-4·0.01·100²). Strong Wolfe also needs
+  // |f'(w)·d| = 100|w| <= 0.9·100² i.e. |w| <= 90, so it doubles t: w = 98, 96, 92, 84.
+  const auto run = [](LineSearch search, double learning_rate) {
+    std::vector<Tensor> params = {Tensor::from({100.0}, {1}, DType::f64)};
+    LBFGS lbfgs({.learning_rate = learning_rate, .max_iterations = 1, .line_search = search});
+    lbfgs.step(params, [&](std::span<Tensor> grads) {
+      const double w = params[0].at(0);
+      grads[0].set(0, w);
+      return 0.5 * w * w;
+    });
+    return params[0].at(0);
+  };
+  EXPECT_DOUBLE_EQ(run(LineSearch::armijo, 1.0), 99.0);
+  EXPECT_DOUBLE_EQ(run(LineSearch::strong_wolfe, 1.0), 84.0);
+  // η = 195 overshoots to w = −95: Armijo takes it; strong Wolfe sees the slope 9500 > 9000 turn
+  // positive and zooms into [0, 1.95], where the cubic through both ends finds the exact minimum.
+  EXPECT_DOUBLE_EQ(run(LineSearch::armijo, 195.0), -95.0);
+  EXPECT_NEAR(run(LineSearch::strong_wolfe, 195.0), 0.0, 1e-9);
+}
+
 TEST(Optimizer, LBFGSSolvesAnIllConditionedQuadraticInF32Parameters) {
   // f(w) = ½ Σ cᵢ (wᵢ − 1)², condition number 1000, split over two f32 tensors.
   std::vector<Tensor> params = {Tensor({10}, DType::f32), Tensor({2, 5}, DType::f32)};
@@ -340,6 +378,7 @@ TEST(Optimizer, BadHyperparametersNameTheOptimiserAndTheValue) {
   expect_error([] { RMSProp({.decay = -0.1}); }, {"RMSProp", "decay"});
   expect_error([] { AdaGrad({.weight_decay = -1}); }, {"AdaGrad", "weight decay", "got -1"});
   expect_error([] { LBFGS({.history_size = 0}); }, {"LBFGS", "history_size"});
+  expect_error([] { LBFGS({.wolfe_c2 = 1e-5}); }, {"LBFGS", "wolfe_c2", "got 1e-05"});
   SGD sgd;
   expect_error([&] { sgd.set_learning_rate(-0.1); }, {"SGD", "got -0.1"});
 }
