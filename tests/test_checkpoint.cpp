@@ -168,6 +168,15 @@ TEST_F(Checkpoints, OverlappingTensorsAreRejected) {
                   {"\"a\" [0, 8]", "\"b\" [4, 12]", "overlap"});
 }
 
+TEST_F(Checkpoints, ATensorNamedTwiceIsRejected) {
+  write_raw(path("twice.safetensors"),
+            R"({"w": {"dtype": "F32", "shape": [1], "data_offsets": [0, 4]},
+                "w": {"dtype": "F32", "shape": [1], "data_offsets": [4, 8]}})",
+            std::string(8, '\0'));
+  expect_io_error([&] { load_safetensors(path("twice.safetensors")); },
+                  {"tensor \"w\" appears twice"});
+}
+
 TEST_F(Checkpoints, UnknownDtypeAndMalformedFieldsAreRejected) {
   write_raw(path("d.safetensors"),
             R"({"half": {"dtype": "F16", "shape": [2], "data_offsets": [0, 4]}})",
