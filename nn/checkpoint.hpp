@@ -32,7 +32,8 @@ class Checkpoint {
                    const CheckpointInfo& info);
 
   // Loads into `graph`'s parameters (and `optimizer`'s state when not null) and returns the
-  // training position. Everything is checked before anything is changed: a parameter missing
+  // training position (0 for position keys the file lacks, so weights-only files written by other
+  // tools load too). Everything is checked before anything is changed: a parameter missing
   // from the file (IOError naming it), a shape or dtype that differs (Error naming the tensor and
   // both descs), an optimiser of another kind, malformed metadata. Tensors in the file that the
   // graph does not have are ignored.

@@ -338,6 +338,23 @@ TEST_F(Checkpoints, ShapeMismatchNamesTheTensorAndBothShapesAndChangesNothing) {
   EXPECT_EQ(other.value_of(other.find("fc1/weight")).at(0), 7.0);  // untouched
 }
 
+TEST_F(Checkpoints, WeightsOnlyFileLoadsWithPositionZero) {
+  save_safetensors(path("weights.safetensors"),
+                   {{"param/fc1/weight", Tensor::full({3, 2}, 4.0)},
+                    {"param/fc1/bias", Tensor::full({2}, 5.0, DType::f64)},
+                    {"param/bn/running_mean", Tensor::full({2}, 6.0)}});
+  Graph g;
+  small_model(g, 0.0);
+  const CheckpointInfo info = Checkpoint::load(path("weights.safetensors"), g, nullptr);
+  EXPECT_EQ(info.epoch, 0);
+  EXPECT_EQ(info.step, 0);
+  EXPECT_EQ(g.value_of(g.find("fc1/bias")).to_doubles(), (std::vector<double>{5.0, 5.0}));
+  save_safetensors(path("bad.safetensors"), {}, {{"dagrad.epoch", "three"}});
+  Graph empty;
+  expect_io_error([&] { Checkpoint::load(path("bad.safetensors"), empty, nullptr); },
+                  {"metadata \"dagrad.epoch\" must be an integer, got \"three\""});
+}
+
 TEST_F(Checkpoints, MissingParameterAndWrongOptimizerAreErrors) {
   Graph g;
   small_model(g, 0.5);
