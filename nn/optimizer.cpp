@@ -461,6 +461,94 @@ void LBFGS::two_loop(const std::vector<double>& g, std::vector<double>& d) {
   }
 }
 
+NamedTensors LBFGS::state() const {
+  NamedTensors result;
+  result.emplace_back("iterations", Tensor::scalar(static_cast<double>(iterations_), DType::f64));
+  result.emplace_back("evaluations", Tensor::scalar(static_cast<double>(evaluations_), DType::f64));
+  if (history_count_ == 0) return result;
+  const auto m = static_cast<std::int64_t>(options_.history_size);
+  const auto n = static_cast<std::int64_t>(x_.size());
+  result.emplace_back("history", Tensor::from({static_cast<double>(history_count_),
+                                               static_cast<double>(history_head_), gamma_},
+                                              {3}, DType::f64));
+  result.emplace_back("s", Tensor::from(s_history_, {m, n}, DType::f64));
+  result.emplace_back("y", Tensor::from(y_history_, {m, n}, DType::f64));
+  result.emplace_back("rho", Tensor::from(rho_, {m}, DType::f64));
+  return result;
+}
+
+void LBFGS::load_state(const NamedTensors& state) {
+  std::map<std::string, const Tensor*> by_name;
+  for (const auto& [name, tensor] : state) {
+    if (name != "iterations" && name != "evaluations" && name != "history" && name != "s" &&
+        name != "y" && name != "rho") {
+      throw Error(fmt::format("LBFGS: unknown state tensor \"{}\"", name));
+    }
+    if (tensor.dtype() != DType::f64) {
+      throw Error(
+          fmt::format("LBFGS: state tensor \"{}\" is {}, expected f64", name, tensor.desc()));
+    }
+    by_name[name] = &tensor;
+  }
+  const auto require = [&](const char* name, const Shape& shape) -> const Tensor& {
+    const auto found = by_name.find(name);
+    if (found == by_name.end()) {
+      throw Error(fmt::format("LBFGS: state tensor \"{}\" is missing", name));
+    }
+    if (found->second->shape() != shape) {
+      throw Error(fmt::format("LBFGS: state tensor \"{}\" has shape {}, expected {}", name,
+                              found->second->shape(), shape));
+    }
+    return *found->second;
+  };
+  const auto iterations = static_cast<std::int64_t>(require("iterations", {}).item());
+  const auto evaluations = static_cast<std::int64_t>(require("evaluations", {}).item());
+  if (!by_name.contains("history")) {
+    iterations_ = iterations;
+    evaluations_ = evaluations;
+    reset();
+    return;
+  }
+  const auto m = static_cast<std::int64_t>(options_.history_size);
+  const Tensor& history = require("history", {3});
+  const auto found_s = by_name.find("s");
+  if (found_s == by_name.end() || found_s->second->shape().rank() != 2) {
+    throw Error("LBFGS: state tensor \"s\" is missing or not a matrix");
+  }
+  const std::int64_t n = found_s->second->shape()[1];
+  require("s", {m, n});
+  const Tensor& y = require("y", {m, n});
+  const Tensor& rho = require("rho", {m});
+  const double count = history.at(0), head = history.at(1), gamma = history.at(2);
+  if (!(count >= 1 && count <= static_cast<double>(m) && head >= 0 &&
+        head < static_cast<double>(m) && count == std::floor(count) && head == std::floor(head) &&
+        gamma > 0 && std::isfinite(gamma))) {
+    throw Error(
+        fmt::format("LBFGS: state tensor \"history\" [{}, {}, {}] is not (count in [1, {}], "
+                    "head in [0, {}), gamma > 0)",
+                    count, head, gamma, m, m));
+  }
+  if (!descs_.empty() && static_cast<std::int64_t>(x_.size()) != n) {
+    throw Error(fmt::format("LBFGS: the state is for {} parameter values, this optimiser has {}", n,
+                            x_.size()));
+  }
+  const auto size = static_cast<std::size_t>(n);
+  for (auto* buffer : {&x_, &g_, &x_trial_, &g_trial_, &d_}) buffer->assign(size, 0.0);
+  const auto copy = [](const Tensor& tensor, std::vector<double>& into) {
+    const std::span<const double> values = tensor.span<double>();
+    into.assign(values.begin(), values.end());
+  };
+  copy(*found_s->second, s_history_);
+  copy(y, y_history_);
+  copy(rho, rho_);
+  alpha_.assign(static_cast<std::size_t>(m), 0.0);
+  history_count_ = static_cast<int>(count);
+  history_head_ = static_cast<int>(head);
+  gamma_ = gamma;
+  iterations_ = iterations;
+  evaluations_ = evaluations;
+}
+
 // x_trial ← x + t d; evaluates there (g_trial ← ∇f) and returns f; `slope` ← g_trialᵀd.
 double LBFGS::evaluate_at(std::span<Tensor> params, const Closure& closure, double t,
                           double& slope) {
@@ -575,19 +663,23 @@ double LBFGS::step(std::span<Tensor> params, const Closure& closure) {
                       params[i].desc()));
     }
   }
-  if (descs_.empty() && grads_.empty()) {
+  if (descs_.empty()) {
     std::size_t n = 0;
     for (const Tensor& param : params) {
       descs_.push_back(param.desc());
       grads_.emplace_back(param.desc());
       n += static_cast<std::size_t>(param.numel());
     }
-    const auto m = static_cast<std::size_t>(options_.history_size);
-    for (auto* buffer : {&x_, &g_, &x_trial_, &g_trial_, &d_}) buffer->assign(n, 0.0);
-    s_history_.assign(m * n, 0.0);
-    y_history_.assign(m * n, 0.0);
-    rho_.assign(m, 0.0);
-    alpha_.assign(m, 0.0);
+    if (x_.size() != n || history_count_ == 0) {
+      // No history loaded by load_state() for parameters of this size: start afresh.
+      const auto m = static_cast<std::size_t>(options_.history_size);
+      for (auto* buffer : {&x_, &g_, &x_trial_, &g_trial_, &d_}) buffer->assign(n, 0.0);
+      s_history_.assign(m * n, 0.0);
+      y_history_.assign(m * n, 0.0);
+      rho_.assign(m, 0.0);
+      alpha_.assign(m, 0.0);
+      reset();
+    }
   } else {
     if (params.size() != descs_.size()) {
       throw Error(

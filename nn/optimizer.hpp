@@ -244,6 +244,15 @@ class LBFGS {
   // Forgets the curvature history.
   void reset();
 
+  // The curvature history as named f64 tensors, for checkpoints: "iterations", "evaluations"
+  // (scalars) and, once a pair was stored, "history" ([count, head, γ]), "s" and "y"
+  // ([history_size, number of parameter values]) and "rho" ([history_size]).
+  NamedTensors state() const;
+  // Restores a state() of an L-BFGS with the same history_size and parameters; Error naming the
+  // tensor when one is unknown, missing or of the wrong shape. The next step() continues with
+  // the saved curvature pairs (parameters of another total size start afresh).
+  void load_state(const NamedTensors& state);
+
  private:
   double evaluate(std::span<Tensor> params, const Closure& closure, std::vector<double>& g_out);
   void write_params(std::span<Tensor> params, std::vector<double>& x) const;

@@ -409,6 +409,42 @@ TEST(Optimizer, MismatchedGradientsNameParameterAndGradient) {
   EXPECT_EQ(adam.steps(), 1);
 }
 
+TEST(Optimizer, LBFGSResumedFromItsStateTakesTheSameSteps) {
+  const auto closure_for = [](std::vector<Tensor>& params) {
+    return [&params](std::span<Tensor> grads) {
+      double* g = grads[0].data<double>();
+      return rosenbrock(params[0].at(0), params[0].at(1), &g[0], &g[1]);
+    };
+  };
+  std::vector<Tensor> params = {Tensor::from({-1.2, 1.0}, {2}, DType::f64)};
+  LBFGS original({.max_iterations = 5});
+  original.step(params, closure_for(params));
+  NamedTensors saved;
+  for (const auto& [name, tensor] : original.state()) saved.emplace_back(name, tensor.clone());
+  ASSERT_EQ(saved.size(), 6u);
+
+  std::vector<Tensor> copy = {params[0].clone()};
+  std::vector<Tensor> restart = {params[0].clone()};
+  LBFGS resumed({.max_iterations = 5});
+  resumed.load_state(saved);
+  EXPECT_EQ(resumed.evaluations(), original.evaluations());
+  original.step(params, closure_for(params));
+  resumed.step(copy, closure_for(copy));
+  EXPECT_EQ(copy[0].to_doubles(), params[0].to_doubles());
+  // Without the history the same step goes elsewhere (it restarts with steepest descent).
+  LBFGS fresh({.max_iterations = 5});
+  fresh.step(restart, closure_for(restart));
+  EXPECT_NE(restart[0].to_doubles(), params[0].to_doubles());
+
+  expect_error([&] { LBFGS({.history_size = 3}).load_state(saved); },
+               {"LBFGS", "\"s\" has shape [10,2], expected [3,2]"});
+  expect_error(
+      [&] {
+        resumed.load_state({{"z", Tensor::scalar(0, DType::f64)}});
+      },
+      {"unknown state tensor \"z\""});
+}
+
 TEST(Optimizer, LBFGSRefusesOtherParametersAndANonFiniteStart) {
   std::vector<Tensor> params = {Tensor({2}, DType::f64)};
   LBFGS lbfgs;
