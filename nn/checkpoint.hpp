@@ -5,6 +5,7 @@
 // "optimizer/<state name>" for each tensor of Optimizer::state(); metadata "dagrad.epoch",
 // "dagrad.step", "dagrad.schedule_position", "dagrad.rng_state", "dagrad.optimizer" (its name),
 // plus the caller's own keys from CheckpointInfo::extra.
+// L-BFGS is not an Optimizer: save its LBFGS::state() next to the weights with save_safetensors.
 #pragma once
 
 #include <cstdint>
