@@ -15,9 +15,7 @@ constexpr std::string_view optimizer_prefix = "optimizer/";
 std::int64_t parse_integer(const std::string& path, const Metadata& metadata,
                            const std::string& key) {
   const auto found = metadata.find(key);
-  if (found == metadata.end()) {
-    throw IOError(fmt::format("Checkpoint \"{}\": metadata \"{}\" is missing", path, key));
-  }
+  if (found == metadata.end()) return 0;  // a weights-only file written by another tool
   std::int64_t value = 0;
   const std::string& text = found->second;
   const auto [end, error] = std::from_chars(text.data(), text.data() + text.size(), value);

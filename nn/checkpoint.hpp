@@ -5,6 +5,7 @@
 // "optimizer/<state name>" for each tensor of Optimizer::state(); metadata "dagrad.epoch",
 // "dagrad.step", "dagrad.schedule_position", "dagrad.rng_state", "dagrad.optimizer" (its name),
 // plus the caller's own keys from CheckpointInfo::extra.
+// L-BFGS is not an Optimizer: save its LBFGS::state() next to the weights with save_safetensors.
 #pragma once
 
 #include <cstdint>
@@ -32,7 +33,8 @@ class Checkpoint {
                    const CheckpointInfo& info);
 
   // Loads into `graph`'s parameters (and `optimizer`'s state when not null) and returns the
-  // training position. Everything is checked before anything is changed: a parameter missing
+  // training position (0 for position keys the file lacks, so weights-only files written by other
+  // tools load too). Everything is checked before anything is changed: a parameter missing
   // from the file (IOError naming it), a shape or dtype that differs (Error naming the tensor and
   // both descs), an optimiser of another kind, malformed metadata. Tensors in the file that the
   // graph does not have are ignored.

@@ -382,6 +382,8 @@ LBFGS::LBFGS(LBFGSOptions options) : options_(options) {
   check("tolerance_change (must be >= 0)", options.tolerance_change, options.tolerance_change >= 0);
   check("armijo_c1 (must be in (0, 1))", options.armijo_c1,
         options.armijo_c1 > 0 && options.armijo_c1 < 1);
+  check("wolfe_c2 (must be in (armijo_c1, 1))", options.wolfe_c2,
+        options.wolfe_c2 > options.armijo_c1 && options.wolfe_c2 < 1);
   check("backtrack_factor (must be in (0, 1))", options.backtrack_factor,
         options.backtrack_factor > 0 && options.backtrack_factor < 1);
   check("max_line_search_steps (must be >= 1)", options.max_line_search_steps,
@@ -459,6 +461,199 @@ void LBFGS::two_loop(const std::vector<double>& g, std::vector<double>& d) {
   }
 }
 
+NamedTensors LBFGS::state() const {
+  NamedTensors result;
+  result.emplace_back("iterations", Tensor::scalar(static_cast<double>(iterations_), DType::f64));
+  result.emplace_back("evaluations", Tensor::scalar(static_cast<double>(evaluations_), DType::f64));
+  if (history_count_ == 0) return result;
+  const auto m = static_cast<std::int64_t>(options_.history_size);
+  const auto n = static_cast<std::int64_t>(x_.size());
+  result.emplace_back("history", Tensor::from({static_cast<double>(history_count_),
+                                               static_cast<double>(history_head_), gamma_},
+                                              {3}, DType::f64));
+  result.emplace_back("s", Tensor::from(s_history_, {m, n}, DType::f64));
+  result.emplace_back("y", Tensor::from(y_history_, {m, n}, DType::f64));
+  result.emplace_back("rho", Tensor::from(rho_, {m}, DType::f64));
+  return result;
+}
+
+void LBFGS::load_state(const NamedTensors& state) {
+  std::map<std::string, const Tensor*> by_name;
+  for (const auto& [name, tensor] : state) {
+    if (name != "iterations" && name != "evaluations" && name != "history" && name != "s" &&
+        name != "y" && name != "rho") {
+      throw Error(fmt::format("LBFGS: unknown state tensor \"{}\"", name));
+    }
+    if (tensor.dtype() != DType::f64) {
+      throw Error(
+          fmt::format("LBFGS: state tensor \"{}\" is {}, expected f64", name, tensor.desc()));
+    }
+    by_name[name] = &tensor;
+  }
+  const auto require = [&](const char* name, const Shape& shape) -> const Tensor& {
+    const auto found = by_name.find(name);
+    if (found == by_name.end()) {
+      throw Error(fmt::format("LBFGS: state tensor \"{}\" is missing", name));
+    }
+    if (found->second->shape() != shape) {
+      throw Error(fmt::format("LBFGS: state tensor \"{}\" has shape {}, expected {}", name,
+                              found->second->shape(), shape));
+    }
+    return *found->second;
+  };
+  const auto iterations = static_cast<std::int64_t>(require("iterations", {}).item());
+  const auto evaluations = static_cast<std::int64_t>(require("evaluations", {}).item());
+  if (!by_name.contains("history")) {
+    iterations_ = iterations;
+    evaluations_ = evaluations;
+    reset();
+    return;
+  }
+  const auto m = static_cast<std::int64_t>(options_.history_size);
+  const Tensor& history = require("history", {3});
+  const auto found_s = by_name.find("s");
+  if (found_s == by_name.end() || found_s->second->shape().rank() != 2) {
+    throw Error("LBFGS: state tensor \"s\" is missing or not a matrix");
+  }
+  const std::int64_t n = found_s->second->shape()[1];
+  require("s", {m, n});
+  const Tensor& y = require("y", {m, n});
+  const Tensor& rho = require("rho", {m});
+  const double count = history.at(0), head = history.at(1), gamma = history.at(2);
+  if (!(count >= 1 && count <= static_cast<double>(m) && head >= 0 &&
+        head < static_cast<double>(m) && count == std::floor(count) && head == std::floor(head) &&
+        gamma > 0 && std::isfinite(gamma))) {
+    throw Error(
+        fmt::format("LBFGS: state tensor \"history\" [{}, {}, {}] is not (count in [1, {}], "
+                    "head in [0, {}), gamma > 0)",
+                    count, head, gamma, m, m));
+  }
+  if (!descs_.empty() && static_cast<std::int64_t>(x_.size()) != n) {
+    throw Error(fmt::format("LBFGS: the state is for {} parameter values, this optimiser has {}", n,
+                            x_.size()));
+  }
+  const auto size = static_cast<std::size_t>(n);
+  for (auto* buffer : {&x_, &g_, &x_trial_, &g_trial_, &d_}) buffer->assign(size, 0.0);
+  const auto copy = [](const Tensor& tensor, std::vector<double>& into) {
+    const std::span<const double> values = tensor.span<double>();
+    into.assign(values.begin(), values.end());
+  };
+  copy(*found_s->second, s_history_);
+  copy(y, y_history_);
+  copy(rho, rho_);
+  alpha_.assign(static_cast<std::size_t>(m), 0.0);
+  history_count_ = static_cast<int>(count);
+  history_head_ = static_cast<int>(head);
+  gamma_ = gamma;
+  iterations_ = iterations;
+  evaluations_ = evaluations;
+}
+
+// x_trial ← x + t d; evaluates there (g_trial ← ∇f) and returns f; `slope` ← g_trialᵀd.
+double LBFGS::evaluate_at(std::span<Tensor> params, const Closure& closure, double t,
+                          double& slope) {
+  for (std::size_t j = 0; j < x_.size(); ++j) x_trial_[j] = x_[j] + t * d_[j];
+  write_params(params, x_trial_);
+  const double value = evaluate(params, closure, g_trial_);
+  slope = dot(d_, g_trial_.data());
+  return value;
+}
+
+// Backtracking on the Armijo (sufficient decrease) condition: t ← t·factor until
+// f(x + t d) <= f(x) + c1 t gᵀd. On success x_trial/g_trial hold the accepted point.
+bool LBFGS::backtrack(std::span<Tensor> params, const Closure& closure, double loss, double slope,
+                      double& t, double& trial_loss) {
+  for (int k = 0; k < options_.max_line_search_steps; ++k) {
+    double trial_slope = 0;
+    trial_loss = evaluate_at(params, closure, t, trial_slope);
+    if (std::isfinite(trial_loss) && trial_loss <= loss + options_.armijo_c1 * t * slope) {
+      return true;
+    }
+    t *= options_.backtrack_factor;
+  }
+  return false;
+}
+
+namespace {
+
+// Minimiser of the cubic through (a, fa, da) and (b, fb, db), kept inside the middle 80% of
+// [a, b]; bisection when the cubic has no usable minimiser (Nocedal & Wright, eq. 3.59).
+double cubic_step(double a, double fa, double da, double b, double fb, double db) {
+  const double low = std::min(a, b), high = std::max(a, b), margin = 0.1 * (high - low);
+  const double d1 = da + db - 3 * (fa - fb) / (a - b);
+  const double radicand = d1 * d1 - da * db;
+  if (radicand >= 0 && std::isfinite(radicand)) {
+    const double d2 = std::copysign(std::sqrt(radicand), b - a);
+    const double t = b - (b - a) * (db + d2 - d1) / (db - da + 2 * d2);
+    if (std::isfinite(t) && t >= low + margin && t <= high - margin) return t;
+  }
+  return 0.5 * (a + b);
+}
+
+}  // namespace
+
+// Strong-Wolfe line search (Nocedal & Wright, algorithms 3.5 and 3.6): finds t with
+//   f(x + t d) <= f(x) + c1 t gᵀd   and   |∇f(x + t d)ᵀd| <= c2 |gᵀd|,
+// doubling t while the slope stays negative, then zooming into the bracket by safeguarded cubic
+// interpolation. On success x_trial/g_trial hold the accepted point.
+bool LBFGS::strong_wolfe(std::span<Tensor> params, const Closure& closure, double loss,
+                         double slope, double& t, double& trial_loss) {
+  const double c1 = options_.armijo_c1, c2 = options_.wolfe_c2;
+  const auto sufficient = [&](double step, double value) {
+    return std::isfinite(value) && value <= loss + c1 * step * slope;
+  };
+  int budget = options_.max_line_search_steps;
+  double previous_t = 0, previous_loss = loss, previous_slope = slope;
+  double low = 0, low_loss = 0, low_slope = 0, high = 0, high_loss = 0, high_slope = 0;
+  bool bracketed = false;
+  while (budget-- > 0) {
+    double trial_slope = 0;
+    trial_loss = evaluate_at(params, closure, t, trial_slope);
+    if (!sufficient(t, trial_loss) || (previous_t > 0 && trial_loss >= previous_loss)) {
+      low = previous_t, low_loss = previous_loss, low_slope = previous_slope;
+      high = t, high_loss = trial_loss, high_slope = trial_slope;
+      bracketed = true;
+      break;
+    }
+    if (std::abs(trial_slope) <= -c2 * slope) return true;
+    if (trial_slope >= 0) {
+      low = t, low_loss = trial_loss, low_slope = trial_slope;
+      high = previous_t, high_loss = previous_loss, high_slope = previous_slope;
+      bracketed = true;
+      break;
+    }
+    previous_t = t, previous_loss = trial_loss, previous_slope = trial_slope;
+    t *= 2;
+  }
+  if (bracketed) {
+    while (budget-- > 0) {
+      // A non-finite end of the bracket has no usable slope: bisect.
+      t = std::isfinite(high_loss) && std::isfinite(high_slope)
+              ? cubic_step(low, low_loss, low_slope, high, high_loss, high_slope)
+              : 0.5 * (low + high);
+      double trial_slope = 0;
+      trial_loss = evaluate_at(params, closure, t, trial_slope);
+      if (!sufficient(t, trial_loss) || trial_loss >= low_loss) {
+        high = t, high_loss = trial_loss, high_slope = trial_slope;
+      } else {
+        if (std::abs(trial_slope) <= -c2 * slope) return true;
+        if (trial_slope * (high - low) >= 0) {
+          high = low, high_loss = low_loss, high_slope = low_slope;
+        }
+        low = t, low_loss = trial_loss, low_slope = trial_slope;
+      }
+    }
+  }
+  // Out of evaluations: settle for the best point that decreases f enough, if any.
+  if (low > 0 || previous_t > 0) {
+    t = low > 0 ? low : previous_t;
+    double trial_slope = 0;
+    trial_loss = evaluate_at(params, closure, t, trial_slope);
+    return sufficient(t, trial_loss);
+  }
+  return false;
+}
+
 double LBFGS::step(std::span<Tensor> params, const Closure& closure) {
   if (!closure) throw Error("LBFGS: step() needs a closure that computes the loss and gradients");
   for (std::size_t i = 0; i < params.size(); ++i) {
@@ -468,19 +663,23 @@ double LBFGS::step(std::span<Tensor> params, const Closure& closure) {
                       params[i].desc()));
     }
   }
-  if (descs_.empty() && grads_.empty()) {
+  if (descs_.empty()) {
     std::size_t n = 0;
     for (const Tensor& param : params) {
       descs_.push_back(param.desc());
       grads_.emplace_back(param.desc());
       n += static_cast<std::size_t>(param.numel());
     }
-    const auto m = static_cast<std::size_t>(options_.history_size);
-    for (auto* buffer : {&x_, &g_, &x_trial_, &g_trial_, &d_}) buffer->assign(n, 0.0);
-    s_history_.assign(m * n, 0.0);
-    y_history_.assign(m * n, 0.0);
-    rho_.assign(m, 0.0);
-    alpha_.assign(m, 0.0);
+    if (x_.size() != n || history_count_ == 0) {
+      // No history loaded by load_state() for parameters of this size: start afresh.
+      const auto m = static_cast<std::size_t>(options_.history_size);
+      for (auto* buffer : {&x_, &g_, &x_trial_, &g_trial_, &d_}) buffer->assign(n, 0.0);
+      s_history_.assign(m * n, 0.0);
+      y_history_.assign(m * n, 0.0);
+      rho_.assign(m, 0.0);
+      alpha_.assign(m, 0.0);
+      reset();
+    }
   } else {
     if (params.size() != descs_.size()) {
       throw Error(
@@ -533,35 +732,31 @@ double LBFGS::step(std::span<Tensor> params, const Closure& closure) {
       slope = -dot(g_, g_.data());
       t = options_.learning_rate * std::min(1.0, 1.0 / l1);
     }
-    // Backtracking line search on the Armijo (sufficient decrease) condition.
-    bool accepted = false;
     double trial_loss = loss;
-    for (int k = 0; k < options_.max_line_search_steps; ++k) {
-      for (std::size_t j = 0; j < n; ++j) x_trial_[j] = x_[j] + t * d_[j];
-      write_params(params, x_trial_);
-      trial_loss = evaluate(params, closure, g_trial_);
-      if (std::isfinite(trial_loss) && trial_loss <= loss + options_.armijo_c1 * t * slope) {
-        accepted = true;
-        break;
-      }
-      t *= options_.backtrack_factor;
-    }
+    const bool accepted = options_.line_search == LineSearch::strong_wolfe
+                              ? strong_wolfe(params, closure, loss, slope, t, trial_loss)
+                              : backtrack(params, closure, loss, slope, t, trial_loss);
     if (!accepted) {
       write_params(params, x_);  // stay at the best point found
       break;
     }
-    // Curvature pair s = x_trial − x, y = g_trial − g.
-    double* s = &s_history_[static_cast<std::size_t>(history_head_) * n];
-    double* y = &y_history_[static_cast<std::size_t>(history_head_) * n];
+    // Curvature pair s = x_trial − x, y = g_trial − g, stored only when sᵀy > 0 (a full ring's
+    // oldest pair must survive a rejected one).
     double sy = 0, yy = 0, step_size = 0;
     for (std::size_t j = 0; j < n; ++j) {
-      s[j] = x_trial_[j] - x_[j];
-      y[j] = g_trial_[j] - g_[j];
-      sy += s[j] * y[j];
-      yy += y[j] * y[j];
-      step_size = std::max(step_size, std::abs(s[j]));
+      const double s = x_trial_[j] - x_[j];
+      const double y = g_trial_[j] - g_[j];
+      sy += s * y;
+      yy += y * y;
+      step_size = std::max(step_size, std::abs(s));
     }
     if (sy > 1e-10) {
+      double* s = &s_history_[static_cast<std::size_t>(history_head_) * n];
+      double* y = &y_history_[static_cast<std::size_t>(history_head_) * n];
+      for (std::size_t j = 0; j < n; ++j) {
+        s[j] = x_trial_[j] - x_[j];
+        y[j] = g_trial_[j] - g_[j];
+      }
       rho_[history_head_] = 1.0 / sy;
       gamma_ = sy / yy;
       history_head_ = (history_head_ + 1) % m;

@@ -196,28 +196,37 @@ class AdamW : public Adam {
   explicit AdamW(AdamWOptions options = {});
 };
 
-// L-BFGS for full-batch, deterministic problems, with a backtracking (Armijo) line search.
+// L-BFGS for full-batch, deterministic problems.
 //
 // Not an Optimizer: each step() runs up to `max_iterations` quasi-Newton iterations and needs
 // the loss and gradient at trial points, which `closure` provides: it must recompute the loss at
 // the current parameter values (which step() changes in place), write ∇L into grads_out[i] (one
 // tensor per parameter, created by step() with the parameter's dtype and shape) and return the
-// loss. Computation is in f64 on flat copies of the parameters (allocated on the first step).
+// loss. Computation is in f64 on flat copies of the parameters (allocated on the first step); f32
+// parameters are rounded when written, and the iterate is taken as what they then hold.
 //
 // Iteration: d = −H g by the two-loop recursion over the last `history_size` pairs
-// (s = Δw, y = Δg; pairs with sᵀy ≤ 1e-10 are skipped to keep H positive definite; initial
+// (s = Δw, y = Δg; pairs with sᵀy <= 1e-10 are skipped to keep H positive definite; initial
 // H₀ = (sᵀy / yᵀy) I); the first iteration (and any whose d is not a descent direction) uses
-// d = −g with step η·min(1, 1/‖g‖₁). Line search: t ← η, halved (backtrack_factor) until
-// f(w + t d) ≤ f(w) + c1 t gᵀd. Stops when max|g| ≤ tolerance_grad, when |Δf| or max|t d| falls
-// below tolerance_change, or when the line search fails (the parameters stay at the best point).
+// d = −g with first trial step η·min(1, 1/‖g‖₁); later iterations try t = η first.
+// Line search (`line_search`):
+//   armijo:        t ← t·backtrack_factor until f(w + t d) <= f(w) + c1 t gᵀd;
+//   strong_wolfe:  t also satisfying |∇f(w + t d)ᵀd| <= c2 |gᵀd| (bracketing by doubling t,
+//                  then zooming with safeguarded cubic interpolation, Nocedal & Wright 3.5/3.6).
+// Both spend at most max_line_search_steps evaluations per iteration. Stops when
+// max|g| <= tolerance_grad, when |Δf| or max|t d| falls below tolerance_change, or when the line
+// search fails (the parameters stay at the best point).
+enum class LineSearch { armijo, strong_wolfe };
 struct LBFGSOptions {
   double learning_rate = 1.0;
   int max_iterations = 20;
   int history_size = 10;
   double tolerance_grad = 1e-7;
   double tolerance_change = 1e-9;
+  LineSearch line_search = LineSearch::armijo;
   double armijo_c1 = 1e-4;
-  double backtrack_factor = 0.5;
+  double wolfe_c2 = 0.9;          // strong_wolfe only; c1 < c2 < 1
+  double backtrack_factor = 0.5;  // armijo only
   int max_line_search_steps = 40;
 };
 class LBFGS {
@@ -235,10 +244,24 @@ class LBFGS {
   // Forgets the curvature history.
   void reset();
 
+  // The curvature history as named f64 tensors, for checkpoints: "iterations", "evaluations"
+  // (scalars) and, once a pair was stored, "history" ([count, head, γ]), "s" and "y"
+  // ([history_size, number of parameter values]) and "rho" ([history_size]).
+  NamedTensors state() const;
+  // Restores a state() of an L-BFGS with the same history_size and parameters; Error naming the
+  // tensor when one is unknown, missing or of the wrong shape. The next step() continues with
+  // the saved curvature pairs (parameters of another total size start afresh).
+  void load_state(const NamedTensors& state);
+
  private:
   double evaluate(std::span<Tensor> params, const Closure& closure, std::vector<double>& g_out);
   void write_params(std::span<Tensor> params, std::vector<double>& x) const;
   void two_loop(const std::vector<double>& g, std::vector<double>& d);
+  double evaluate_at(std::span<Tensor> params, const Closure& closure, double t, double& slope);
+  bool backtrack(std::span<Tensor> params, const Closure& closure, double loss, double slope,
+                 double& t, double& trial_loss);
+  bool strong_wolfe(std::span<Tensor> params, const Closure& closure, double loss, double slope,
+                    double& t, double& trial_loss);
 
   LBFGSOptions options_;
   std::vector<TensorDesc> descs_;

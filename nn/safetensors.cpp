@@ -164,7 +164,13 @@ SafetensorsFile load_safetensors(const std::string& path) {
   }
   std::uint64_t header_length = 0;
   in.read(reinterpret_cast<char*>(&header_length), sizeof header_length);
-  if (header_length > file_size - 8 || header_length > max_header_bytes) {
+  if (header_length > max_header_bytes) {
+    throw IOError(
+        fmt::format("load_safetensors \"{}\": the header length is {} bytes, more than "
+                    "the {} bytes a safetensors header may have (not a safetensors file?)",
+                    path, header_length, max_header_bytes));
+  }
+  if (header_length > file_size - 8) {
     throw IOError(
         fmt::format("load_safetensors \"{}\": the header length is {} bytes but the file "
                     "has only {} bytes after the 8-byte length (truncated or not a "
@@ -176,9 +182,20 @@ SafetensorsFile load_safetensors(const std::string& path) {
   if (!in) throw IOError(fmt::format("load_safetensors \"{}\": cannot read the header", path));
   const std::uint64_t data_size = file_size - 8 - header_length;
 
+  // JSON keeps the last of two equal keys silently; a file naming one tensor twice is refused.
+  std::set<std::string> top_level_keys;
+  std::string duplicate;
+  const nlohmann::json::parser_callback_t find_duplicates =
+      [&](int depth, nlohmann::json::parse_event_t event, nlohmann::json& parsed) {
+        if (depth == 1 && event == nlohmann::json::parse_event_t::key && parsed.is_string() &&
+            !top_level_keys.insert(parsed.get<std::string>()).second && duplicate.empty()) {
+          duplicate = parsed.get<std::string>();
+        }
+        return true;
+      };
   nlohmann::json header;
   try {
-    header = nlohmann::json::parse(text);
+    header = nlohmann::json::parse(text, find_duplicates);
   } catch (const nlohmann::json::exception& e) {
     throw IOError(
         fmt::format("load_safetensors \"{}\": the header is not valid JSON: {}", path, e.what()));
@@ -186,6 +203,10 @@ SafetensorsFile load_safetensors(const std::string& path) {
   if (!header.is_object()) {
     throw IOError(fmt::format("load_safetensors \"{}\": the header is a JSON {}, not an object",
                               path, header.type_name()));
+  }
+  if (!duplicate.empty()) {
+    throw IOError(fmt::format("load_safetensors \"{}\": tensor \"{}\" appears twice in the header",
+                              path, duplicate));
   }
 
   struct Entry {

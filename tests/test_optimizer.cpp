@@ -192,9 +192,14 @@ TEST(Optimizer, AdamWDecouplesTheWeightDecay) {
 TEST(Optimizer, Float32UpdatesMatchTheFormulaToSinglePrecision) {
   Adam adam({.learning_rate = 0.1});
   expect_history(run_three_steps(adam, DType::f32), adam_by_hand(0.1, 0.0, false), 1e-5);
-  Momentum momentum({.learning_rate = 0.1, .momentum = 0.9});
-  Momentum momentum64({.learning_rate = 0.1, .momentum = 0.9});
-  expect_history(run_three_steps(momentum, DType::f32), run_three_steps(momentum64), 1e-6);
+  // SGD on the quadratic: w_t = w0 (1 − η a)^t.
+  SGD sgd({.learning_rate = 0.1});
+  std::vector<std::vector<double>> want;
+  for (int t = 1; t <= 3; ++t) {
+    want.push_back({});
+    for (std::size_t i = 0; i < 3; ++i) want.back().push_back(w0[i] * std::pow(1 - 0.1 * a[i], t));
+  }
+  expect_history(run_three_steps(sgd, DType::f32), want, 1e-6);
 }
 
 TEST(Optimizer, StepUpdatesAGraphParameterFromPlanGradients) {
@@ -276,6 +281,44 @@ TEST(Optimizer, LBFGSConvergesOnRosenbrockInFewEvaluations) {
   EXPECT_LT(lbfgs.evaluations(), 200);  // plain gradient descent needs many thousands
 }
 
+TEST(Optimizer, LBFGSWithStrongWolfeConvergesOnRosenbrock) {
+  std::vector<Tensor> params = {Tensor::from({-1.2, 1.0}, {2}, DType::f64)};
+  LBFGS lbfgs({.max_iterations = 200,
+               .tolerance_grad = 1e-9,
+               .tolerance_change = 0,
+               .line_search = LineSearch::strong_wolfe});
+  const double loss = lbfgs.step(params, [&](std::span<Tensor> grads) {
+    double* g = grads[0].data<double>();
+    return rosenbrock(params[0].at(0), params[0].at(1), &g[0], &g[1]);
+  });
+  EXPECT_LT(loss, 1e-12);
+  EXPECT_NEAR(params[0].at(0), 1.0, 1e-6);
+  EXPECT_NEAR(params[0].at(1), 1.0, 1e-6);
+  EXPECT_LT(lbfgs.evaluations(), 200);
+}
+
+TEST(Optimizer, LBFGSLineSearchesStopWhereTheirConditionsHold) {
+  // f(w) = ½ w², w0 = 100: the first iteration tries t = 1/‖g‖₁ = 0.01 along d = −g = −100,
+  // i.e. w = 99. Armijo accepts it (99²/2 <= 100²/2 − 1e-4·0.01·100²). Strong Wolfe also needs
+  // |f'(w)·d| = 100|w| <= 0.9·100² i.e. |w| <= 90, so it doubles t: w = 98, 96, 92, 84.
+  const auto run = [](LineSearch search, double learning_rate) {
+    std::vector<Tensor> params = {Tensor::from({100.0}, {1}, DType::f64)};
+    LBFGS lbfgs({.learning_rate = learning_rate, .max_iterations = 1, .line_search = search});
+    lbfgs.step(params, [&](std::span<Tensor> grads) {
+      const double w = params[0].at(0);
+      grads[0].set(0, w);
+      return 0.5 * w * w;
+    });
+    return params[0].at(0);
+  };
+  EXPECT_DOUBLE_EQ(run(LineSearch::armijo, 1.0), 99.0);
+  EXPECT_DOUBLE_EQ(run(LineSearch::strong_wolfe, 1.0), 84.0);
+  // η = 195 overshoots to w = −95: Armijo takes it; strong Wolfe sees the slope 9500 > 9000 turn
+  // positive and zooms into [0, 1.95], where the cubic through both ends finds the exact minimum.
+  EXPECT_DOUBLE_EQ(run(LineSearch::armijo, 195.0), -95.0);
+  EXPECT_NEAR(run(LineSearch::strong_wolfe, 195.0), 0.0, 1e-9);
+}
+
 TEST(Optimizer, LBFGSSolvesAnIllConditionedQuadraticInF32Parameters) {
   // f(w) = ½ Σ cᵢ (wᵢ − 1)², condition number 1000, split over two f32 tensors.
   std::vector<Tensor> params = {Tensor({10}, DType::f32), Tensor({2, 5}, DType::f32)};
@@ -296,6 +339,26 @@ TEST(Optimizer, LBFGSSolvesAnIllConditionedQuadraticInF32Parameters) {
   for (const Tensor& p : params) {
     for (double v : p.to_doubles()) EXPECT_NEAR(v, 1.0, 1e-4);
   }
+}
+
+TEST(Optimizer, LBFGSFitsAGraphParameterThroughACompiledPlan) {
+  // Least squares through the engine: loss = ½ Σ a (w − 1)², gradients from grad() and a plan.
+  Graph g;
+  const Value w = g.parameter("w", Tensor::from(w0, {3}, DType::f64));
+  const Value diff = sub(w, g.constant(Tensor::full({3}, 1.0, DType::f64)));
+  const Value loss = mul(g.scalar(0.5, DType::f64),
+                         sum(mul(g.constant(Tensor::from(a, {3}, DType::f64)), mul(diff, diff))));
+  const std::vector<Value> grads = grad(loss, {w});
+  Plan plan = compile(g, {loss, grads[0]});
+  std::vector<Tensor> params = {g.value_of(w)};
+  LBFGS lbfgs;
+  const double final_loss = lbfgs.step(params, [&](std::span<Tensor> grads_out) {
+    auto out = plan.run({});
+    grads_out[0].copy_from(out[1]);
+    return out[0].item();
+  });
+  EXPECT_LT(final_loss, 1e-14);
+  for (double v : g.value_of(w).to_doubles()) EXPECT_NEAR(v, 1.0, 1e-7);
 }
 
 void expect_error(const std::function<void()>& f, std::initializer_list<std::string> fragments) {
@@ -320,6 +383,7 @@ TEST(Optimizer, BadHyperparametersNameTheOptimiserAndTheValue) {
   expect_error([] { RMSProp({.decay = -0.1}); }, {"RMSProp", "decay"});
   expect_error([] { AdaGrad({.weight_decay = -1}); }, {"AdaGrad", "weight decay", "got -1"});
   expect_error([] { LBFGS({.history_size = 0}); }, {"LBFGS", "history_size"});
+  expect_error([] { LBFGS({.wolfe_c2 = 1e-5}); }, {"LBFGS", "wolfe_c2", "got 1e-05"});
   SGD sgd;
   expect_error([&] { sgd.set_learning_rate(-0.1); }, {"SGD", "got -0.1"});
 }
@@ -343,6 +407,56 @@ TEST(Optimizer, MismatchedGradientsNameParameterAndGradient) {
   adam.reset();
   adam.step(other, other);
   EXPECT_EQ(adam.steps(), 1);
+}
+
+TEST(Optimizer, LBFGSResumedFromItsStateTakesTheSameSteps) {
+  const auto closure_for = [](std::vector<Tensor>& params) {
+    return [&params](std::span<Tensor> grads) {
+      double* g = grads[0].data<double>();
+      return rosenbrock(params[0].at(0), params[0].at(1), &g[0], &g[1]);
+    };
+  };
+  std::vector<Tensor> params = {Tensor::from({-1.2, 1.0}, {2}, DType::f64)};
+  LBFGS original({.max_iterations = 5});
+  original.step(params, closure_for(params));
+  NamedTensors saved;
+  for (const auto& [name, tensor] : original.state()) saved.emplace_back(name, tensor.clone());
+  ASSERT_EQ(saved.size(), 6u);
+
+  std::vector<Tensor> copy = {params[0].clone()};
+  std::vector<Tensor> restart = {params[0].clone()};
+  LBFGS resumed({.max_iterations = 5});
+  resumed.load_state(saved);
+  EXPECT_EQ(resumed.evaluations(), original.evaluations());
+  original.step(params, closure_for(params));
+  resumed.step(copy, closure_for(copy));
+  EXPECT_EQ(copy[0].to_doubles(), params[0].to_doubles());
+  // Without the history the same step goes elsewhere (it restarts with steepest descent).
+  LBFGS fresh({.max_iterations = 5});
+  fresh.step(restart, closure_for(restart));
+  EXPECT_NE(restart[0].to_doubles(), params[0].to_doubles());
+
+  expect_error([&] { LBFGS({.history_size = 3}).load_state(saved); },
+               {"LBFGS", "\"s\" has shape [10,2], expected [3,2]"});
+  expect_error(
+      [&] {
+        resumed.load_state({{"z", Tensor::scalar(0, DType::f64)}});
+      },
+      {"unknown state tensor \"z\""});
+}
+
+TEST(Optimizer, LBFGSRefusesOtherParametersAndANonFiniteStart) {
+  std::vector<Tensor> params = {Tensor({2}, DType::f64)};
+  LBFGS lbfgs;
+  const auto zero_loss = [](std::span<Tensor>) { return 0.0; };
+  EXPECT_EQ(lbfgs.step(params, zero_loss), 0.0);
+  std::vector<Tensor> other = {Tensor({3}, DType::f64)};
+  expect_error([&] { lbfgs.step(other, zero_loss); },
+               {"LBFGS", "parameter 0 is f64[3]", "created for f64[2]"});
+  expect_error([&] { lbfgs.step(params, [](std::span<Tensor>) { return NAN; }); },
+               {"LBFGS", "non-finite loss (nan)"});
+  std::vector<Tensor> ints = {Tensor({2}, DType::i32)};
+  expect_error([&] { LBFGS().step(ints, zero_loss); }, {"parameter 0 is i32[2]"});
 }
 
 TEST(Optimizer, LoadedStateContinuesExactlyLikeTheOriginal) {
