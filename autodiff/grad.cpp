@@ -13,8 +13,7 @@ namespace dagrad {
 Value BackwardCall::grad(int i) const {
   const auto& g = output_grads[static_cast<std::size_t>(i)];
   if (g) return *g;
-  const TensorDesc& desc = outputs[static_cast<std::size_t>(i)].desc();
-  return filled(graph, desc.shape, 0.0, desc.dtype);
+  return filled_like(outputs[static_cast<std::size_t>(i)], 0.0);
 }
 
 namespace {
@@ -81,8 +80,7 @@ std::vector<Value> grad(const Value& loss, const std::vector<Value>& wrt, std::o
   std::map<Key, Value> grads;
   grads[{loss.node_id(), loss.index()}] =
       seed ? *seed
-           : (loss.rank() == 0 ? g.scalar(1.0, loss.dtype())
-                               : filled(g, loss.shape(), 1.0, loss.dtype()));
+           : (loss.rank() == 0 ? g.scalar(1.0, loss.dtype()) : filled_like(loss, 1.0));
 
   auto accumulate = [&](const Key& key, const Value& value) {
     auto it = grads.find(key);
@@ -160,7 +158,7 @@ std::vector<Value> grad(const Value& loss, const std::vector<Value>& wrt, std::o
   for (const auto& w : wrt) {
     auto found = grads.find({w.node_id(), w.index()});
     // No path from w to the loss: the gradient is zero (documented above).
-    result.push_back(found != grads.end() ? found->second : filled(g, w.shape(), 0.0, w.dtype()));
+    result.push_back(found != grads.end() ? found->second : filled_like(w, 0.0));
   }
   return result;
 }

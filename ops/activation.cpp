@@ -495,7 +495,7 @@ void register_maxout(OpRegistry& registry) {
       const Value& x = c.inputs[1];
       const auto pieces = c.attrs().integer("pieces");
       const auto axis = c.attrs().integer("axis");
-      Value mask = maxout_grad(filled(c.graph, dy.shape(), 1.0, dy.dtype()), x, pieces, axis);
+      Value mask = maxout_grad(filled_like(dy, 1.0), x, pieces, axis);
       Value grouped = reshape(mul(c.grad(), mask), split_groups(x.shape(), c.attrs()));
       const auto group_axis = maxout_geometry(x.shape(), c.attrs()).axis;
       return {sum(grouped, {group_axis + 1}), std::nullopt};

@@ -548,7 +548,9 @@ void register_conv2d_backward_data(OpRegistry& registry) {
   def.shape = [](const ShapeCall& call) -> std::vector<TensorDesc> {
     require_floating(call, 0);
     require_same_dtype(call);
-    const Shape x = shape_attr(call, "input_shape");
+    Shape x = shape_attr(call, "input_shape");
+    // The batch follows dy, so a plan can re-specialise this node for another batch size.
+    if (x.rank() == 4 && call.inputs[0].shape.rank() == 4) x[0] = call.inputs[0].shape[0];
     const Shape y = check_conv(call, x, call.inputs[1].shape);
     if (call.inputs[0].shape != y) {
       call.fail("dy {} does not match the output {} of a convolution of {} by {}", call.inputs[0],
@@ -1165,7 +1167,9 @@ void register_avg_pool2d_backward(OpRegistry& registry) {
       "dx[element of window (n,c,i,j)] += dy[n,c,i,j] / (elements of that window inside the image)";
   def.shape = [](const ShapeCall& call) -> std::vector<TensorDesc> {
     require_floating(call, 0);
-    const Shape x = shape_attr(call, "input_shape");
+    Shape x = shape_attr(call, "input_shape");
+    // The batch follows dy, so a plan can re-specialise this node for another batch size.
+    if (x.rank() == 4 && call.inputs[0].shape.rank() == 4) x[0] = call.inputs[0].shape[0];
     const Shape y = check_pool(call, x);
     if (call.inputs[0].shape != y) {
       call.fail("dy {} does not match the output {} of pooling an input {}", call.inputs[0], y, x);

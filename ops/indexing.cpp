@@ -882,6 +882,8 @@ Value flatten(const Value& x, std::int64_t start_axis, std::source_location wher
   std::int64_t merged = 1;
   for (int a = start; a < shape.rank(); ++a) merged *= shape[a];
   dims.push_back(merged);
+  // Flattening from axis 1 keeps the batch symbolic (-1), so plans can change batch size.
+  if (start == 1 && merged > 0) dims[0] = -1;
   return reshape(x, Shape(dims), where);
 }
 

@@ -91,7 +91,7 @@ void register_sign(OpRegistry& registry) {
   def.formula = "y = 1 if x > 0, -1 if x < 0, 0 at 0; dy/dx = 0 (almost everywhere, and at 0)";
   def.shape = same_as_input;
   def.backward = [](const BackwardCall& c) -> std::vector<std::optional<Value>> {
-    return {filled(c.graph, c.inputs[0].shape(), 0.0, c.inputs[0].dtype())};
+    return {filled_like(c.inputs[0], 0.0)};
   };
   def.second_order = true;
   def.reference = unary_reference([](auto x, const Attrs&) {

@@ -110,9 +110,23 @@ std::vector<ErrorSample> reduce_errors() {
 }
 
 // Gradient of a reduction: reshape to the kept shape, then broadcast back to the input.
+// The kept shape marks its first non-reduced axis -1 so that the batch stays symbolic.
 Value spread(const Value& grad, const Value& input, const Attrs& attrs) {
-  Value kept = reshape(grad, keepdims_shape(input.shape(), attrs));
-  return broadcast_to(kept, input.shape());
+  const Shape& in = input.shape();
+  std::vector<char> reduced(static_cast<std::size_t>(in.rank()), attrs.integers("axes").empty());
+  for (auto axis : attrs.integers("axes")) reduced[static_cast<std::size_t>(axis < 0 ? axis + in.rank() : axis)] = 1;
+  Shape kept = keepdims_shape(in, attrs);
+  Value reshaped = grad;
+  if (grad.shape() != kept) {
+    for (int axis = 0; axis < kept.rank(); ++axis) {
+      if (!reduced[static_cast<std::size_t>(axis)]) {
+        if (kept[axis] > 0) kept[axis] = -1;
+        break;
+      }
+    }
+    reshaped = reshape(grad, kept);
+  }
+  return broadcast_like(reshaped, input);
 }
 
 }  // namespace

@@ -65,6 +65,20 @@ Value broadcast_to(const Value& x, Shape shape, std::source_location where) {
   return x.graph().apply("broadcast_to", {x}, {{"shape", shape.dims()}}, where);
 }
 
+Value reshape_like(const Value& x, const Value& like, std::source_location where) {
+  if (x.shape() == like.shape()) return x;
+  return x.graph().apply("reshape", {x, like}, {{"shape", std::vector<std::int64_t>{}}}, where);
+}
+
+Value broadcast_like(const Value& x, const Value& like, std::source_location where) {
+  if (x.shape() == like.shape()) return x;
+  return x.graph().apply("broadcast_to", {x, like}, {{"shape", std::vector<std::int64_t>{}}}, where);
+}
+
+Value filled_like(const Value& like, double value) {
+  return broadcast_like(like.graph().scalar(value, like.dtype()), like);
+}
+
 Value transpose(const Value& x, std::vector<std::int64_t> perm, std::source_location where) {
   return x.graph().apply("transpose", {x}, {{"perm", full_perm(perm, x.rank())}}, where);
 }
@@ -81,20 +95,29 @@ void register_shape_ops(OpRegistry& registry) {
   {
     OpDef def;
     def.name = "reshape";
-    def.formula = "same elements, new shape (one dimension may be -1)";
+    def.formula =
+        "same elements, new shape (attribute, one dimension may be -1; or the shape of a second "
+        "input, whose data is not read)";
+    def.max_inputs = 2;
     def.shape = [](const ShapeCall& call) -> std::vector<TensorDesc> {
       const auto& in = call.inputs[0];
-      return {TensorDesc{in.dtype, resolve_reshape(call, in.shape, call.attrs.integers("shape"))}};
+      const std::vector<std::int64_t> target =
+          call.inputs.size() == 2 ? call.inputs[1].shape.dims() : call.attrs.integers("shape");
+      return {TensorDesc{in.dtype, resolve_reshape(call, in.shape, target)}};
     };
     def.backward = [](const BackwardCall& c) -> std::vector<std::optional<Value>> {
-      return {reshape(c.grad(), c.inputs[0].shape())};
+      // The shape-giving second input (if any) gets no gradient: its data is not read.
+      std::vector<std::optional<Value>> grads(c.inputs.size());
+      grads[0] = reshape_like(c.grad(), c.inputs[0]);
+      return grads;
     };
     def.second_order = true;
     def.reference = copy_kernel;
     def.samples = [] {
       return std::vector<Sample>{{"flatten", {spec({2, 3, 4})}, {{"shape", std::vector<std::int64_t>{2, 12}}}},
                                  {"inferred", {spec({6, 2})}, {{"shape", std::vector<std::int64_t>{-1, 3}}}},
-                                 {"to scalar", {spec({1, 1})}, {{"shape", std::vector<std::int64_t>{}}}}};
+                                 {"to scalar", {spec({1, 1})}, {{"shape", std::vector<std::int64_t>{}}}},
+                                 {"like another value", {spec({2, 6}), spec({3, 4})}, {{"shape", std::vector<std::int64_t>{}}}}};
     };
     def.error_samples = [] {
       return std::vector<ErrorSample>{
@@ -106,16 +129,21 @@ void register_shape_ops(OpRegistry& registry) {
   {
     OpDef def;
     def.name = "broadcast_to";
-    def.formula = "y = x repeated along broadcast axes (NumPy rules)";
+    def.formula =
+        "y = x repeated along broadcast axes (NumPy rules) to a shape (attribute, or the shape of "
+        "a second input, whose data is not read)";
+    def.max_inputs = 2;
     def.shape = [](const ShapeCall& call) -> std::vector<TensorDesc> {
       const auto& in = call.inputs[0];
-      Shape target(call.attrs.integers("shape"));
+      Shape target = call.inputs.size() == 2 ? call.inputs[1].shape : Shape(call.attrs.integers("shape"));
       Shape joined = broadcast_shapes(in.shape, target, call.site);
       if (joined != target) call.fail("cannot broadcast {} to {}", in.shape, target);
       return {TensorDesc{in.dtype, target}};
     };
     def.backward = [](const BackwardCall& c) -> std::vector<std::optional<Value>> {
-      return {unbroadcast(c.grad(), c.inputs[0].shape())};
+      std::vector<std::optional<Value>> grads(c.inputs.size());
+      grads[0] = unbroadcast(c.grad(), c.inputs[0].shape());
+      return grads;
     };
     def.second_order = true;
     def.reference = [](const KernelCall& call) {
@@ -134,7 +162,8 @@ void register_shape_ops(OpRegistry& registry) {
       return std::vector<Sample>{
           {"row", {spec({4})}, {{"shape", std::vector<std::int64_t>{3, 4}}}},
           {"column", {spec({3, 1})}, {{"shape", std::vector<std::int64_t>{2, 3, 4}}}},
-          {"scalar", {spec({})}, {{"shape", std::vector<std::int64_t>{2, 2}}}}};
+          {"scalar", {spec({})}, {{"shape", std::vector<std::int64_t>{2, 2}}}},
+          {"like another value", {spec({3, 1}), spec({3, 4})}, {{"shape", std::vector<std::int64_t>{}}}}};
     };
     def.error_samples = [] {
       return std::vector<ErrorSample>{

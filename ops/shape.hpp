@@ -12,6 +12,14 @@ namespace dagrad {
 Value reshape(const Value& x, Shape shape, std::source_location where = std::source_location::current());
 // Repeats x along axes of size 1 (NumPy rules) to `shape`.
 Value broadcast_to(const Value& x, Shape shape, std::source_location where = std::source_location::current());
+// reshape and broadcast_to to the shape of `like` (its data is not read). Gradient rules use
+// these instead of fixed shapes, so a plan can re-specialise them for another batch size.
+Value reshape_like(const Value& x, const Value& like,
+                   std::source_location where = std::source_location::current());
+Value broadcast_like(const Value& x, const Value& like,
+                     std::source_location where = std::source_location::current());
+// `value` everywhere, with the shape and dtype of `like`.
+Value filled_like(const Value& like, double value);
 // Permutes axes: dst[i_perm[0], ..., i_perm[n-1]] = src[i_0, ..., i_n-1]. Empty `perm` swaps the
 // last two axes.
 Value transpose(const Value& x, std::vector<std::int64_t> perm = {},

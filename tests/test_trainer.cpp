@@ -1,0 +1,257 @@
+// Layers, models and the Trainer: layer text, presets, parameter counts, learning on a
+// synthetic problem, early stopping, resume equivalence, NaN handling, outputs on disk.
+#include <gtest/gtest.h>
+
+#include <filesystem>
+#include <fstream>
+#include <random>
+
+#include "dagrad.hpp"
+#include "nn/checkpoint.hpp"
+#include "nn/model.hpp"
+#include "nn/optimizer.hpp"
+#include "nn/schedule.hpp"
+#include "nn/trainer.hpp"
+
+namespace dagrad {
+namespace {
+
+// Three Gaussian blobs in 8 dimensions, one per class.
+data::Dataset blobs(std::int64_t n, std::uint64_t seed, double spread = 0.6) {
+  std::mt19937_64 rng(seed);
+  std::normal_distribution<double> noise(0.0, spread);
+  data::Dataset d;
+  d.num_classes = 3;
+  d.images = Tensor({n, 8}, DType::f32);
+  d.labels = Tensor({n}, DType::i32);
+  for (std::int64_t i = 0; i < n; ++i) {
+    const int c = static_cast<int>(i % 3);
+    d.labels.set(i, c);
+    for (int j = 0; j < 8; ++j) d.images.set(i * 8 + j, (j % 3 == c ? 1.5 : -0.5) + noise(rng));
+  }
+  return d;
+}
+
+ModelOptions small_options() {
+  ModelOptions o;
+  o.example_shape = {8};
+  o.classes = 3;
+  o.batch_size = 16;
+  o.seed = 3;
+  return o;
+}
+
+std::filesystem::path temp_dir(const std::string& name) {
+  auto dir = std::filesystem::temp_directory_path() / ("dagrad_trainer_" + name);
+  std::filesystem::remove_all(dir);
+  return dir;
+}
+
+TEST(Layers, ParseTextIntoSpecs) {
+  auto layers = parse_layers("conv:32:5, relu,maxpool:2,dense:10,dropout:0.25");
+  ASSERT_EQ(layers.size(), 5u);
+  EXPECT_EQ(layers[0].kind, "conv");
+  EXPECT_EQ(layers[0].args, (std::vector<double>{32, 5}));
+  EXPECT_EQ(layers[4].args, (std::vector<double>{0.25}));
+  EXPECT_EQ(layers[0].str(), "conv:32:5");
+}
+
+TEST(Layers, BadTextIsAClearError) {
+  EXPECT_THROW(parse_layers("dense:10,bogus"), Error);
+  EXPECT_THROW(parse_layers("dense"), Error);
+  EXPECT_THROW(parse_layers("dense:1.5"), Error);
+  EXPECT_THROW(parse_layers("dropout:1"), Error);
+  EXPECT_THROW(parse_layers("dense:10,,relu"), Error);
+  try {
+    parse_layers("dense:x");
+    FAIL();
+  } catch (const Error& e) {
+    EXPECT_NE(std::string(e.what()).find("\"x\" is not a number"), std::string::npos) << e.what();
+  }
+  EXPECT_THROW(preset_layers("resnet"), Error);
+}
+
+TEST(Model, MlpPresetHasTheExpectedParameterCount) {
+  ModelOptions o;
+  o.example_shape = {784};
+  Model model(parse_layers(preset_layers("mlp")), o);
+  EXPECT_EQ(model.parameter_count(), 784 * 256 + 256 + 256 * 128 + 128 + 128 * 10 + 10);
+  EXPECT_EQ(model.logits().shape(), Shape({128, 10}));
+  EXPECT_NE(model.summary().find("235146"), std::string::npos) << model.summary();
+}
+
+TEST(Model, CnnPresetBuildsWithSamePadding) {
+  ModelOptions o;
+  o.example_shape = {1, 28, 28};
+  o.batch_size = 4;
+  Model model(parse_layers(preset_layers("cnn")), o);
+  // conv 5×5 32 (same) → pool → conv 5×5 64 → pool → 7×7×64 → 1024 → 10
+  EXPECT_EQ(model.parameter_count(),
+            (32 * 25 + 32) + (64 * 32 * 25 + 64) + (7 * 7 * 64 * 1024 + 1024) + (1024 * 10 + 10));
+}
+
+TEST(Model, AStackThatDoesNotEndInTheClassesIsRefused) {
+  EXPECT_THROW(Model(parse_layers("dense:5"), small_options()), Error);
+}
+
+TEST(Trainer, LearnsSeparableBlobs) {
+  auto train = blobs(300, 1);
+  auto validation = blobs(90, 2);
+  Model model(parse_layers("dense:16,relu,dense:3"), small_options());
+  Adam adam(AdamOptions{.learning_rate = 0.01});
+  Trainer trainer(model, adam, nullptr, {.epochs = 8, .batch_size = 16, .seed = 5, .quiet = true});
+  History history = trainer.fit(train, &validation);
+  ASSERT_EQ(history.epochs.size(), 8u);
+  EXPECT_LT(history.epochs.back().train_loss, 0.5 * history.epochs.front().train_loss);
+  EXPECT_GT(history.epochs.back().val_accuracy, 0.95);
+  Evaluation e = trainer.evaluate(validation);
+  EXPECT_EQ(e.examples, 90);
+  std::int64_t total = 0, diagonal = 0;
+  for (int t = 0; t < 3; ++t) {
+    for (int p = 0; p < 3; ++p) total += e.confusion[t][p];
+    diagonal += e.confusion[t][t];
+  }
+  EXPECT_EQ(total, 90);
+  EXPECT_NEAR(static_cast<double>(diagonal) / 90.0, e.accuracy, 1e-12);
+}
+
+TEST(Trainer, FullBatchAndOneExampleModesRun) {
+  auto train = blobs(30, 1);
+  for (std::int64_t batch : {0, 1}) {
+    Model model(parse_layers("dense:3"), small_options());
+    SGD sgd(SGDOptions{.learning_rate = 0.05});
+    Trainer trainer(model, sgd, nullptr, {.epochs = 3, .batch_size = batch, .quiet = true});
+    History h = trainer.fit(train);
+    EXPECT_EQ(trainer.steps(), batch == 0 ? 3 : 90);
+    EXPECT_LT(h.epochs.back().train_loss, h.epochs.front().train_loss);
+  }
+}
+
+TEST(Trainer, EarlyStoppingRestoresTheBestWeights) {
+  auto train = blobs(120, 1, 1.5);
+  auto validation = blobs(60, 9, 1.5);
+  Model model(parse_layers("dense:32,relu,dense:3"), small_options());
+  Adam adam(AdamOptions{.learning_rate = 0.05});
+  Trainer trainer(model, adam, nullptr, {.epochs = 25, .batch_size = 8, .patience = 2, .quiet = true});
+  History h = trainer.fit(train, &validation);
+  ASSERT_GT(h.best_epoch, 0);
+  const double best = h.epochs[static_cast<std::size_t>(h.best_epoch - 1)].val_loss;
+  for (const auto& r : h.epochs) EXPECT_GE(r.val_loss, best);
+  EXPECT_NEAR(trainer.evaluate(validation).loss, best, 1e-5);
+}
+
+TEST(Trainer, ResumingGivesTheSameResultAsAnUninterruptedRun) {
+  auto train = blobs(96, 1);
+  auto layers = parse_layers("dense:16,relu,dropout:0.2,dense:3");
+  auto dir = temp_dir("resume");
+  std::vector<double> straight, resumed;
+  {
+    Model model(layers, small_options());
+    Adam adam(AdamOptions{.learning_rate = 0.01});
+    Trainer trainer(model, adam, nullptr, {.epochs = 4, .batch_size = 16, .seed = 2, .quiet = true});
+    trainer.fit(train);
+    for (const auto& p : model.parameters()) {
+      for (double v : model.graph().value_of(p).to_doubles()) straight.push_back(v);
+    }
+  }
+  {
+    Model model(layers, small_options());
+    Adam adam(AdamOptions{.learning_rate = 0.01});
+    Trainer trainer(model, adam, nullptr,
+                    {.epochs = 2, .batch_size = 16, .seed = 2, .out_dir = dir.string(), .quiet = true});
+    trainer.fit(train);
+  }
+  {
+    Model model(layers, small_options());  // fresh weights: everything must come from the file
+    Adam adam(AdamOptions{.learning_rate = 0.01});
+    Trainer trainer(model, adam, nullptr,
+                    {.epochs = 2, .batch_size = 16, .seed = 2, .out_dir = dir.string(), .quiet = true});
+    trainer.resume((dir / "last.safetensors").string());
+    History h = trainer.fit(train);
+    EXPECT_EQ(h.epochs.back().epoch, 4);
+    EXPECT_EQ(h.epochs.size(), 4u);  // epochs 1-2 come back from metrics.csv
+    for (const auto& p : model.parameters()) {
+      for (double v : model.graph().value_of(p).to_doubles()) resumed.push_back(v);
+    }
+  }
+  ASSERT_EQ(straight.size(), resumed.size());
+  for (std::size_t i = 0; i < straight.size(); ++i) ASSERT_EQ(straight[i], resumed[i]) << "element " << i;
+}
+
+TEST(Trainer, WritesCheckpointsMetricsAndTheGraph) {
+  auto train = blobs(48, 1);
+  auto validation = blobs(30, 2);
+  auto dir = temp_dir("outputs");
+  Model model(parse_layers("dense:3"), small_options());
+  SGD sgd(SGDOptions{.learning_rate = 0.1});
+  Trainer trainer(model, sgd, nullptr, {.epochs = 3, .batch_size = 16, .out_dir = dir.string(), .quiet = true});
+  trainer.fit(train, &validation);
+  EXPECT_TRUE(std::filesystem::exists(dir / "last.safetensors"));
+  EXPECT_TRUE(std::filesystem::exists(dir / "best.safetensors"));
+  EXPECT_TRUE(std::filesystem::exists(dir / "graph.dot"));
+  std::ifstream csv(dir / "metrics.csv");
+  std::string header, line;
+  std::getline(csv, header);
+  EXPECT_EQ(header, "epoch,lr,train_loss,regularization_loss,val_loss,train_acc,val_acc,seconds,train_loss_at");
+  int rows = 0;
+  while (std::getline(csv, line)) {
+    ++rows;
+    // the training loss is placed at mid-epoch
+    EXPECT_NE(line.find(fmt::format(",{:.1f}", rows - 0.5)), std::string::npos) << line;
+  }
+  EXPECT_EQ(rows, 3);
+}
+
+TEST(Trainer, RegularisationLossIsReportedApart) {
+  auto train = blobs(48, 1);
+  ModelOptions o = small_options();
+  o.l2 = 0.1;
+  Model model(parse_layers("dense:3"), o);
+  SGD sgd(SGDOptions{.learning_rate = 0.1});
+  Trainer trainer(model, sgd, nullptr, {.epochs = 1, .batch_size = 16, .quiet = true});
+  History h = trainer.fit(train);
+  EXPECT_GT(h.epochs[0].regularization_loss, 0.0);
+}
+
+TEST(Trainer, ANonFiniteLossStopsWithTheStepAndLearningRate) {
+  auto train = blobs(32, 1);
+  train.images.set(5, NAN);
+  Model model(parse_layers("dense:3"), small_options());
+  SGD sgd(SGDOptions{.learning_rate = 0.25});
+  Trainer trainer(model, sgd, nullptr, {.epochs = 1, .batch_size = 32, .quiet = true});
+  try {
+    trainer.fit(train);
+    FAIL();
+  } catch (const Error& e) {
+    EXPECT_NE(std::string(e.what()).find("step 1"), std::string::npos) << e.what();
+    EXPECT_NE(std::string(e.what()).find("learning rate 0.25"), std::string::npos) << e.what();
+  }
+}
+
+TEST(Trainer, BadInputIsRefused) {
+  Model model(parse_layers("dense:3"), small_options());
+  SGD sgd;
+  EXPECT_THROW(Trainer(model, sgd, nullptr, {.batch_size = -1}), Error);
+  EXPECT_THROW(Trainer(model, sgd, nullptr, {.clip_norm = -1}), Error);
+  Trainer trainer(model, sgd, nullptr, {.quiet = true});
+  data::Dataset empty;
+  empty.images = Tensor({0, 8}, DType::f32);
+  empty.labels = Tensor({0}, DType::i32);
+  empty.num_classes = 3;
+  EXPECT_THROW(trainer.fit(empty), Error);
+}
+
+TEST(Trainer, ScheduleSetsTheLearningRatePerEpoch) {
+  auto train = blobs(32, 1);
+  Model model(parse_layers("dense:3"), small_options());
+  SGD sgd(SGDOptions{.learning_rate = 0.1});
+  StepDecay schedule(0.1, {1, 2}, 0.5);
+  Trainer trainer(model, sgd, &schedule, {.epochs = 3, .batch_size = 16, .quiet = true});
+  History h = trainer.fit(train);
+  EXPECT_DOUBLE_EQ(h.epochs[0].learning_rate, 0.1);
+  EXPECT_DOUBLE_EQ(h.epochs[1].learning_rate, 0.05);
+  EXPECT_DOUBLE_EQ(h.epochs[2].learning_rate, 0.025);
+}
+
+}  // namespace
+}  // namespace dagrad
