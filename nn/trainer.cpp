@@ -82,6 +82,7 @@ Trainer::Trainer(Model& model, Optimizer& optimizer, const Schedule* schedule, T
   outputs.insert(outputs.end(), grads_.begin(), grads_.end());
   CompileOptions compile_options;
   compile_options.check_finite = options_.check_finite;
+  compile_options.profile = options_.profile;
   train_plan_.emplace(compile(model_.graph(), outputs, compile_options));
   if (options_.augment.mixup_alpha > 0) {
     Value soft_total = model_.soft_data_loss() + model_.regularization_loss();

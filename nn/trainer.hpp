@@ -61,6 +61,7 @@ struct TrainerOptions {
   bool quiet = false;       // print nothing
   double smoothing = 0.98;  // moving average factor of the per-step loss
   std::int64_t eval_batch_size = 1000;
+  bool profile = false;  // time every op of the training step (see Trainer::profile_report)
   // Called after every step with the step number (1-based) and that step's data loss (which may
   // be NaN); returning false ends training after this step (used by the learning-rate finder).
   std::function<bool(std::int64_t step, double loss)> on_step;
@@ -106,6 +107,8 @@ class Trainer {
   // next fit() continues after its epoch.
   void resume(const std::string& checkpoint_path);
   std::int64_t steps() const { return step_; }
+  // Per-op times of the training step (with TrainerOptions::profile), slowest first.
+  std::string profile_report(std::size_t top = 25) { return train_plan_->profile_report(top); }
 
  private:
   void check_options() const;

@@ -77,12 +77,112 @@ ReferenceFn reduce_reference(bool average) {
   };
 }
 
+// A fast f32 kernel for the reductions training needs (bias gradients over N or N,H,W; row
+// sums; totals): the input is viewed as [P, K, S] reducing P and S, or [A, B, C] reducing B,
+// after merging neighbouring axes of the same kind. Plain vectorisable loops over contiguous
+// memory, threaded over the kept elements. oneDNN's reduction handles every other pattern.
+class BlockReduceKernel final : public Kernel {
+ public:
+  BlockReduceKernel(bool outer_kept, std::int64_t first, std::int64_t middle, std::int64_t last,
+                    float scale)
+      : outer_kept_(outer_kept), first_(first), middle_(middle), last_(last), scale_(scale) {}
+
+  void run(const KernelCall& call) override {
+    const float* x = call.inputs[0].data<float>();
+    float* y = call.outputs[0].data<float>();
+    if (outer_kept_) {
+      // [A, B, C] reducing B.
+      const std::int64_t A = first_, B = middle_, C = last_;
+#pragma omp parallel for schedule(static)
+      for (std::int64_t a = 0; a < A; ++a) {
+        float* out = y + a * C;
+        for (std::int64_t c = 0; c < C; ++c) out[c] = 0.f;
+        for (std::int64_t b = 0; b < B; ++b) {
+          const float* row = x + (a * B + b) * C;
+#pragma omp simd
+          for (std::int64_t c = 0; c < C; ++c) out[c] += row[c];
+        }
+        for (std::int64_t c = 0; c < C; ++c) out[c] *= scale_;
+      }
+      return;
+    }
+    // [P, K, S] reducing P and S.
+    const std::int64_t P = first_, K = middle_, S = last_;
+    if (S == 1) {
+      constexpr std::int64_t chunk = 256;
+      const std::int64_t chunks = (K + chunk - 1) / chunk;
+#pragma omp parallel for schedule(static)
+      for (std::int64_t block = 0; block < chunks; ++block) {
+        const std::int64_t begin = block * chunk;
+        const std::int64_t end = std::min(K, begin + chunk);
+        float acc[chunk] = {};
+        for (std::int64_t p = 0; p < P; ++p) {
+          const float* row = x + p * K;
+#pragma omp simd
+          for (std::int64_t k = begin; k < end; ++k) acc[k - begin] += row[k];
+        }
+        for (std::int64_t k = begin; k < end; ++k) y[k] = acc[k - begin] * scale_;
+      }
+      return;
+    }
+#pragma omp parallel for schedule(static)
+    for (std::int64_t k = 0; k < K; ++k) {
+      float total = 0.f;
+      for (std::int64_t p = 0; p < P; ++p) {
+        const float* block = x + (p * K + k) * S;
+        float partial = 0.f;
+#pragma omp simd reduction(+ : partial)
+        for (std::int64_t i = 0; i < S; ++i) partial += block[i];
+        total += partial;
+      }
+      y[k] = total * scale_;
+    }
+  }
+
+ private:
+  bool outer_kept_;
+  std::int64_t first_, middle_, last_;
+  float scale_;
+};
+
+std::unique_ptr<Kernel> block_reduce(const Shape& in, const Shape& kept, bool average) {
+  // Merge axes into runs of reduced (R) and kept (K) axes, ignoring axes of size 1.
+  std::vector<std::pair<bool, std::int64_t>> runs;  // reduced?, size
+  for (int axis = 0; axis < in.rank(); ++axis) {
+    if (in[axis] == 1) continue;
+    const bool reduced = kept[axis] == 1;
+    if (!runs.empty() && runs.back().first == reduced) {
+      runs.back().second *= in[axis];
+    } else {
+      runs.emplace_back(reduced, in[axis]);
+    }
+  }
+  const float scale = average ? static_cast<float>(static_cast<double>(kept.numel()) /
+                                                   static_cast<double>(std::max<std::int64_t>(in.numel(), 1)))
+                              : 1.f;
+  auto size = [&](std::size_t i) { return runs[i].second; };
+  if (runs.empty() || in.numel() == 0) return nullptr;
+  // R | K R | R K | R K R  -> [P, K, S]
+  if (runs.size() == 1 && runs[0].first) return std::make_unique<BlockReduceKernel>(false, size(0), 1, 1, scale);
+  if (runs.size() == 2 && !runs[0].first) return std::make_unique<BlockReduceKernel>(false, 1, size(0), size(1), scale);
+  if (runs.size() == 2 && runs[0].first) return std::make_unique<BlockReduceKernel>(false, size(0), size(1), 1, scale);
+  if (runs.size() == 3 && runs[0].first) {
+    return std::make_unique<BlockReduceKernel>(false, size(0), size(1), size(2), scale);
+  }
+  // K R K -> [A, B, C]
+  if (runs.size() == 3 && !runs[0].first) {
+    return std::make_unique<BlockReduceKernel>(true, size(0), size(1), size(2), scale);
+  }
+  return nullptr;
+}
+
 KernelFactory reduce_onednn(dnnl::algorithm algorithm) {
   return [algorithm](const KernelBuild& build) -> std::unique_ptr<Kernel> {
     const Shape& in = build.inputs[0].shape;
     if (in.rank() == 0) return nullptr;
     Shape kept = keepdims_shape(in, build.node.attrs);
     if (kept == in) return nullptr;  // nothing reduced: a copy, done by the reference
+    if (auto fast = block_reduce(in, kept, algorithm == dnnl::algorithm::reduction_mean)) return fast;
     auto src_md = plain_md(build.inputs[0]);
     auto dst_md = plain_md(kept, build.outputs[0].dtype);
     dnnl::reduction::primitive_desc pd(dnnl::reduction::desc(algorithm, src_md, dst_md, 0.f, 0.f),
@@ -100,6 +200,10 @@ std::vector<Sample> reduce_samples() {
       {"axis 0", {spec({3, 4})}, {{"axes", Axes{0}}, {"keepdims", false}}},
       {"last axis kept", {spec({2, 3, 4})}, {{"axes", Axes{-1}}, {"keepdims", true}}},
       {"two axes", {spec({2, 3, 4})}, {{"axes", Axes{0, 2}}, {"keepdims", false}}},
+      {"middle axis", {spec({2, 3, 4})}, {{"axes", Axes{1}}, {"keepdims", false}}},
+      {"bias gradient N,H,W", {spec({3, 4, 5, 6})}, {{"axes", Axes{0, 2, 3}}, {"keepdims", false}}},
+      {"rows of a wide matrix", {spec({5, 300})}, {{"axes", Axes{0}}, {"keepdims", true}}},
+      {"alternating axes", {spec({2, 3, 2, 3, 2})}, {{"axes", Axes{0, 2, 4}}, {"keepdims", false}}},
   };
 }
 

@@ -2,6 +2,7 @@
 
 #include <algorithm>
 #include <cmath>
+#include <chrono>
 #include <list>
 #include <set>
 
@@ -90,6 +91,8 @@ struct Plan::Specialization {
     std::unique_ptr<Kernel> kernel;
     bool onednn = false;
     std::string fused;  // the fused pattern this step runs, if any
+    double seconds = 0;  // with CompileOptions::profile
+    std::uint64_t runs = 0;
     std::vector<Tensor> inputs;
     std::vector<Tensor> outputs;
   };
@@ -380,7 +383,15 @@ const std::vector<Tensor>& Plan::run(const Feeds& feeds, const RunOptions& optio
   context.stream = &spec.stream;
   for (auto& step : spec.steps) {
     KernelCall call{*step.node, step.inputs, step.outputs, context};
-    step.kernel->run(call);
+    if (options_.profile) {
+      const auto start = std::chrono::steady_clock::now();
+      step.kernel->run(call);
+      spec.stream.wait();
+      step.seconds += std::chrono::duration<double>(std::chrono::steady_clock::now() - start).count();
+      ++step.runs;
+    } else {
+      step.kernel->run(call);
+    }
     if (options_.check_finite) {
       for (std::size_t k = 0; k < step.outputs.size(); ++k) {
         if (is_floating(step.outputs[k].dtype()) && !all_finite(step.outputs[k])) {
@@ -428,6 +439,36 @@ std::size_t Plan::unplanned_bytes() {
 std::size_t Plan::num_steps() {
   planned_peak_bytes();
   return last_->steps.size();
+}
+
+std::vector<StepProfile> Plan::profile() {
+  planned_peak_bytes();
+  std::vector<StepProfile> out;
+  for (const auto& s : last_->steps) {
+    out.push_back({s.node->name, s.fused.empty() ? s.node->op : s.fused,
+                   s.onednn ? "oneDNN" : "reference", s.outputs.empty() ? "" : s.outputs[0].desc().str(),
+                   s.seconds, s.runs});
+  }
+  std::sort(out.begin(), out.end(), [](const auto& a, const auto& b) { return a.seconds > b.seconds; });
+  return out;
+}
+
+std::string Plan::profile_report(std::size_t top) {
+  auto steps = profile();
+  double total = 0;
+  for (const auto& s : steps) total += s.seconds;
+  std::string out = fmt::format("{:>9} {:>6}  {:<28} {:<10} {:<22} {}\n", "ms/run", "share", "op", "kernel",
+                                "output", "node");
+  for (std::size_t i = 0; i < steps.size() && i < top; ++i) {
+    const auto& s = steps[i];
+    const double per_run = s.runs ? s.seconds / static_cast<double>(s.runs) * 1e3 : 0;
+    out += fmt::format("{:>9.3f} {:>5.1f}%  {:<28} {:<10} {:<22} {}\n", per_run,
+                       total > 0 ? 100 * s.seconds / total : 0, s.op, s.kernel, s.output, s.node);
+  }
+  const std::uint64_t runs = steps.empty() ? 0 : steps.front().runs;
+  out += fmt::format("{} steps, {:.3f} ms per run in total\n", steps.size(),
+                     runs ? total / static_cast<double>(runs) * 1e3 : 0);
+  return out;
 }
 
 std::vector<std::string> Plan::fused_patterns() {

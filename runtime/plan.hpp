@@ -29,6 +29,17 @@ struct CompileOptions {
   bool fuse = true;          // off: no kernel fusion (for debugging)
   bool check_finite = false;  // after each node, raise Error naming the first op whose output
                               // holds a NaN or infinity
+  bool profile = false;       // time every step (waits for each kernel); see Plan::profile()
+};
+
+// Time spent per step of a profiled plan, summed over its runs.
+struct StepProfile {
+  std::string node;     // node name
+  std::string op;       // op name, or the fused pattern
+  std::string kernel;   // "oneDNN" or "reference"
+  std::string output;   // first output's desc
+  double seconds = 0;   // total
+  std::uint64_t runs = 0;
 };
 
 struct RunOptions {
@@ -64,6 +75,10 @@ class Plan {
   std::vector<std::string> fused_patterns();
   std::size_t num_specializations() const { return specializations_.size(); }
   std::uint64_t runs() const { return runs_; }
+  // Per-step times of the last specialisation run (compile with profile = true), slowest
+  // first, and a printable table of them.
+  std::vector<StepProfile> profile();
+  std::string profile_report(std::size_t top = 25);
 
   struct Specialization;
 

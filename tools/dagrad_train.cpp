@@ -52,6 +52,7 @@ struct Settings {
   std::string normalize = "unit";
   std::string eval_checkpoint;
   bool resume = false, sanity = false, find_lr = false, check_finite = false, quiet = false;
+  bool profile = false;
   std::int64_t train_limit = 0;  // use only the first N training examples (0: all)
 };
 
@@ -322,6 +323,7 @@ int main(int argc, char** argv) {
   app.add_flag("--find-lr", s.find_lr, "sweep learning rates and report where the loss falls fastest");
   app.add_flag("--check-finite", s.check_finite, "name the first op producing NaN or infinity");
   app.add_flag("--quiet", s.quiet);
+  app.add_flag("--profile", s.profile, "print the time of every op of the training step");
   CLI11_PARSE(app, argc, argv);
 
   try {
@@ -378,6 +380,7 @@ int main(int argc, char** argv) {
     options.augment = {s.flip, s.crop, s.cutout, s.mixup};
     options.check_finite = s.check_finite;
     options.quiet = s.quiet;
+    options.profile = s.profile;
     Trainer trainer(model, *optimizer, schedule.get(), options);
     if (!s.eval_checkpoint.empty()) {
       Checkpoint::load(s.eval_checkpoint, model.graph(), nullptr);
@@ -392,6 +395,7 @@ int main(int argc, char** argv) {
       if (!s.quiet) std::printf("resumed from %s\n", last.string().c_str());
     }
     History history = trainer.fit(train, validation.size() > 0 ? &validation : nullptr);
+    if (s.profile) std::printf("\ntraining step profile:\n%s", trainer.profile_report().c_str());
     Evaluation e = trainer.evaluate(test);
     std::vector<std::string> names;
     if (train.num_classes == 10) {
