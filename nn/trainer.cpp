@@ -284,7 +284,8 @@ History Trainer::fit(const data::Dataset& train, const data::Dataset* validation
       break;
     }
   }
-  if ((history.stopped_early || options_.patience > 0) && history.best_epoch > 0) restore(model_, best);
+  // With a validation set (or early stopping) the run ends with the weights of its best epoch.
+  if ((validation != nullptr || options_.patience > 0) && history.best_epoch > 0) restore(model_, best);
   start_epoch_ = history.epochs.empty() ? start_epoch_ : history.epochs.back().epoch;
   resumed_ = history;
   if (!options_.out_dir.empty()) write_outputs(history);

@@ -11,8 +11,8 @@
 // then validation in inference mode. The training loss is averaged over the epoch and reported
 // at mid-epoch (epoch − 0.5) so that train and validation curves line up; a moving average of
 // the per-step loss drives the progress line. The regularisation loss (penalties) is reported
-// apart from the data loss. Early stopping watches the validation loss with a patience and
-// restores the best weights. With an output directory, a checkpoint is written after every
+// apart from the data loss. Early stopping watches the validation loss with a patience; with a
+// validation set (or a patience) fit() ends with the weights of the best epoch. With an output directory, a checkpoint is written after every
 // epoch (last.safetensors) and for the best epoch (best.safetensors), with metrics.csv and the
 // loss/accuracy curves (gnuplot, when installed). All randomness (shuffling, dropout masks,
 // augmentation) is a function of (seed, epoch, step), so resume() continues a run exactly as

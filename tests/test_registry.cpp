@@ -92,6 +92,27 @@ TEST_P(EveryOp, GradientMatchesCentralDifferences) {
     Value scalar2 = combine_outputs(g2, outputs2, 5);
     GradcheckResult result = gradcheck(g2, scalar2, feeds2, options);
     EXPECT_TRUE(result.ok) << def.name << " [" << sample.label << "] " << result.report();
+    if (!def.second_order) {
+      // An op that does not claim second order must refuse a gradient of its gradient clearly,
+      // rather than return something silently wrong.
+      Graph g4;
+      std::vector<Value> inputs4;
+      for (std::size_t i = 0; i < sample.inputs.size(); ++i) {
+        const DType dtype = sample.inputs[i].dtype.value_or(DType::f64);
+        inputs4.push_back(g4.input(fmt::format("in{}", i), sample.inputs[i].shape, dtype));
+      }
+      auto outputs4 = g4.add_node(def.name, inputs4, sample.attrs);
+      Value scalar4 = combine_outputs(g4, outputs4, 5);
+      std::vector<Value> wrt4;
+      for (std::size_t i = 0; i < inputs4.size(); ++i) {
+        if (sample.inputs[i].differentiable && is_floating(inputs4[i].dtype())) wrt4.push_back(inputs4[i]);
+      }
+      auto first = grad(scalar4, wrt4);
+      Value inner = combine_outputs(g4, first, 9);
+      EXPECT_THROW(grad(inner, wrt4), GraphError)
+          << def.name << " [" << sample.label << "] claims no second order, but grad of its grad "
+          << "did not refuse: declare second_order = true if that is right";
+    }
     if (def.second_order) {
       Graph g3;
       std::vector<Value> inputs3;
