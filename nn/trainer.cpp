@@ -97,8 +97,10 @@ Trainer::Trainer(Model& model, Optimizer& optimizer, const Schedule* schedule, T
 void Trainer::check_options() const {
   const auto& o = options_;
   if (o.epochs < 0) throw Error(fmt::format("Trainer: epochs {} is negative", o.epochs));
-  if (o.batch_size < 0) {
-    throw Error(fmt::format("Trainer: batch size {} is negative (0 means full batch)", o.batch_size));
+  if (o.batch_size < 1 && !o.full_batch) {
+    throw Error(fmt::format(
+        "Trainer: batch size {} must be at least 1 (set full_batch for full-batch training)",
+        o.batch_size));
   }
   if (o.clip_norm < 0 || o.clip_value < 0 || !std::isfinite(o.clip_norm) || !std::isfinite(o.clip_value)) {
     throw Error(fmt::format("Trainer: clipping thresholds must be finite and >= 0 (norm {}, value {})",
@@ -121,8 +123,8 @@ History Trainer::fit(const data::Dataset& train, const data::Dataset* validation
     throw Error(fmt::format("Trainer: image augmentation needs [N,C,H,W] images, the training set has {}",
                             train.images.shape()));
   }
-  const std::int64_t batch = options_.batch_size == 0 ? train.size() : options_.batch_size;
-  data::Loader loader(train, {.batch_size = batch, .shuffle = options_.batch_size != 0,
+  const std::int64_t batch = options_.full_batch ? train.size() : options_.batch_size;
+  data::Loader loader(train, {.batch_size = batch, .shuffle = !options_.full_batch,
                               .drop_last = options_.drop_last, .seed = options_.seed});
   const bool bar = options_.progress == 1 || (options_.progress == -1 && isatty(fileno(stdout)));
   History history = resumed_;

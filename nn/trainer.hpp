@@ -46,7 +46,8 @@ struct AugmentOptions {
 
 struct TrainerOptions {
   std::int64_t epochs = 5;
-  std::int64_t batch_size = 128;  // 0: full batch (deterministic); 1: one example at a time
+  std::int64_t batch_size = 128;  // 1: one example at a time; must be >= 1
+  bool full_batch = false;        // every step sees the whole training set, unshuffled
   std::uint64_t seed = 0;
   bool drop_last = false;
   bool schedule_per_step = false;  // index the schedule by step instead of by epoch

@@ -117,12 +117,12 @@ TEST(Trainer, LearnsSeparableBlobs) {
 
 TEST(Trainer, FullBatchAndOneExampleModesRun) {
   auto train = blobs(30, 1);
-  for (std::int64_t batch : {0, 1}) {
+  for (bool full : {true, false}) {
     Model model(parse_layers("dense:3"), small_options());
     SGD sgd(SGDOptions{.learning_rate = 0.05});
-    Trainer trainer(model, sgd, nullptr, {.epochs = 3, .batch_size = batch, .quiet = true});
+    Trainer trainer(model, sgd, nullptr, {.epochs = 3, .batch_size = 1, .full_batch = full, .quiet = true});
     History h = trainer.fit(train);
-    EXPECT_EQ(trainer.steps(), batch == 0 ? 3 : 90);
+    EXPECT_EQ(trainer.steps(), full ? 3 : 90);
     EXPECT_LT(h.epochs.back().train_loss, h.epochs.front().train_loss);
   }
 }
@@ -231,6 +231,7 @@ TEST(Trainer, ANonFiniteLossStopsWithTheStepAndLearningRate) {
 TEST(Trainer, BadInputIsRefused) {
   Model model(parse_layers("dense:3"), small_options());
   SGD sgd;
+  EXPECT_THROW(Trainer(model, sgd, nullptr, {.batch_size = 0}), Error);
   EXPECT_THROW(Trainer(model, sgd, nullptr, {.batch_size = -1}), Error);
   EXPECT_THROW(Trainer(model, sgd, nullptr, {.clip_norm = -1}), Error);
   Trainer trainer(model, sgd, nullptr, {.quiet = true});

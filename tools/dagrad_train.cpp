@@ -53,6 +53,7 @@ struct Settings {
   std::string eval_checkpoint;
   bool resume = false, sanity = false, find_lr = false, check_finite = false, quiet = false;
   bool profile = false;
+  bool full_batch = false;
   std::int64_t train_limit = 0;  // use only the first N training examples (0: all)
 };
 
@@ -292,7 +293,8 @@ int main(int argc, char** argv) {
   app.add_option("--layers", s.layers, "layer stack instead of a preset, e.g. dense:256,relu,dense:10");
   app.add_option("--data", s.data_dir, "directory with the four IDX files (plain or .gz)")->capture_default_str();
   app.add_option("--epochs", s.epochs)->capture_default_str();
-  app.add_option("--batch-size", s.batch_size, "0 = full batch, 1 = one example at a time")->capture_default_str();
+  app.add_option("--batch-size", s.batch_size, "examples per step (1 = one example at a time)")->capture_default_str();
+  app.add_flag("--full-batch", s.full_batch, "every step uses the whole training set");
   app.add_option("--optimizer", s.optimizer, "sgd, momentum, nesterov, adagrad, rmsprop, adam, adamw")->capture_default_str();
   app.add_option("--lr", s.lr, "learning rate")->capture_default_str();
   app.add_option("--momentum", s.momentum)->capture_default_str();
@@ -372,6 +374,7 @@ int main(int argc, char** argv) {
     TrainerOptions options;
     options.epochs = s.epochs;
     options.batch_size = s.batch_size;
+    options.full_batch = s.full_batch;
     options.seed = s.seed;
     options.clip_norm = s.clip_norm;
     options.clip_value = s.clip_value;
