@@ -64,7 +64,9 @@ std::string Evaluation::confusion_table(const std::vector<std::string>& names) c
   for (std::size_t c = 0; c < classes; ++c) width = std::max(width, label(c).size() + 1);
   std::string out = fmt::format("{:>{}} |", "true\\pred", width);
   for (std::size_t c = 0; c < classes; ++c) out += fmt::format(" {:>5}", c);
-  out += "\n" + std::string(width + 2 + 6 * classes, '-') + "\n";
+  out += '\n';
+  out.append(width + 2 + 6 * classes, '-');
+  out += '\n';
   for (std::size_t t = 0; t < classes; ++t) {
     out += fmt::format("{:>{}} |", label(t), width);
     for (std::size_t p = 0; p < classes; ++p) out += fmt::format(" {:>5}", confusion[t][p]);
