@@ -16,13 +16,15 @@
 
 #include "dagrad.hpp"
 #include "nn/optimizer.hpp"
+#include "nn/schedule.hpp"
 
 using namespace dagrad;
 
 namespace {
 
 constexpr std::int64_t points = 256;
-constexpr int steps = 4000;
+constexpr int steps = 6000;
+constexpr double learning_rate = 0.1;
 
 double target_function(double x) {
   return std::sin(3 * x) + 0.5 * std::sin(7 * x) + (x > 0.3 ? 1.0 : 0.0);
@@ -35,14 +37,17 @@ struct Fit {
 };
 
 Fit fit_units(std::int64_t units, const Tensor& xs, const Tensor& targets) {
-  // Each unit starts as a step of moderate steepness centred at a random point c of [−1, 1]:
-  // σ(w (x − c)), i.e. b = −w c, so the units cover the interval from the start.
+  // Each unit starts as a soft step σ(w (x − c)) centred at a random point c of [−1, 1]
+  // (b = −w c), so the units cover the interval from the start, with a steepness |w| drawn
+  // log-uniformly in [3, 1000]: gentle units fit the waves, steep ones can become the jump
+  // (Adam moves w by about its learning rate per step, too slowly to sharpen a gentle unit).
   std::mt19937_64 random(static_cast<std::uint64_t>(units));
   std::uniform_real_distribution<double> centre(-1.0, 1.0), sign(-1.0, 1.0);
+  std::uniform_real_distribution<double> log_steepness(std::log(3.0), std::log(1000.0));
   std::normal_distribution<double> output(0.0, 0.1);
   std::vector<double> w(units), b(units), v(units);
   for (std::int64_t j = 0; j < units; ++j) {
-    w[j] = (sign(random) < 0 ? -1.0 : 1.0) * 8.0;
+    w[j] = (sign(random) < 0 ? -1.0 : 1.0) * std::exp(log_steepness(random));
     b[j] = -w[j] * centre(random);
     v[j] = output(random);
   }
@@ -64,9 +69,12 @@ Fit fit_units(std::int64_t units, const Tensor& xs, const Tensor& targets) {
 
   std::vector<Tensor> param_tensors;
   for (const auto& p : params) param_tensors.push_back(g.value_of(p));  // shares storage
-  Adam adam(AdamOptions{.learning_rate = 0.02});
+  Adam adam(AdamOptions{.learning_rate = learning_rate});
+  // Large steps early, small ones late for a precise final fit.
+  const CosineDecay schedule(learning_rate, steps, learning_rate / 100);
   std::vector<Tensor> grad_tensors(params.size());
   for (int step = 0; step < steps; ++step) {
+    adam.set_learning_rate(schedule.learning_rate(step));
     const auto& out = plan.run({{x, xs}, {t, targets}});
     for (std::size_t k = 0; k < params.size(); ++k) grad_tensors[k] = out[2 + k];
     adam.step(param_tensors, grad_tensors);
@@ -80,6 +88,8 @@ Fit fit_units(std::int64_t units, const Tensor& xs, const Tensor& targets) {
 }  // namespace
 
 int main(int argc, char** argv) {
+  // The tensors hold a few hundred numbers: waking threads would cost more than they save.
+  set_num_threads(1);
   const std::filesystem::path out_dir = argc > 1 ? argv[1] : "approximate_out";
   std::filesystem::create_directories(out_dir);
   std::vector<double> x_values, t_values;
@@ -94,8 +104,9 @@ int main(int argc, char** argv) {
   std::printf("f(x) = sin(3x) + 0.5 sin(7x) + [x > 0.3] on [-1, 1], %lld points\n",
               static_cast<long long>(points));
   std::printf(
-      "one hidden layer of sigmoid units, Adam (learning rate 0.02), %d full-batch steps\n\n",
-      steps);
+      "one hidden layer of sigmoid units, Adam (learning rate %g, cosine decay to 1/100), %d "
+      "full-batch steps\n\n",
+      learning_rate, steps);
   std::printf("hidden units | final mean squared error\n");
   std::vector<Fit> fits;
   for (std::int64_t units : {2, 8, 32}) {
