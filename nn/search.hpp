@@ -162,6 +162,10 @@ std::string substitute_layers(std::string_view layers, const Config& config);
 std::unique_ptr<Optimizer> optimizer_by_name(std::string_view name, double learning_rate,
                                              double weight_decay = 0, double momentum = 0.9);
 
+// The objective keeps references to `train` and `validation`: they must outlive it. Every call
+// builds a fresh Model (seeded by options.model.seed, so equal configurations score alike),
+// trains it on `train` and returns the accuracy on `validation`; a run whose loss diverges
+// (the Trainer's non-finite-loss Error) scores NaN, which ranks last.
 Objective training_objective(const data::Dataset& train, const data::Dataset& validation,
                              TrainingObjectiveOptions options);
 
