@@ -358,5 +358,33 @@ TEST(Search, TrainingObjectiveScoresConfigurationsOnValidation) {
       "\"hiden\"");
 }
 
+TEST(Search, TrainingObjectiveScoresADivergedRunAsNaNAndChecksDropout) {
+  const auto train = blobs(60, 5, 0.3), validation = blobs(30, 6, 0.3);
+  TrainingObjectiveOptions options;
+  options.layers = "dense:8,relu,dense:3";
+  options.optimizer = "SGD";
+  options.model.example_shape = {4};
+  options.model.classes = 3;
+  options.trainer.epochs = 5;
+  options.trainer.batch_size = 8;
+  Objective objective = training_objective(train, validation, options);
+  // SGD with a learning rate of 1e30 overflows the weights at once.
+  EXPECT_TRUE(std::isnan(objective(Config{{{"learning_rate", 1e30}}})));
+  expect_error_containing([&] { objective(Config{{{"dropout", 0.5}}}); }, "has no dropout layer");
+
+  options.layers = "dense:8,relu,dropout:0.1,dense:3";
+  options.optimizer = "Adam";
+  Objective with_dropout = training_objective(train, validation, options);
+  EXPECT_GT(with_dropout(Config{{{"learning_rate", 0.03}, {"dropout", 0.3}}}), 0.9);
+  // The searched rate replaces the text's and is checked like layer text.
+  expect_error_containing(
+      [&] {
+        with_dropout(Config{{{"dropout", 1.0}}});
+      },
+      "dropout rate 1 is outside [0, 1)");
+  expect_error_containing([] { training_objective(data::Dataset{}, data::Dataset{}, {}); },
+                          "no layer text");
+}
+
 }  // namespace
 }  // namespace dagrad
