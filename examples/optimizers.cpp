@@ -2,7 +2,9 @@
 // trained on three interleaved spirals with each optimiser, first at a constant learning rate and
 // then with a cosine decay, and the training losses are printed epoch by epoch side by side.
 // Writes optimizers.csv (one column per run) and, when gnuplot is installed, optimizers.png
-// into the directory given as the first argument (default: optimizers_out).
+// into the directory given as the first argument (default: optimizers_out). Then a random
+// search over Adam's learning rate and the hidden width, and an ensemble of three networks of
+// the best configuration (nn/search.hpp).
 //
 // Every run sees the same data in the same order (the Trainer's shuffling is a function of its
 // seed and the epoch) and the same initial weights (the Model's seed), so the curves differ
@@ -174,6 +176,44 @@ int main(int argc, char** argv) {
   } else {
     std::printf("gnuplot is not installed; skipping the plot\n");
   }
+
+  // The same problem through the search toolkit: a seeded random search over Adam's learning
+  // rate (log-uniform) and the hidden width, then an ensemble of the best configuration trained
+  // from three different initialisations.
+  SearchSpace space;
+  space.log_uniform("learning_rate", 1e-3, 1e-1).grid("hidden", {8, 16, 32});
+  TrainingObjectiveOptions search_options;
+  search_options.layers = "dense:{hidden},tanh,dense:{hidden},tanh,dense:3";
+  search_options.optimizer = "Adam";
+  search_options.model.example_shape = {2};
+  search_options.model.classes = classes;
+  search_options.model.seed = 11;
+  search_options.trainer.epochs = 20;
+  search_options.trainer.batch_size = batch_size;
+  const SearchResult search =
+      random_search(space, 8, 2024, training_objective(train, validation, search_options));
+  std::printf("\nrandom search, 8 trials of 20 epochs (score: validation accuracy)\n%s",
+              search.table().c_str());
+
+  const Config& best = search.best().config;
+  std::vector<std::unique_ptr<Model>> models;
+  std::vector<std::unique_ptr<Optimizer>> optimizers;
+  std::vector<std::unique_ptr<Trainer>> trainers;
+  std::vector<Trainer*> members;
+  for (std::uint64_t seed : {1, 2, 3}) {
+    ModelOptions member_options = search_options.model;
+    member_options.seed = seed;
+    models.push_back(std::make_unique<Model>(
+        parse_layers(substitute_layers(search_options.layers, best)), member_options));
+    optimizers.push_back(optimizer_by_name("Adam", best.get("learning_rate")));
+    trainers.push_back(std::make_unique<Trainer>(
+        *models.back(), *optimizers.back(), nullptr,
+        TrainerOptions{.epochs = 10, .batch_size = batch_size, .seed = seed, .quiet = true}));
+    trainers.back()->fit(train);
+    members.push_back(trainers.back().get());
+  }
+  std::printf("\nensemble of the best configuration (%s), 3 initialisations, 10 epochs each\n%s",
+              best.str().c_str(), evaluate_ensemble(members, validation).str().c_str());
 
   // Every rule must have lowered the loss on this problem.
   bool ok = true;
