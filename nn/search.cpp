@@ -299,7 +299,11 @@ std::string substitute_layers(std::string_view layers, const Config& config) {
                               layers, name, config.str()));
     }
     text.append(layers.substr(position, open - position));
-    text += format_value(config.get(name));
+    // Full precision (shortest round-trip form) rather than the table's 4 digits.
+    const double value = config.get(name);
+    text += value == std::round(value) && std::abs(value) < 1e15
+                ? fmt::format("{}", static_cast<std::int64_t>(value))
+                : fmt::format("{}", value);
     position = close + 1;
   }
   return text;

@@ -201,6 +201,7 @@ TEST(Search, SubstitutesPlaceholdersAndMakesOptimizersByName) {
   EXPECT_EQ(substitute_layers("dense:{hidden},relu,dropout:{p},dense:3",
                               Config{{{"hidden", 16}, {"p", 0.25}}}),
             "dense:16,relu,dropout:0.25,dense:3");
+  EXPECT_EQ(substitute_layers("dropout:{p}", Config{{{"p", 0.123456789}}}), "dropout:0.123456789");
   for (const char* name : {"SGD", "Momentum", "Nesterov", "AdaGrad", "RMSProp", "Adam", "AdamW"}) {
     auto optimizer = optimizer_by_name(name, 0.05, 0.001);
     EXPECT_EQ(optimizer->name(), name);
