@@ -24,8 +24,9 @@ bool print_perceptron(const char* name, double w1, double w2, double b, const in
   for (int i = 0; i < 4; ++i) {
     const int value = static_cast<int>(out.at(i));
     all = all && value == expected[i];
-    std::printf("   %d  %d | %d%s\n", static_cast<int>(inputs.at(2 * i)), static_cast<int>(inputs.at(2 * i + 1)),
-                value, value == expected[i] ? "" : "  WRONG");
+    std::printf("   %d  %d | %d%s\n", static_cast<int>(inputs.at(2 * i)),
+                static_cast<int>(inputs.at(2 * i + 1)), value,
+                value == expected[i] ? "" : "  WRONG");
   }
   return all;
 }
@@ -63,7 +64,8 @@ int main() {
       Tensor& w = g.value_of(params[k]);
       float* data = w.data<float>();
       const float* d = out[2 + k].data<float>();
-      for (std::int64_t i = 0; i < w.numel(); ++i) data[i] -= static_cast<float>(learning_rate) * d[i];
+      for (std::int64_t i = 0; i < w.numel(); ++i)
+        data[i] -= static_cast<float>(learning_rate) * d[i];
     }
   }
   const Tensor result = plan.run({{x, inputs}, {t, targets}})[1].clone();
@@ -74,7 +76,8 @@ int main() {
     const int target = static_cast<int>(targets.at(i));
     xor_ok = xor_ok && rounded == target;
     std::printf("   %d  %d | %.4f  | %d       | %d%s\n", static_cast<int>(inputs.at(2 * i)),
-                static_cast<int>(inputs.at(2 * i + 1)), result.at(i), rounded, target, rounded == target ? "" : "  WRONG");
+                static_cast<int>(inputs.at(2 * i + 1)), result.at(i), rounded, target,
+                rounded == target ? "" : "  WRONG");
   }
   ok = ok && xor_ok;
   std::printf("%s\n", ok ? "all four gates are right" : "SOME GATE IS WRONG");

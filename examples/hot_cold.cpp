@@ -55,7 +55,8 @@ int main() {
     const double up = p.evaluate(input, goal)[1];
     p.set_weight(w - step);
     const double down = p.evaluate(input, goal)[1];
-    if (iteration % 250 == 0) std::printf("iteration %4d: weight %.3f error %.6f\n", iteration, w, err);
+    if (iteration % 250 == 0)
+      std::printf("iteration %4d: weight %.3f error %.6f\n", iteration, w, err);
     p.set_weight(down < up ? w - step : w + step);
     if (err == 0.0) break;
   }
@@ -68,7 +69,8 @@ int main() {
     double last_error = 0;
     for (int i = 0; i < steps; ++i) {
       auto [pred, err, grad_w] = p.evaluate(x, goal);
-      std::printf("  step %2d: weight %9.4f prediction %9.4f error %12.6f\n", i, p.get_weight(), pred, err);
+      std::printf("  step %2d: weight %9.4f prediction %9.4f error %12.6f\n", i, p.get_weight(),
+                  pred, err);
       p.set_weight(p.get_weight() - alpha * grad_w);
       last_error = err;
     }
@@ -78,7 +80,7 @@ int main() {
   const double converged = descend(1.0, 20, input);
   std::printf("\n-- gradient descent, input 2.0, alpha 0.3: too large, the error grows --\n");
   const double diverged = descend(0.3, 8, 2.0);
-  std::printf("\nconverging run ends at error %.6f; diverging run ends at error %.1f (%s)\n", converged,
-              diverged, diverged > 1.0 ? "diverged" : "did not diverge");
+  std::printf("\nconverging run ends at error %.6f; diverging run ends at error %.1f (%s)\n",
+              converged, diverged, diverged > 1.0 ? "diverged" : "did not diverge");
   return 0;
 }

@@ -9,3 +9,4 @@
 #include "nn/optimizer.hpp"
 #include "nn/safetensors.hpp"
 #include "nn/schedule.hpp"
+#include "nn/search.hpp"
