@@ -43,5 +43,28 @@ int main() {
                differentiable ? op->formula : op->formula + "  [no gradient: " + op->no_gradient + "]");
   }
   fmt::print("\n{} ops registered\n", ops.size());
+
+  // Functions built from the ops above: their gradients (and second order) come from their
+  // parts, which the registry-wide tests check; their own tests live in tests/test_loss.cpp,
+  // test_normalization.cpp, test_indexing.cpp and test_conv.cpp.
+  struct Composite {
+    const char* name;
+    const char* made_of;
+  };
+  const Composite composites[] = {
+      {"mse", "sub, square, mean (reduction none/mean/sum, per-example weights)"},
+      {"sum_of_squares", "½ Σ (y − t)², the course's E"},
+      {"mae", "sub, abs, mean"},
+      {"binary_cross_entropy", "clip (p to [1e-7, 1]), log, mul"},
+      {"binary_cross_entropy_with_logits", "logistic_loss (stable for |z| up to 100)"},
+      {"cross_entropy", "clip, log, mul, sum over classes (one-hot or probability targets)"},
+      {"cross_entropy_with_logits", "log_softmax, mul, sum over classes"},
+      {"sparse_cross_entropy", "log_softmax, pick (i32 labels, checked at run time)"},
+      {"l1_penalty / l2_penalty / elastic_net_penalty", "relu, mul, sum over parameters"},
+      {"global_avg_pool", "mean over H, W"},
+      {"flatten / squeeze / unsqueeze", "reshape"},
+  };
+  fmt::print("\n{:<46} {}\n{}\n", "composite function", "built from", std::string(110, '-'));
+  for (const auto& c : composites) fmt::print("{:<46} {}\n", c.name, c.made_of);
   return 0;
 }
