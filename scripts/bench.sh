@@ -1,0 +1,63 @@
+#!/usr/bin/env bash
+# Training-step throughput: dagrad (bench/bench_train) against libtorch (bench/libtorch).
+# Builds both (libtorch only when Debian's libtorch-dev is installed), runs each with 5
+# repetitions, and prints the medians as a table: workload, dagrad samples/s, libtorch samples/s,
+# ratio dagrad/libtorch.
+#
+#   scripts/bench.sh [extra Google Benchmark flags, e.g. --benchmark_filter=mlp]
+# Environment: BUILD_DIR (default build), DAGRAD_THREADS (threads for both; 0/unset = all cores),
+#              OUT_DIR (where the JSON results go; default $BUILD_DIR/bench-results).
+set -euo pipefail
+cd "$(dirname "$0")/.."
+
+BUILD_DIR=${BUILD_DIR:-build}
+OUT_DIR=${OUT_DIR:-$BUILD_DIR/bench-results}
+mkdir -p "$OUT_DIR"
+
+with_torch=OFF
+if dpkg -s libtorch-dev >/dev/null 2>&1; then
+  with_torch=ON
+else
+  echo "libtorch-dev is not installed (apt-get install -y libtorch-dev): dagrad only" >&2
+fi
+launcher=()
+if command -v ccache >/dev/null; then launcher=(-DCMAKE_CXX_COMPILER_LAUNCHER=ccache); fi
+cmake -S . -B "$BUILD_DIR" -DCMAKE_BUILD_TYPE=Release "${launcher[@]}" \
+  -DDAGRAD_BUILD_BENCH=ON -DDAGRAD_BENCH_LIBTORCH=$with_torch >/dev/null
+targets=(bench_train)
+if [[ $with_torch == ON ]]; then targets+=(bench_libtorch); fi
+make -C "$BUILD_DIR" -j2 "${targets[@]}" >/dev/null
+
+flags=(--benchmark_repetitions=5 --benchmark_report_aggregates_only=true
+  --benchmark_out_format=json "$@")
+echo "load average before: $(cut -d' ' -f1-3 /proc/loadavg)"
+"$BUILD_DIR/bench/bench_train" "${flags[@]}" --benchmark_out="$OUT_DIR/dagrad.json"
+if [[ $with_torch == ON ]]; then
+  "$BUILD_DIR/bench/libtorch/bench_libtorch" "${flags[@]}" --benchmark_out="$OUT_DIR/libtorch.json"
+fi
+echo "load average after: $(cut -d' ' -f1-3 /proc/loadavg)"
+
+# Google Benchmark writes one JSON key per line; pick each median's items_per_second (plain awk,
+# so the script needs neither python nor jq).
+medians() {
+  [[ -f $1 ]] || return 0
+  awk -F'"' '
+    /"run_name":/ { name = $4; sub(/^torch_/, "", name); sub(/\/real_time$/, "", name) }
+    /"aggregate_name":/ { aggregate = $4 }
+    /"items_per_second":/ {
+      value = $3; gsub(/[:, ]/, "", value)
+      if (aggregate == "median") print name, value
+      aggregate = ""
+    }' "$1"
+}
+medians "$OUT_DIR/libtorch.json" >"$OUT_DIR/libtorch.medians"
+echo
+echo "| workload | dagrad samples/s | libtorch samples/s | ratio dagrad/libtorch |"
+echo "| --- | ---: | ---: | ---: |"
+medians "$OUT_DIR/dagrad.json" | while read -r name ours; do
+  theirs=$(awk -v n="$name" '$1 == n { print $2 }' "$OUT_DIR/libtorch.medians")
+  awk -v n="$name" -v a="$ours" -v b="${theirs:-0}" 'BEGIN {
+    if (b > 0) printf "| %s | %.0f | %.0f | %.2f |\n", n, a, b, a / b
+    else printf "| %s | %.0f | n/a | n/a |\n", n, a
+  }'
+done
