@@ -236,6 +236,8 @@ void run_train_step(benchmark::State& state, void (*build)(TrainGraph&, std::int
   state.counters["allocs_per_step"] = static_cast<double>(allocations.load()) / iterations;
   state.counters["peak_bytes"] = static_cast<double>(plan.planned_peak_bytes() + param_bytes);
   state.counters["threads"] = num_threads();
+  state.counters["steps"] = static_cast<double>(plan.num_steps());
+  state.counters["onednn_steps"] = static_cast<double>(plan.num_onednn_steps());
   // The loss must fall on a fixed batch; a label shows it moved (a sanity check, not a timing).
   state.SetLabel(fmt::format("loss {:.3f} -> {:.3f}", first_loss, last_loss));
 }

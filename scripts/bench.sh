@@ -33,6 +33,9 @@ flags=(--benchmark_repetitions=5 --benchmark_report_aggregates_only=true
 echo "load average before: $(cut -d' ' -f1-3 /proc/loadavg)"
 "$BUILD_DIR/bench/bench_train" "${flags[@]}" --benchmark_out="$OUT_DIR/dagrad.json"
 if [[ $with_torch == ON ]]; then
+  # libtorch's matmuls go through whatever libblas.so.3 resolves to (Debian's reference BLAS
+  # unless OpenBLAS is installed or put on LD_LIBRARY_PATH): say which one.
+  echo "libtorch BLAS: $(ldd "$BUILD_DIR/bench/libtorch/bench_libtorch" | awk '/libblas/ { print $3 }' | xargs -r readlink -f)"
   "$BUILD_DIR/bench/libtorch/bench_libtorch" "${flags[@]}" --benchmark_out="$OUT_DIR/libtorch.json"
 fi
 echo "load average after: $(cut -d' ' -f1-3 /proc/loadavg)"
