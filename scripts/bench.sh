@@ -4,15 +4,18 @@
 # repetitions, and prints the medians as a table: workload, dagrad samples/s, libtorch samples/s,
 # ratio dagrad/libtorch.
 #
-#   scripts/bench.sh [extra Google Benchmark flags, e.g. --benchmark_filter=mlp]
+#   scripts/bench.sh [extra Google Benchmark flags, e.g. --benchmark_min_time=1]
 # Environment: BUILD_DIR (default build), DAGRAD_THREADS (threads for both; 0/unset = all cores),
-#              OUT_DIR (where the JSON results go; default $BUILD_DIR/bench-results).
+#              OUT_DIR (where the JSON results go; default $BUILD_DIR/bench-results),
+#              WORKLOADS (space-separated benchmark names without the torch_ prefix; default all).
 set -euo pipefail
 cd "$(dirname "$0")/.."
 
 BUILD_DIR=${BUILD_DIR:-build}
 OUT_DIR=${OUT_DIR:-$BUILD_DIR/bench-results}
 mkdir -p "$OUT_DIR"
+WORKLOADS=${WORKLOADS:-"mlp_train_step/32 mlp_train_step/128 mlp_train_step/512 cnn_train_step/64
+  mlp_train_step_threads/128/1 mlp_train_step_threads/128/2"}
 
 with_torch=OFF
 if dpkg -s libtorch-dev >/dev/null 2>&1; then
@@ -30,20 +33,31 @@ make -C "$BUILD_DIR" -j2 "${targets[@]}" >/dev/null
 
 flags=(--benchmark_repetitions=5 --benchmark_report_aggregates_only=true
   --benchmark_out_format=json "$@")
-echo "load average before: $(cut -d' ' -f1-3 /proc/loadavg)"
-"$BUILD_DIR/bench/bench_train" "${flags[@]}" --benchmark_out="$OUT_DIR/dagrad.json"
 if [[ $with_torch == ON ]]; then
   # libtorch's matmuls go through whatever libblas.so.3 resolves to (Debian's reference BLAS
   # unless OpenBLAS is installed or put on LD_LIBRARY_PATH): say which one.
   echo "libtorch BLAS: $(ldd "$BUILD_DIR/bench/libtorch/bench_libtorch" | awk '/libblas/ { print $3 }' | xargs -r readlink -f)"
-  "$BUILD_DIR/bench/libtorch/bench_libtorch" "${flags[@]}" --benchmark_out="$OUT_DIR/libtorch.json"
 fi
+echo "threads: ${DAGRAD_THREADS:-all cores}; load average before: $(cut -d' ' -f1-3 /proc/loadavg)"
+# One workload at a time, dagrad then libtorch, so that both see about the same load on a
+# shared machine.
+rm -f "$OUT_DIR"/dagrad-*.json "$OUT_DIR"/libtorch-*.json
+index=0
+for workload in $WORKLOADS; do
+  index=$((index + 1))
+  "$BUILD_DIR/bench/bench_train" "${flags[@]}" --benchmark_filter="^$workload/" \
+    --benchmark_out="$OUT_DIR/dagrad-$index.json"
+  if [[ $with_torch == ON ]]; then
+    "$BUILD_DIR/bench/libtorch/bench_libtorch" "${flags[@]}" --benchmark_filter="^torch_$workload/" \
+      --benchmark_out="$OUT_DIR/libtorch-$index.json"
+  fi
+done
 echo "load average after: $(cut -d' ' -f1-3 /proc/loadavg)"
 
 # Google Benchmark writes one JSON key per line; pick each median's items_per_second (plain awk,
 # so the script needs neither python nor jq).
 medians() {
-  [[ -f $1 ]] || return 0
+  compgen -G "$1" >/dev/null || return 0
   awk -F'"' '
     /"run_name":/ { name = $4; sub(/^torch_/, "", name); sub(/\/real_time$/, "", name) }
     /"aggregate_name":/ { aggregate = $4 }
@@ -51,13 +65,13 @@ medians() {
       value = $3; gsub(/[:, ]/, "", value)
       if (aggregate == "median") print name, value
       aggregate = ""
-    }' "$1"
+    }' $1
 }
-medians "$OUT_DIR/libtorch.json" >"$OUT_DIR/libtorch.medians"
+medians "$OUT_DIR/libtorch-*.json" >"$OUT_DIR/libtorch.medians"
 echo
 echo "| workload | dagrad samples/s | libtorch samples/s | ratio dagrad/libtorch |"
 echo "| --- | ---: | ---: | ---: |"
-medians "$OUT_DIR/dagrad.json" | while read -r name ours; do
+medians "$OUT_DIR/dagrad-*.json" | while read -r name ours; do
   theirs=$(awk -v n="$name" '$1 == n { print $2 }' "$OUT_DIR/libtorch.medians")
   awk -v n="$name" -v a="$ours" -v b="${theirs:-0}" 'BEGIN {
     if (b > 0) printf "| %s | %.0f | %.0f | %.2f |\n", n, a, b, a / b
