@@ -54,27 +54,31 @@ for workload in $WORKLOADS; do
 done
 echo "load average after: $(cut -d' ' -f1-3 /proc/loadavg)"
 
-# Google Benchmark writes one JSON key per line; pick each median's items_per_second (plain awk,
-# so the script needs neither python nor jq).
-medians() {
+# Google Benchmark writes one JSON key per line; pick items_per_second of the median and of the
+# cv (coefficient of variation over the repetitions) of each benchmark (plain awk, so the script
+# needs neither python nor jq). Prints: name median cv.
+summary() {
   compgen -G "$1" >/dev/null || return 0
   awk -F'"' '
     /"run_name":/ { name = $4; sub(/^torch_/, "", name); sub(/\/real_time$/, "", name) }
     /"aggregate_name":/ { aggregate = $4 }
     /"items_per_second":/ {
       value = $3; gsub(/[:, ]/, "", value)
-      if (aggregate == "median") print name, value
+      if (aggregate == "median") median[name] = value
+      if (aggregate == "cv") cv[name] = value
+      if (aggregate == "median" && !(name in seen)) { seen[name] = 1; order[++count] = name }
       aggregate = ""
-    }' $1
+    }
+    END { for (i = 1; i <= count; ++i) print order[i], median[order[i]], cv[order[i]] + 0 }' $1
 }
-medians "$OUT_DIR/libtorch-*.json" >"$OUT_DIR/libtorch.medians"
+summary "$OUT_DIR/libtorch-*.json" >"$OUT_DIR/libtorch.summary"
 echo
-echo "| workload | dagrad samples/s | libtorch samples/s | ratio dagrad/libtorch |"
-echo "| --- | ---: | ---: | ---: |"
-medians "$OUT_DIR/dagrad-*.json" | while read -r name ours; do
-  theirs=$(awk -v n="$name" '$1 == n { print $2 }' "$OUT_DIR/libtorch.medians")
-  awk -v n="$name" -v a="$ours" -v b="${theirs:-0}" 'BEGIN {
-    if (b > 0) printf "| %s | %.0f | %.0f | %.2f |\n", n, a, b, a / b
-    else printf "| %s | %.0f | n/a | n/a |\n", n, a
+echo "| workload | dagrad samples/s | libtorch samples/s | ratio dagrad/libtorch | dagrad cv | libtorch cv |"
+echo "| --- | ---: | ---: | ---: | ---: | ---: |"
+summary "$OUT_DIR/dagrad-*.json" | while read -r name ours our_cv; do
+  read -r theirs their_cv < <(awk -v n="$name" '$1 == n { print $2, $3 }' "$OUT_DIR/libtorch.summary")
+  awk -v n="$name" -v a="$ours" -v ca="$our_cv" -v b="${theirs:-0}" -v cb="${their_cv:-0}" 'BEGIN {
+    if (b > 0) printf "| %s | %.0f | %.0f | %.2f | %.0f%% | %.0f%% |\n", n, a, b, a / b, 100 * ca, 100 * cb
+    else printf "| %s | %.0f | n/a | n/a | %.0f%% | n/a |\n", n, a, 100 * ca
   }'
 done
