@@ -238,7 +238,8 @@ void run_train_step(benchmark::State& state, void (*build)(TrainGraph&, std::int
   state.counters["threads"] = num_threads();
   state.counters["steps"] = static_cast<double>(plan.num_steps());
   state.counters["onednn_steps"] = static_cast<double>(plan.num_onednn_steps());
-  // The loss must fall on a fixed batch; a label shows it moved (a sanity check, not a timing).
+  // The loss of the first and the last step on the fixed batch: a sanity check that training
+  // moves, not a timing.
   state.SetLabel(fmt::format("loss {:.3f} -> {:.3f}", first_loss, last_loss));
 }
 
