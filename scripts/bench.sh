@@ -76,7 +76,8 @@ echo
 echo "| workload | dagrad samples/s | libtorch samples/s | ratio dagrad/libtorch | dagrad cv | libtorch cv |"
 echo "| --- | ---: | ---: | ---: | ---: | ---: |"
 summary "$OUT_DIR/dagrad-*.json" | while read -r name ours our_cv; do
-  read -r theirs their_cv < <(awk -v n="$name" '$1 == n { print $2, $3 }' "$OUT_DIR/libtorch.summary")
+  theirs="" their_cv=""
+  read -r theirs their_cv < <(awk -v n="$name" '$1 == n { print $2, $3 }' "$OUT_DIR/libtorch.summary") || true
   awk -v n="$name" -v a="$ours" -v ca="$our_cv" -v b="${theirs:-0}" -v cb="${their_cv:-0}" 'BEGIN {
     if (b > 0) printf "| %s | %.0f | %.0f | %.2f | %.0f%% | %.0f%% |\n", n, a, b, a / b, 100 * ca, 100 * cb
     else printf "| %s | %.0f | n/a | n/a | %.0f%% | n/a |\n", n, a, 100 * ca
