@@ -1,6 +1,7 @@
 // reshape, broadcast_to, transpose, stop_gradient.
 #include "ops/shape.hpp"
 
+#include <algorithm>
 #include <cstring>
 #include <numeric>
 
@@ -155,6 +156,37 @@ void register_shape_ops(OpRegistry& registry) {
                              broadcast_strides(call.inputs[0].shape(), call.outputs[0].shape()));
         for (std::int64_t i = 0; i < call.outputs[0].numel(); ++i, index.next()) {
           y[i] = x[index.offset()];
+        }
+      });
+    };
+    // f32 fast path: a fill for a scalar, row copies for a trailing block, and otherwise the
+    // odometer with strides prepared once (no allocation per run).
+    def.onednn = [](const KernelBuild& build) -> std::unique_ptr<Kernel> {
+      const Shape out = build.outputs[0].shape;
+      const Shape in = build.inputs[0].shape;
+      if (out.numel() == 0) return nullptr;
+      const auto strides = broadcast_strides(in, out);
+      // The largest trailing block that x holds contiguously (no broadcast inside it).
+      std::int64_t block = 1;
+      for (int axis = out.rank() - 1; axis >= 0; --axis) {
+        if (strides[static_cast<std::size_t>(axis)] != block || out[axis] == 1) {
+          if (out[axis] == 1) continue;
+          break;
+        }
+        block *= out[axis];
+      }
+      const std::int64_t total = out.numel();
+      const std::int64_t in_count = in.numel();
+      return make_kernel([=](const KernelCall& call) {
+        const float* x = call.inputs[0].data<float>();
+        float* y = call.outputs[0].data<float>();
+        if (in_count == 1) {
+          std::fill(y, y + total, x[0]);
+        } else if (block == in_count) {  // x repeats as a whole: copy it row after row
+          for (std::int64_t i = 0; i < total; i += block) std::copy(x, x + block, y + i);
+        } else {
+          BroadcastIndex index(out, strides);
+          for (std::int64_t i = 0; i < total; ++i, index.next()) y[i] = x[index.offset()];
         }
       });
     };
