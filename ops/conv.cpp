@@ -954,6 +954,21 @@ inline std::int64_t window_argmax(const PoolGeometry& g, const float* plane, std
   return best;
 }
 
+// The common 2x2, stride 2, no padding case, branch-free: the index (0..3, row-major) of the
+// first maximum of a, b, c, d.
+inline int first_max4(float a, float b, float c, float d, float& best) {
+  int k = 0;
+  best = a;
+  k = b > best ? 1 : k, best = b > best ? b : best;
+  k = c > best ? 2 : k, best = c > best ? c : best;
+  k = d > best ? 3 : k, best = d > best ? d : best;
+  return k;
+}
+
+bool is_pool2x2(const PoolGeometry& g) {
+  return g.kernel == Size2{2, 2} && g.stride == Size2{2, 2} && g.padding == Size2{0, 0};
+}
+
 std::unique_ptr<Kernel> direct_max_pool_forward(const PoolGeometry& g) {
   return make_kernel([g](const KernelCall& call) {
     const float* x = call.inputs[0].data<float>();
@@ -963,6 +978,18 @@ std::unique_ptr<Kernel> direct_max_pool_forward(const PoolGeometry& g) {
     for (std::int64_t p = 0; p < g.planes; ++p) {
       const float* xp = x + p * in_plane;
       float* yp = y + p * out_plane;
+      if (is_pool2x2(g)) {
+        for (std::int64_t i = 0; i < g.OH; ++i) {
+          const float* r0 = xp + 2 * i * g.W;
+          const float* r1 = r0 + g.W;
+          for (std::int64_t j = 0; j < g.OW; ++j) {
+            float best;
+            first_max4(r0[2 * j], r0[2 * j + 1], r1[2 * j], r1[2 * j + 1], best);
+            yp[i * g.OW + j] = best;
+          }
+        }
+        continue;
+      }
       for (std::int64_t i = 0; i < g.OH; ++i) {
         for (std::int64_t j = 0; j < g.OW; ++j) yp[i * g.OW + j] = xp[window_argmax(g, xp, i, j)];
       }
@@ -982,6 +1009,28 @@ std::unique_ptr<Kernel> direct_max_pool_backward(const PoolGeometry& g) {
       const float* xp = x + p * in_plane;
       const float* dyp = dy + p * out_plane;
       float* dxp = dx + p * in_plane;
+      if (is_pool2x2(g)) {
+        // Every element of the first 2·OH rows and 2·OW columns is written once; an odd last
+        // row or column is read by no window and is zeroed.
+        for (std::int64_t i = 0; i < g.OH; ++i) {
+          const float* r0 = xp + 2 * i * g.W;
+          const float* r1 = r0 + g.W;
+          float* d0 = dxp + 2 * i * g.W;
+          float* d1 = d0 + g.W;
+          for (std::int64_t j = 0; j < g.OW; ++j) {
+            float best;
+            const int k = first_max4(r0[2 * j], r0[2 * j + 1], r1[2 * j], r1[2 * j + 1], best);
+            const float v = dyp[i * g.OW + j];
+            d0[2 * j] = k == 0 ? v : 0.0f;
+            d0[2 * j + 1] = k == 1 ? v : 0.0f;
+            d1[2 * j] = k == 2 ? v : 0.0f;
+            d1[2 * j + 1] = k == 3 ? v : 0.0f;
+          }
+          if (g.W % 2 != 0) d0[g.W - 1] = d1[g.W - 1] = 0.0f;
+        }
+        if (g.H % 2 != 0) std::fill(dxp + (g.H - 1) * g.W, dxp + in_plane, 0.0f);
+        continue;
+      }
       std::fill(dxp, dxp + in_plane, 0.0f);
       for (std::int64_t i = 0; i < g.OH; ++i) {
         for (std::int64_t j = 0; j < g.OW; ++j) dxp[window_argmax(g, xp, i, j)] = dyp[i * g.OW + j];
