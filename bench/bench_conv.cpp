@@ -2,6 +2,10 @@
 //   BM_Conv2dForward/N        dagrad plan: conv2d + bias, f32, [N,32,28,28] * [64,32,3,3], pad 1
 //   BM_Conv2dTrainingStep/N   the same conv with relu, 2x2 max pool and sum, forward and the
 //                             gradients of x, w and b
+//   BM_MaxPool2dBackward/N    dagrad plan: max_pool2d_backward, 2x2 stride 2, [N,32,28,28]
+//                             (the CNN's first pooling layer)
+//   BM_FirstLayerWeightsGradient/N  dagrad plan: conv2d_backward_weights of [N,1,28,28] by 32
+//                             5x5 filters, pad 2 (the CNN's first convolution)
 //   BM_RawOneDnnConv/N/any    raw oneDNN primitive; any = 1: layouts chosen by oneDNN (data
 //                             reordered once, outside the timing), any = 0: plain NCHW/OIHW
 // Counters: GFLOP/s of the convolution (2·N·O·OH·OW·C·KH·KW per forward).
@@ -64,6 +68,35 @@ void BM_Conv2dTrainingStep(benchmark::State& state) {
                                                  benchmark::Counter::kIsIterationInvariantRate);
 }
 
+void BM_MaxPool2dBackward(benchmark::State& state) {
+  const std::int64_t batch = state.range(0);
+  Graph g;
+  Value x = g.input("x", {batch, 32, 28, 28});
+  Value dy = g.input("dy", {batch, 32, 14, 14});
+  Value dx = max_pool2d_backward(dy, x, {2, 2}, {2, 2});
+  Plan plan = compile(g, {dx});
+  Feeds feeds{{x, random_tensor(x.shape(), 1)}, {dy, random_tensor(dy.shape(), 2)}};
+  for (auto _ : state) benchmark::DoNotOptimize(plan.run(feeds));
+  // x and dx once each, dy once.
+  state.counters["GB/s"] = benchmark::Counter(
+      static_cast<double>(4 * (2 * x.shape().numel() + dy.shape().numel())) * 1e-9,
+      benchmark::Counter::kIsIterationInvariantRate);
+}
+
+void BM_FirstLayerWeightsGradient(benchmark::State& state) {
+  const std::int64_t batch = state.range(0);
+  Graph g;
+  Value x = g.input("x", {batch, 1, 28, 28});
+  Value dy = g.input("dy", {batch, 32, 28, 28});
+  Value dw = conv2d_backward_weights(x, dy, {5, 5}, {.padding = {2, 2}});
+  Plan plan = compile(g, {dw});
+  Feeds feeds{{x, random_tensor(x.shape(), 1)}, {dy, random_tensor(dy.shape(), 2)}};
+  for (auto _ : state) benchmark::DoNotOptimize(plan.run(feeds));
+  state.counters["GFLOP/s"] =
+      benchmark::Counter(2.0 * static_cast<double>(batch * 32 * 28 * 28 * 25) * 1e-9,
+                         benchmark::Counter::kIsIterationInvariantRate);
+}
+
 void BM_RawOneDnnConv(benchmark::State& state) {
   using tag = dnnl::memory::format_tag;
   using dt = dnnl::memory::data_type;
@@ -103,6 +136,8 @@ void BM_RawOneDnnConv(benchmark::State& state) {
 
 BENCHMARK(BM_Conv2dForward)->Arg(1)->Arg(16)->Arg(64)->Unit(benchmark::kMillisecond);
 BENCHMARK(BM_Conv2dTrainingStep)->Arg(16)->Arg(64)->Unit(benchmark::kMillisecond);
+BENCHMARK(BM_MaxPool2dBackward)->Arg(128)->Unit(benchmark::kMillisecond);
+BENCHMARK(BM_FirstLayerWeightsGradient)->Arg(128)->Unit(benchmark::kMillisecond);
 BENCHMARK(BM_RawOneDnnConv)
     ->Args({1, 0})
     ->Args({1, 1})

@@ -347,7 +347,20 @@ std::unique_ptr<Kernel> conv_backward_weights_onednn(const KernelBuild& build) {
   if (!all_f32(build)) return nullptr;
   const ConvGeometry g =
       conv_geometry(build.node.attrs, build.inputs[0].shape, build.outputs[0].shape);
-  const ConvDescs d = conv_descs(g);
+  ConvDescs d = conv_descs(g);
+  // One input channel (a first layer): `any` picks nChw8c, which pads the single channel to 8
+  // and runs 8x the work. With NHWC src and dy oneDNN runs a JIT kernel for this case, and an
+  // NCHW tensor with C = 1 already is NHWC memory, so only dy is reordered. Measured (batch
+  // 128, [128,1,28,28] -> 32 channels, 5x5 pad 2, primitive only): nChw8c 14-26 ms, NHWC
+  // 1.7-2.0 ms; plain NCHW (gemm) 75+ ms. With more channels the blocked layouts win (C 32:
+  // nChw8c 32 ms, NHWC 37 ms), so only C = 1 takes this path.
+  dnnl::memory::desc src_user = d.src;
+  if (g.C == 1 && g.G == 1) {
+    const auto nhwc = dnnl::memory::format_tag::nhwc;
+    const auto f32 = dnnl::memory::data_type::f32;
+    src_user = d.src_any = dnnl::memory::desc(d.src.dims(), f32, nhwc);
+    d.dst_any = dnnl::memory::desc(d.dst.dims(), f32, nhwc);
+  }
   dnnl::convolution_backward_weights::primitive_desc pd(
       dnnl::convolution_backward_weights::desc(dnnl::algorithm::convolution_direct, d.src_any,
                                                d.weights_any, d.dst_any, d.strides, d.dilates,
@@ -355,7 +368,7 @@ std::unique_ptr<Kernel> conv_backward_weights_onednn(const KernelBuild& build) {
       build.engine, conv_forward_hint(d, build.engine));
   return std::make_unique<ReorderingKernel>(
       dnnl::convolution_backward_weights(pd), pd,
-      std::vector<PrimitiveArg>{input_arg(DNNL_ARG_SRC, 0, d.src),
+      std::vector<PrimitiveArg>{input_arg(DNNL_ARG_SRC, 0, src_user),
                                 input_arg(DNNL_ARG_DIFF_DST, 1, d.dst),
                                 output_arg(DNNL_ARG_DIFF_WEIGHTS, 0, d.weights)},
       build.engine);
@@ -406,6 +419,12 @@ std::vector<ConvCase> conv_cases() {
        {1, 2, 7, 7},
        {2, 2, 2, 2},
        conv_sample_attrs({3, 3}, {0, 0}, {1, 1}, 1),
+       true},
+      // One input channel: the weights gradient runs oneDNN on NHWC layouts.
+      {"one input channel, padding 2",
+       {2, 1, 6, 6},
+       {3, 1, 3, 3},
+       conv_sample_attrs({1, 1}, {2, 2}, {1, 1}, 1),
        true},
       {"depthwise stride 2 dilation 2",
        {1, 3, 7, 7},
@@ -906,6 +925,121 @@ class MaxPoolBackwardKernel final : public Kernel {
   dnnl::memory dst_, workspace_;
 };
 
+// Direct max pooling on plain NCHW when windows do not overlap (stride ≥ kernel on both axes),
+// the case of every "pool 2, stride 2" layer. Each x element then lies in at most one window,
+// so one pass per plane finds each window's first maximum (strict >, exactly as the reference)
+// and the backward writes dy there and zero elsewhere: no reorders, no workspace, no recomputed
+// forward into scratch. Measured in the CNN training step (batch 128, 2 threads, loaded
+// machine, --profile): [128,32,28,28] forward 7.6 -> 1.3 ms, backward 24.1 -> 6.1 ms;
+// [128,64,14,14] forward 3.2 -> 0.8 ms, backward 13.4 -> 2.2 ms.
+bool windows_disjoint(const PoolGeometry& g) {
+  return g.stride[0] >= g.kernel[0] && g.stride[1] >= g.kernel[1];
+}
+
+// Offset (within the plane) of the first maximum of window (i, j); the window always holds at
+// least one element because padding < kernel (checked by the shape rule).
+inline std::int64_t window_argmax(const PoolGeometry& g, const float* plane, std::int64_t i,
+                                  std::int64_t j) {
+  const std::int64_t h0 = i * g.stride[0] - g.padding[0];
+  const std::int64_t w0 = j * g.stride[1] - g.padding[1];
+  const std::int64_t h_begin = std::max<std::int64_t>(h0, 0);
+  const std::int64_t h_end = std::min(h0 + g.kernel[0], g.H);
+  const std::int64_t w_begin = std::max<std::int64_t>(w0, 0);
+  const std::int64_t w_end = std::min(w0 + g.kernel[1], g.W);
+  std::int64_t best = h_begin * g.W + w_begin;
+  for (std::int64_t h = h_begin; h < h_end; ++h) {
+    for (std::int64_t w = w_begin; w < w_end; ++w) {
+      if (plane[h * g.W + w] > plane[best]) best = h * g.W + w;
+    }
+  }
+  return best;
+}
+
+// The common 2x2, stride 2, no padding case, branch-free: the index (0..3, row-major) of the
+// first maximum of a, b, c, d.
+inline int first_max4(float a, float b, float c, float d, float& best) {
+  int k = 0;
+  best = a;
+  k = b > best ? 1 : k, best = b > best ? b : best;
+  k = c > best ? 2 : k, best = c > best ? c : best;
+  k = d > best ? 3 : k, best = d > best ? d : best;
+  return k;
+}
+
+bool is_pool2x2(const PoolGeometry& g) {
+  return g.kernel == Size2{2, 2} && g.stride == Size2{2, 2} && g.padding == Size2{0, 0};
+}
+
+std::unique_ptr<Kernel> direct_max_pool_forward(const PoolGeometry& g) {
+  return make_kernel([g](const KernelCall& call) {
+    const float* x = call.inputs[0].data<float>();
+    float* y = call.outputs[0].data<float>();
+    const std::int64_t in_plane = g.H * g.W, out_plane = g.OH * g.OW;
+#pragma omp parallel for schedule(static)
+    for (std::int64_t p = 0; p < g.planes; ++p) {
+      const float* xp = x + p * in_plane;
+      float* yp = y + p * out_plane;
+      if (is_pool2x2(g)) {
+        for (std::int64_t i = 0; i < g.OH; ++i) {
+          const float* r0 = xp + 2 * i * g.W;
+          const float* r1 = r0 + g.W;
+          for (std::int64_t j = 0; j < g.OW; ++j) {
+            float best;
+            first_max4(r0[2 * j], r0[2 * j + 1], r1[2 * j], r1[2 * j + 1], best);
+            yp[i * g.OW + j] = best;
+          }
+        }
+        continue;
+      }
+      for (std::int64_t i = 0; i < g.OH; ++i) {
+        for (std::int64_t j = 0; j < g.OW; ++j) yp[i * g.OW + j] = xp[window_argmax(g, xp, i, j)];
+      }
+    }
+  });
+}
+
+// Inputs dy, x; output dx (x's shape).
+std::unique_ptr<Kernel> direct_max_pool_backward(const PoolGeometry& g) {
+  return make_kernel([g](const KernelCall& call) {
+    const float* dy = call.inputs[0].data<float>();
+    const float* x = call.inputs[1].data<float>();
+    float* dx = call.outputs[0].data<float>();
+    const std::int64_t in_plane = g.H * g.W, out_plane = g.OH * g.OW;
+#pragma omp parallel for schedule(static)
+    for (std::int64_t p = 0; p < g.planes; ++p) {
+      const float* xp = x + p * in_plane;
+      const float* dyp = dy + p * out_plane;
+      float* dxp = dx + p * in_plane;
+      if (is_pool2x2(g)) {
+        // Every element of the first 2·OH rows and 2·OW columns is written once; an odd last
+        // row or column is read by no window and is zeroed.
+        for (std::int64_t i = 0; i < g.OH; ++i) {
+          const float* r0 = xp + 2 * i * g.W;
+          const float* r1 = r0 + g.W;
+          float* d0 = dxp + 2 * i * g.W;
+          float* d1 = d0 + g.W;
+          for (std::int64_t j = 0; j < g.OW; ++j) {
+            float best;
+            const int k = first_max4(r0[2 * j], r0[2 * j + 1], r1[2 * j], r1[2 * j + 1], best);
+            const float v = dyp[i * g.OW + j];
+            d0[2 * j] = k == 0 ? v : 0.0f;
+            d0[2 * j + 1] = k == 1 ? v : 0.0f;
+            d1[2 * j] = k == 2 ? v : 0.0f;
+            d1[2 * j + 1] = k == 3 ? v : 0.0f;
+          }
+          if (g.W % 2 != 0) d0[g.W - 1] = d1[g.W - 1] = 0.0f;
+        }
+        if (g.H % 2 != 0) std::fill(dxp + (g.H - 1) * g.W, dxp + in_plane, 0.0f);
+        continue;
+      }
+      std::fill(dxp, dxp + in_plane, 0.0f);
+      for (std::int64_t i = 0; i < g.OH; ++i) {
+        for (std::int64_t j = 0; j < g.OW; ++j) dxp[window_argmax(g, xp, i, j)] = dyp[i * g.OW + j];
+      }
+    }
+  });
+}
+
 // ---- pooling samples ----------------------------------------------------------------------
 
 // Distinct values (a shuffled ramp in [-1, 1)) so no window has tied maxima and central
@@ -934,6 +1068,7 @@ std::vector<PoolCase> pool_cases() {
       {"3x3 stride 2 padding 1", {2, 3, 5, 5}, pool_attrs({3, 3}, {2, 2}, {1, 1})},
       {"overlapping 3x2 stride 1 padding 0x1", {1, 2, 5, 6}, pool_attrs({3, 2}, {1, 1}, {0, 1})},
       {"floor drops the last row and column", {1, 2, 5, 5}, pool_attrs({2, 2}, {2, 2}, {0, 0})},
+      {"disjoint windows, stride 3 padding 1", {1, 2, 7, 8}, pool_attrs({2, 3}, {3, 3}, {1, 1})},
       {"16 channels (blocked layout in oneDNN)", {1, 16, 5, 5}, pool_attrs({3, 3}, {2, 2}, {1, 1})},
   };
 }
@@ -992,7 +1127,12 @@ void register_max_pool2d(OpRegistry& registry) {
       for_each_window_max(g, x, [&](std::int64_t yi, std::int64_t xi) { y[yi] = x[xi]; });
     });
   };
-  def.onednn = or_reference(pool_forward_onednn(dnnl::algorithm::pooling_max));
+  def.onednn = or_reference([](const KernelBuild& build) -> std::unique_ptr<Kernel> {
+    if (!all_f32(build)) return nullptr;
+    const PoolGeometry g = pool_geometry(build.node.attrs, build.inputs[0].shape);
+    if (windows_disjoint(g)) return direct_max_pool_forward(g);
+    return pool_forward_onednn(dnnl::algorithm::pooling_max)(build);
+  });
   def.samples = [] {
     std::vector<Sample> samples;
     std::uint64_t seed = 1;
@@ -1047,6 +1187,7 @@ void register_max_pool2d_backward(OpRegistry& registry) {
   def.onednn = or_reference([](const KernelBuild& build) -> std::unique_ptr<Kernel> {
     if (!all_f32(build)) return nullptr;
     const PoolGeometry g = pool_geometry(build.node.attrs, build.inputs[1].shape);
+    if (windows_disjoint(g)) return direct_max_pool_backward(g);
     return std::make_unique<MaxPoolBackwardKernel>(g, build.inputs[0], build.inputs[1],
                                                    build.engine);
   });
