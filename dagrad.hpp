@@ -4,11 +4,11 @@
 
 #include "autodiff/grad.hpp"
 #include "autodiff/gradcheck.hpp"
-#include "graph/graph.hpp"
 #include "data/data.hpp"
+#include "graph/graph.hpp"
 #include "graph/tensor.hpp"
 #include "nn/nn.hpp"
 #include "ops/ops.hpp"
-#include "runtime/plan.hpp"
 #include "runtime/kernel.hpp"
+#include "runtime/plan.hpp"
 #include "version.hpp"

@@ -1,8 +1,8 @@
 #include "autodiff/grad.hpp"
 
-#include <map>
-
 #include <fmt/format.h>
+
+#include <map>
 
 #include "ops/elementwise.hpp"
 #include "ops/reduction.hpp"
@@ -31,7 +31,8 @@ struct GradientScope {
 
 }  // namespace
 
-std::vector<Value> grad(const Value& loss, const std::vector<Value>& wrt, std::optional<Value> seed) {
+std::vector<Value> grad(const Value& loss, const std::vector<Value>& wrt,
+                        std::optional<Value> seed) {
   if (!loss.valid()) throw GraphError("grad: the loss is an empty Value");
   Graph& g = loss.graph();
   for (const auto& w : wrt) {
@@ -45,14 +46,15 @@ std::vector<Value> grad(const Value& loss, const std::vector<Value>& wrt, std::o
     }
   }
   if (!is_floating(loss.dtype())) {
-    throw GraphError(fmt::format("grad: the loss \"{}\" is {}, not floating point", loss.str(),
-                                 loss.desc()));
+    throw GraphError(
+        fmt::format("grad: the loss \"{}\" is {}, not floating point", loss.str(), loss.desc()));
   }
   if (seed) {
     if (!seed->valid() || &seed->graph() != &g || seed->desc() != loss.desc()) {
-      throw GraphError(fmt::format("grad: the seed must be a value of the loss's graph with the "
-                                   "loss's desc {}, got {}",
-                                   loss.desc(), seed->valid() ? seed->desc().str() : "<empty>"));
+      throw GraphError(
+          fmt::format("grad: the seed must be a value of the loss's graph with the "
+                      "loss's desc {}, got {}",
+                      loss.desc(), seed->valid() ? seed->desc().str() : "<empty>"));
     }
   } else if (loss.desc().numel() != 1) {
     throw GraphError(fmt::format(
@@ -79,8 +81,7 @@ std::vector<Value> grad(const Value& loss, const std::vector<Value>& wrt, std::o
   Graph::NameScope names(g, "grad");
   std::map<Key, Value> grads;
   grads[{loss.node_id(), loss.index()}] =
-      seed ? *seed
-           : (loss.rank() == 0 ? g.scalar(1.0, loss.dtype()) : filled_like(loss, 1.0));
+      seed ? *seed : (loss.rank() == 0 ? g.scalar(1.0, loss.dtype()) : filled_like(loss, 1.0));
 
   auto accumulate = [&](const Key& key, const Value& value) {
     auto it = grads.find(key);
@@ -114,10 +115,9 @@ std::vector<Value> grad(const Value& loss, const std::vector<Value>& wrt, std::o
       const Node& producer = g.node(in.node_id());
       if (active[in.node_id()] && !is_floating(in.dtype()) && integer_origin.empty() &&
           producer.kind == NodeKind::op && !producer.def->backward) {
-        integer_origin = fmt::format(" (its input {} is {}, computed by {}: {})", i, in.desc(),
-                                     producer.site(),
-                                     producer.def->no_gradient.empty() ? "it has no gradient"
-                                                                       : producer.def->no_gradient);
+        integer_origin = fmt::format(
+            " (its input {} is {}, computed by {}: {})", i, in.desc(), producer.site(),
+            producer.def->no_gradient.empty() ? "it has no gradient" : producer.def->no_gradient);
       }
     }
     // The node is active, so an input is on the path: an op without a gradient is refused
@@ -131,7 +131,8 @@ std::vector<Value> grad(const Value& loss, const std::vector<Value>& wrt, std::o
     }
     if (!needed) continue;
     std::vector<Value> outputs;
-    for (std::size_t k = 0; k < n.outputs.size(); ++k) outputs.emplace_back(&g, n.id, static_cast<int>(k));
+    for (std::size_t k = 0; k < n.outputs.size(); ++k)
+      outputs.emplace_back(&g, n.id, static_cast<int>(k));
     BackwardCall call{n, g, n.inputs, outputs, output_grads, needs};
     std::vector<std::optional<Value>> input_grads;
     {
@@ -139,16 +140,17 @@ std::vector<Value> grad(const Value& loss, const std::vector<Value>& wrt, std::o
       input_grads = n.def->backward(call);
     }
     if (input_grads.size() != n.inputs.size()) {
-      throw GraphError(fmt::format("grad: the backward rule of {} returned {} gradients for {} inputs",
-                                   n.site(), input_grads.size(), n.inputs.size()));
+      throw GraphError(
+          fmt::format("grad: the backward rule of {} returned {} gradients for {} inputs", n.site(),
+                      input_grads.size(), n.inputs.size()));
     }
     for (std::size_t i = 0; i < n.inputs.size(); ++i) {
       if (!needs[i] || !input_grads[i]) continue;
       const Value& gi = *input_grads[i];
       if (gi.desc() != n.inputs[i].desc()) {
-        throw GraphError(fmt::format(
-            "grad: the backward rule of {} returned {} for input {}, which is {}", n.site(),
-            gi.desc(), i, n.inputs[i].desc()));
+        throw GraphError(
+            fmt::format("grad: the backward rule of {} returned {} for input {}, which is {}",
+                        n.site(), gi.desc(), i, n.inputs[i].desc()));
       }
       accumulate({n.inputs[i].node_id(), n.inputs[i].index()}, gi);
     }
@@ -163,7 +165,8 @@ std::vector<Value> grad(const Value& loss, const std::vector<Value>& wrt, std::o
   return result;
 }
 
-std::vector<Value> hvp(const Value& loss, const std::vector<Value>& params, const std::vector<Value>& v) {
+std::vector<Value> hvp(const Value& loss, const std::vector<Value>& params,
+                       const std::vector<Value>& v) {
   if (params.size() != v.size()) {
     throw GraphError(fmt::format("hvp: {} parameters but {} vectors", params.size(), v.size()));
   }

@@ -1,9 +1,9 @@
 #include "autodiff/gradcheck.hpp"
 
+#include <fmt/format.h>
+
 #include <cmath>
 #include <random>
-
-#include <fmt/format.h>
 
 #include "autodiff/grad.hpp"
 #include "ops/elementwise.hpp"
@@ -49,9 +49,10 @@ Checked differentiable_feeds(const Feeds& at) {
       c.feed_index.push_back(i);
       c.values.push_back(value);
     } else if (tensor.dtype() == DType::f32) {
-      throw Error(fmt::format("gradcheck: input \"{}\" is f32; gradcheck runs in f64, so build "
-                              "the graph with f64 inputs",
-                              value.str()));
+      throw Error(
+          fmt::format("gradcheck: input \"{}\" is f32; gradcheck runs in f64, so build "
+                      "the graph with f64 inputs",
+                      value.str()));
     }
   }
   return c;
@@ -84,7 +85,8 @@ GradcheckResult compare(Graph& graph, const Value& scalar, const std::vector<Val
       const double error = std::abs(a - numeric) / (1.0 + std::abs(numeric));
       ++result.elements_checked;
       if (!(error <= result.worst_error) || result.worst_index < 0) {
-        if (!(error <= result.worst_error)) result.worst_error = std::isnan(error) ? INFINITY : error;
+        if (!(error <= result.worst_error))
+          result.worst_error = std::isnan(error) ? INFINITY : error;
         result.worst_input = checked.values[k].str();
         result.worst_index = i;
         result.analytic = a;

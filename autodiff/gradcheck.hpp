@@ -20,8 +20,8 @@ struct GradcheckOptions {
 
 struct GradcheckResult {
   bool ok = true;
-  double worst_error = 0.0;  // the largest |analytic − numeric| / (1 + |numeric|)
-  std::string worst_input;   // name of the input holding the worst element
+  double worst_error = 0.0;       // the largest |analytic − numeric| / (1 + |numeric|)
+  std::string worst_input;        // name of the input holding the worst element
   std::int64_t worst_index = -1;  // its flat row-major index
   double analytic = 0.0;
   double numeric = 0.0;

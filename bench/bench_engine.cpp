@@ -13,7 +13,8 @@ namespace {
 
 Tensor filled_tensor(Shape shape, double scale) {
   Tensor t(std::move(shape), DType::f32);
-  for (std::int64_t i = 0; i < t.numel(); ++i) t.set(i, scale * static_cast<double>((i * 7919) % 97) / 97.0 - scale / 2);
+  for (std::int64_t i = 0; i < t.numel(); ++i)
+    t.set(i, scale * static_cast<double>((i * 7919) % 97) / 97.0 - scale / 2);
   return t;
 }
 
@@ -34,10 +35,15 @@ void tiny_graph_forward_backward(benchmark::State& state) {
   const double steps = static_cast<double>(plan.num_steps());
   state.counters["ops"] = steps;
   // Seconds per executed op (printed with an SI prefix, e.g. 900n = 0.9 µs).
-  state.counters["time_per_op"] = benchmark::Counter(steps * static_cast<double>(state.iterations()),
-                                                     benchmark::Counter::kIsRate | benchmark::Counter::kInvert);
+  state.counters["time_per_op"] =
+      benchmark::Counter(steps * static_cast<double>(state.iterations()),
+                         benchmark::Counter::kIsRate | benchmark::Counter::kInvert);
 }
-BENCHMARK(tiny_graph_forward_backward)->Arg(1)->Arg(2)->Unit(benchmark::kMicrosecond)->UseRealTime();
+BENCHMARK(tiny_graph_forward_backward)
+    ->Arg(1)
+    ->Arg(2)
+    ->Unit(benchmark::kMicrosecond)
+    ->UseRealTime();
 
 void matmul_plan(benchmark::State& state) {
   const std::int64_t n = state.range(0);
@@ -49,10 +55,16 @@ void matmul_plan(benchmark::State& state) {
   Feeds feeds{{a, filled_tensor({n, n}, 1.0)}, {b, filled_tensor({n, n}, 1.0)}};
   plan.run(feeds);
   for (auto _ : state) benchmark::DoNotOptimize(plan.run(feeds));
-  state.counters["GFLOPs"] = benchmark::Counter(2.0 * n * n * n * static_cast<double>(state.iterations()) / 1e9,
-                                                benchmark::Counter::kIsRate);
+  state.counters["GFLOPs"] = benchmark::Counter(
+      2.0 * n * n * n * static_cast<double>(state.iterations()) / 1e9, benchmark::Counter::kIsRate);
 }
-BENCHMARK(matmul_plan)->Args({512, 1})->Args({512, 2})->Args({2048, 1})->Args({2048, 2})->Unit(benchmark::kMillisecond)->UseRealTime();
+BENCHMARK(matmul_plan)
+    ->Args({512, 1})
+    ->Args({512, 2})
+    ->Args({2048, 1})
+    ->Args({2048, 2})
+    ->Unit(benchmark::kMillisecond)
+    ->UseRealTime();
 
 void matmul_raw_onednn(benchmark::State& state) {
   const std::int64_t n = state.range(0);
@@ -64,17 +76,24 @@ void matmul_raw_onednn(benchmark::State& state) {
   dnnl::memory a_mem(md, engine, a.raw()), b_mem(md, engine, b.raw()), c_mem(md, engine, c.raw());
   dnnl::matmul::primitive_desc pd(dnnl::matmul::desc(md, md, md), engine);
   dnnl::matmul primitive(pd);
-  std::unordered_map<int, dnnl::memory> args{{DNNL_ARG_SRC, a_mem}, {DNNL_ARG_WEIGHTS, b_mem}, {DNNL_ARG_DST, c_mem}};
+  std::unordered_map<int, dnnl::memory> args{
+      {DNNL_ARG_SRC, a_mem}, {DNNL_ARG_WEIGHTS, b_mem}, {DNNL_ARG_DST, c_mem}};
   primitive.execute(stream, args);
   stream.wait();
   for (auto _ : state) {
     primitive.execute(stream, args);
     stream.wait();
   }
-  state.counters["GFLOPs"] = benchmark::Counter(2.0 * n * n * n * static_cast<double>(state.iterations()) / 1e9,
-                                                benchmark::Counter::kIsRate);
+  state.counters["GFLOPs"] = benchmark::Counter(
+      2.0 * n * n * n * static_cast<double>(state.iterations()) / 1e9, benchmark::Counter::kIsRate);
 }
-BENCHMARK(matmul_raw_onednn)->Args({512, 1})->Args({512, 2})->Args({2048, 1})->Args({2048, 2})->Unit(benchmark::kMillisecond)->UseRealTime();
+BENCHMARK(matmul_raw_onednn)
+    ->Args({512, 1})
+    ->Args({512, 2})
+    ->Args({2048, 1})
+    ->Args({2048, 2})
+    ->Unit(benchmark::kMillisecond)
+    ->UseRealTime();
 
 void compile_time_mlp(benchmark::State& state) {
   for (auto _ : state) {

@@ -1,8 +1,7 @@
 // The first program of README.md: a 2-8-1 sigmoid network learns XOR with plain gradient
 // descent on gradients from grad(), run by a compiled plan.
-#include <dagrad.hpp>
-
 #include <cstdio>
+#include <dagrad.hpp>
 
 using namespace dagrad;
 
@@ -19,8 +18,9 @@ int main() {
   Value y = sigmoid(matmul(h, W2));
   Value loss = mse(y, t);
   std::vector<Value> params{W1, b1, W2};
-  std::vector<Value> grads = grad(loss, params);                  // a gradient graph, built from ops
-  Plan plan = compile(g, {loss, y, grads[0], grads[1], grads[2]});  // oneDNN primitives created once
+  std::vector<Value> grads = grad(loss, params);  // a gradient graph, built from ops
+  Plan plan =
+      compile(g, {loss, y, grads[0], grads[1], grads[2]});  // oneDNN primitives created once
 
   Tensor xs = Tensor::from({0, 0, 0, 1, 1, 0, 1, 1}, {4, 2});
   Tensor ts = Tensor::from({0, 1, 1, 0}, {4, 1});

@@ -29,7 +29,9 @@ double Attrs::real(const std::string& key) const {
   if (const auto* i = std::get_if<std::int64_t>(&value)) return static_cast<double>(*i);
   return typed<double>(value, key, "a number");
 }
-bool Attrs::boolean(const std::string& key) const { return typed<bool>(find(key), key, "a bool"); }
+bool Attrs::boolean(const std::string& key) const {
+  return typed<bool>(find(key), key, "a bool");
+}
 const std::string& Attrs::text(const std::string& key) const {
   return typed<std::string>(find(key), key, "a string");
 }

@@ -1,14 +1,14 @@
 #include "graph/graph.hpp"
 
-#include <algorithm>
-#include <filesystem>
-#include <map>
-#include <set>
+#include <fmt/format.h>
 
+#include <algorithm>
 #include <boost/graph/adjacency_list.hpp>
 #include <boost/graph/breadth_first_search.hpp>
 #include <boost/graph/topological_sort.hpp>
-#include <fmt/format.h>
+#include <filesystem>
+#include <map>
+#include <set>
 
 namespace dagrad {
 
@@ -24,7 +24,9 @@ Graph& Value::graph() const {
   if (graph_ == nullptr) throw GraphError("use of an empty Value (default-constructed)");
   return *graph_;
 }
-const Node& Value::node() const { return graph().node(node_); }
+const Node& Value::node() const {
+  return graph().node(node_);
+}
 const TensorDesc& Value::desc() const {
   const Node& n = node();
   return n.outputs[static_cast<std::size_t>(index_)];
@@ -41,8 +43,12 @@ std::string Node::site() const {
   return s;
 }
 
-const Attrs& KernelCall::attrs() const { return node.attrs; }
-const Attrs& BackwardCall::attrs() const { return node.attrs; }
+const Attrs& KernelCall::attrs() const {
+  return node.attrs;
+}
+const Attrs& BackwardCall::attrs() const {
+  return node.attrs;
+}
 
 Graph::Graph() : impl_(std::make_unique<Impl>()) {}
 Graph::~Graph() = default;
@@ -50,7 +56,9 @@ Graph::~Graph() = default;
 Graph::NameScope::NameScope(Graph& graph, std::string prefix) : graph_(graph) {
   graph_.scopes_.push_back(std::move(prefix));
 }
-Graph::NameScope::~NameScope() { graph_.scopes_.pop_back(); }
+Graph::NameScope::~NameScope() {
+  graph_.scopes_.pop_back();
+}
 
 std::string Graph::unique_name(std::string_view base) {
   std::string prefix;
@@ -70,8 +78,8 @@ std::string Graph::unique_name(std::string_view base) {
 NodeId Graph::add_leaf(NodeKind kind, std::string op, std::string name, TensorDesc desc) {
   for (auto d : desc.shape.dims()) {
     if (d < 0) {
-      throw ShapeError(fmt::format("{} \"{}\": negative dimension in shape {}", op, name,
-                                   desc.shape));
+      throw ShapeError(
+          fmt::format("{} \"{}\": negative dimension in shape {}", op, name, desc.shape));
     }
   }
   auto node = std::make_unique<Node>();
@@ -93,8 +101,8 @@ Value Graph::input(std::string name, Shape shape, DType dtype, bool batch_dynami
     }
   }
   if (batch_dynamic && shape.rank() == 0) {
-    throw GraphError(fmt::format("input \"{}\": a scalar cannot have a dynamic batch dimension",
-                                 name));
+    throw GraphError(
+        fmt::format("input \"{}\": a scalar cannot have a dynamic batch dimension", name));
   }
   NodeId id = add_leaf(NodeKind::input, "input", std::move(name), {dtype, std::move(shape)});
   nodes_[id]->batch_dynamic = batch_dynamic;
@@ -108,8 +116,8 @@ Value Graph::parameter(std::string name, const Tensor& initial, bool trainable) 
     }
   }
   if (!is_floating(initial.dtype())) {
-    throw GraphError(fmt::format("parameter \"{}\": dtype must be f32 or f64, got {}", name,
-                                 initial.dtype()));
+    throw GraphError(
+        fmt::format("parameter \"{}\": dtype must be f32 or f64, got {}", name, initial.dtype()));
   }
   std::string full = unique_name(name);
   NodeId id = add_leaf(NodeKind::parameter, "parameter", full, initial.desc());
@@ -147,21 +155,20 @@ std::vector<Value> Graph::add_node(std::string_view op, std::vector<Value> input
   node->attrs = std::move(attrs);
   node->from_grad = building_gradient_;
   if (where.line() != 0) {
-    node->where = fmt::format("{}:{}",
-                              std::filesystem::path(where.file_name()).filename().string(),
+    node->where = fmt::format("{}:{}", std::filesystem::path(where.file_name()).filename().string(),
                               where.line());
   }
   const std::string site = node->site();
   const int count = static_cast<int>(inputs.size());
   if (count < def.min_inputs || (def.max_inputs >= 0 && count > def.max_inputs)) {
-    throw GraphError(fmt::format("{}: takes {} inputs, {} given", site,
-                                 def.max_inputs == def.min_inputs
-                                     ? fmt::format("{}", def.min_inputs)
-                                     : fmt::format("{} to {}", def.min_inputs,
-                                                   def.max_inputs < 0
-                                                       ? std::string("any")
-                                                       : fmt::format("{}", def.max_inputs)),
-                                 count));
+    throw GraphError(
+        fmt::format("{}: takes {} inputs, {} given", site,
+                    def.max_inputs == def.min_inputs
+                        ? fmt::format("{}", def.min_inputs)
+                        : fmt::format("{} to {}", def.min_inputs,
+                                      def.max_inputs < 0 ? std::string("any")
+                                                         : fmt::format("{}", def.max_inputs)),
+                    count));
   }
   std::vector<TensorDesc> descs;
   for (const auto& v : inputs) {
@@ -187,8 +194,8 @@ Value Graph::apply(std::string_view op, std::vector<Value> inputs, Attrs attrs,
                    std::source_location where) {
   auto outs = add_node(op, std::move(inputs), std::move(attrs), where);
   if (outs.size() != 1) {
-    throw GraphError(fmt::format("{}: has {} outputs; use add_node to get them all", op,
-                                 outs.size()));
+    throw GraphError(
+        fmt::format("{}: has {} outputs; use add_node to get them all", op, outs.size()));
   }
   return outs[0];
 }
@@ -292,8 +299,8 @@ void Graph::set_input(NodeId consumer, int slot, Value value) {
   Node& n = mutable_node(consumer);
   check_owned(value, n.site());
   if (slot < 0 || slot >= static_cast<int>(n.inputs.size())) {
-    throw GraphError(fmt::format("{}: has no input slot {} (it has {})", n.site(), slot,
-                                 n.inputs.size()));
+    throw GraphError(
+        fmt::format("{}: has no input slot {} (it has {})", n.site(), slot, n.inputs.size()));
   }
   if (depends_on(value.node_id(), consumer)) {
     throw GraphError(fmt::format(
@@ -364,8 +371,7 @@ std::string Graph::to_dot(std::span<const Value> outputs) const {
   }
   for (const auto& v : outputs) {
     dot += fmt::format("  out_{}_{} [label=\"{}\", shape=plaintext];\n  n{} -> out_{}_{};\n",
-                       v.node_id(), v.index(), v.desc().str(), v.node_id(), v.node_id(),
-                       v.index());
+                       v.node_id(), v.index(), v.desc().str(), v.node_id(), v.node_id(), v.index());
   }
   dot += "}\n";
   return dot;

@@ -54,14 +54,14 @@ class Value {
 struct Node {
   NodeId id = 0;
   NodeKind kind = NodeKind::op;
-  std::string op;  // "input", "parameter", "constant" or a registered op name
+  std::string op;              // "input", "parameter", "constant" or a registered op name
   const OpDef* def = nullptr;  // null for leaves
   std::string name;            // unique in its graph
   Attrs attrs;
   std::vector<Value> inputs;
   std::vector<TensorDesc> outputs;
-  Tensor data;             // a parameter's current value, or a constant's value
-  bool trainable = false;  // parameters only
+  Tensor data;                 // a parameter's current value, or a constant's value
+  bool trainable = false;      // parameters only
   bool batch_dynamic = false;  // inputs only: dimension 0 may differ at run time
   bool from_grad = false;      // built by grad()
   std::string where;           // "file.cpp:12" of the builder call, when known
@@ -79,8 +79,7 @@ class Graph {
 
   // A value fed at each run. With `batch_dynamic`, dimension 0 may change between runs
   // (the plan re-specialises for each distinct batch size).
-  Value input(std::string name, Shape shape, DType dtype = DType::f32,
-              bool batch_dynamic = false);
+  Value input(std::string name, Shape shape, DType dtype = DType::f32, bool batch_dynamic = false);
   // A named, persistent, trainable tensor; its initial value is copied.
   Value parameter(std::string name, const Tensor& initial, bool trainable = true);
   // Data held by the graph.

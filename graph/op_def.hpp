@@ -4,6 +4,8 @@
 // graph/ knows nothing of oneDNN.
 #pragma once
 
+#include <fmt/format.h>
+
 #include <functional>
 #include <map>
 #include <memory>
@@ -11,8 +13,6 @@
 #include <span>
 #include <string>
 #include <vector>
-
-#include <fmt/format.h>
 
 #include "graph/attrs.hpp"
 #include "graph/error.hpp"
@@ -77,8 +77,8 @@ struct InputSpec {
   std::optional<DType> dtype;  // nullopt: the floating dtype under test (f32 or f64)
   double low = -1.0;           // uniform in [low, high)
   double high = 1.0;
-  double min_magnitude = 0.0;  // keep |x| >= this (away from kinks such as relu's 0)
-  bool differentiable = true;  // gradcheck perturbs this input
+  double min_magnitude = 0.0;                 // keep |x| >= this (away from kinks such as relu's 0)
+  bool differentiable = true;                 // gradcheck perturbs this input
   std::optional<std::vector<double>> values;  // exact values instead of random ones
 };
 
@@ -113,7 +113,7 @@ struct OpDef {
   int min_inputs = 1;
   int max_inputs = 1;  // -1: any number
   ShapeFn shape;
-  BackwardFn backward;       // empty: the op has no gradient, and `no_gradient` says why
+  BackwardFn backward;  // empty: the op has no gradient, and `no_gradient` says why
   std::string no_gradient;
   bool second_order = false;  // its backward is built from differentiable ops
   ReferenceFn reference;      // plain loops, f32 and f64

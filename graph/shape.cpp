@@ -12,9 +12,13 @@ std::vector<std::int64_t> Shape::strides() const {
   return strides;
 }
 
-std::string Shape::str() const { return fmt::format("[{}]", fmt::join(dims_, ",")); }
+std::string Shape::str() const {
+  return fmt::format("[{}]", fmt::join(dims_, ","));
+}
 
-std::string TensorDesc::str() const { return fmt::format("{}{}", dtype, shape.str()); }
+std::string TensorDesc::str() const {
+  return fmt::format("{}{}", dtype, shape.str());
+}
 
 int normalize_axis(std::int64_t axis, int rank, std::string_view what) {
   if (axis < -rank || axis >= rank) {

@@ -1,12 +1,12 @@
 // Shape (row-major dimensions) and TensorDesc (dtype + shape).
 #pragma once
 
+#include <fmt/format.h>
+
 #include <cstdint>
 #include <initializer_list>
 #include <string>
 #include <vector>
-
-#include <fmt/format.h>
 
 #include "graph/dtype.hpp"
 

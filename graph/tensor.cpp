@@ -1,16 +1,17 @@
 #include "graph/tensor.hpp"
 
+#include <fmt/format.h>
+
 #include <cstdlib>
 #include <cstring>
-
-#include <fmt/format.h>
 
 namespace dagrad {
 
 namespace {
 
 std::shared_ptr<void> allocate(std::size_t bytes) {
-  const std::size_t rounded = (bytes + Tensor::alignment - 1) / Tensor::alignment * Tensor::alignment;
+  const std::size_t rounded =
+      (bytes + Tensor::alignment - 1) / Tensor::alignment * Tensor::alignment;
   void* memory = std::aligned_alloc(Tensor::alignment, rounded == 0 ? Tensor::alignment : rounded);
   if (memory == nullptr) throw Error(fmt::format("tensor: cannot allocate {} bytes", bytes));
   std::memset(memory, 0, rounded == 0 ? Tensor::alignment : rounded);
@@ -20,9 +21,12 @@ std::shared_ptr<void> allocate(std::size_t bytes) {
 template <class F>
 decltype(auto) visit_dtype(DType dtype, F&& f) {
   switch (dtype) {
-    case DType::f32: return f(float{});
-    case DType::f64: return f(double{});
-    case DType::i32: return f(std::int32_t{});
+    case DType::f32:
+      return f(float{});
+    case DType::f64:
+      return f(double{});
+    case DType::i32:
+      return f(std::int32_t{});
   }
   throw Error("tensor: unknown dtype");
 }
@@ -89,8 +93,8 @@ Tensor Tensor::view(TensorDesc desc, void* data, std::shared_ptr<void> owner) {
 
 void Tensor::check_type(DType wanted) const {
   if (wanted != desc_.dtype) {
-    throw Error(fmt::format("tensor {}: accessed as {}, but its dtype is {}", desc_, wanted,
-                            desc_.dtype));
+    throw Error(
+        fmt::format("tensor {}: accessed as {}, but its dtype is {}", desc_, wanted, desc_.dtype));
   }
 }
 
@@ -116,8 +120,8 @@ void Tensor::set(std::int64_t i, double value) {
 
 double Tensor::item() const {
   if (numel() != 1) {
-    throw Error(fmt::format("tensor {}: item() needs exactly one element, it has {}", desc_,
-                            numel()));
+    throw Error(
+        fmt::format("tensor {}: item() needs exactly one element, it has {}", desc_, numel()));
   }
   return at(0);
 }
@@ -151,8 +155,8 @@ Tensor Tensor::to(DType dtype) const {
 
 Tensor Tensor::reshaped(Shape shape) const {
   if (shape.numel() != numel()) {
-    throw ShapeError(fmt::format("tensor {}: cannot reshape to {} ({} elements)", desc_, shape,
-                                 shape.numel()));
+    throw ShapeError(
+        fmt::format("tensor {}: cannot reshape to {} ({} elements)", desc_, shape, shape.numel()));
   }
   Tensor t = *this;
   t.desc_.shape = std::move(shape);

@@ -24,8 +24,7 @@ class Tensor {
   // A tensor of `shape` holding `values` (row-major), converted to `dtype`.
   // Throws Error when the number of values does not match the shape.
   static Tensor from(std::span<const double> values, Shape shape, DType dtype = DType::f32);
-  static Tensor from(std::initializer_list<double> values, Shape shape,
-                     DType dtype = DType::f32) {
+  static Tensor from(std::initializer_list<double> values, Shape shape, DType dtype = DType::f32) {
     return from(std::span<const double>(values.begin(), values.size()), std::move(shape), dtype);
   }
   static Tensor from_floats(std::span<const float> values, Shape shape);

@@ -1,9 +1,9 @@
 #include "nn/model.hpp"
 
+#include <fmt/format.h>
+
 #include <charconv>
 #include <cmath>
-
-#include <fmt/format.h>
 
 #include "nn/init.hpp"
 #include "ops/ops.hpp"
@@ -19,10 +19,10 @@ struct KindInfo {
 };
 
 constexpr KindInfo kinds[] = {
-    {"dense", 1, 1},      {"conv", 2, 4},     {"maxpool", 1, 2}, {"avgpool", 1, 2},
+    {"dense", 1, 1},         {"conv", 2, 4},      {"maxpool", 1, 2},   {"avgpool", 1, 2},
     {"globalavgpool", 0, 0}, {"batchnorm", 0, 0}, {"layernorm", 0, 0}, {"dropout", 1, 1},
-    {"flatten", 0, 0},    {"relu", 0, 0},     {"tanh", 0, 0},    {"sigmoid", 0, 0},
-    {"gelu", 0, 0},       {"softplus", 0, 0}, {"identity", 0, 0}, {"elu", 0, 1},
+    {"flatten", 0, 0},       {"relu", 0, 0},      {"tanh", 0, 0},      {"sigmoid", 0, 0},
+    {"gelu", 0, 0},          {"softplus", 0, 0},  {"identity", 0, 0},  {"elu", 0, 1},
     {"leaky_relu", 0, 1},
 };
 
@@ -55,7 +55,8 @@ std::vector<LayerSpec> parse_layers(std::string_view text) {
     spec.kind = std::string(item.substr(0, colon));
     while (colon != std::string_view::npos) {
       std::size_t next = item.find(':', colon + 1);
-      std::string_view arg = item.substr(colon + 1, next == std::string_view::npos ? std::string_view::npos : next - colon - 1);
+      std::string_view arg = item.substr(
+          colon + 1, next == std::string_view::npos ? std::string_view::npos : next - colon - 1);
       double value = 0;
       auto [end, error] = std::from_chars(arg.data(), arg.data() + arg.size(), value);
       if (error != std::errc() || end != arg.data() + arg.size() || !std::isfinite(value)) {
@@ -87,8 +88,9 @@ std::vector<LayerSpec> parse_layers(std::string_view text) {
       const double value = spec.args[a];
       const double smallest = spec.kind == "conv" && a == 3 ? 0 : 1;  // padding may be 0
       if (value != std::floor(value) || value < smallest || value > 1e6) {
-        throw Error(fmt::format("layers: layer {} \"{}\": argument {} of {} must be an integer >= {}",
-                                number, item, a + 1, spec.kind, smallest));
+        throw Error(
+            fmt::format("layers: layer {} \"{}\": argument {} of {} must be an integer >= {}",
+                        number, item, a + 1, spec.kind, smallest));
       }
     }
     if (spec.kind == "dropout" && !(spec.args[0] >= 0 && spec.args[0] < 1)) {
@@ -117,10 +119,14 @@ std::string preset_layers(std::string_view preset) {
 Model::Model(std::vector<LayerSpec> layers, ModelOptions options)
     : specs_(std::move(layers)), options_(std::move(options)) {
   if (specs_.empty()) throw Error("Model: no layers given");
-  if (options_.classes < 2) throw Error(fmt::format("Model: {} classes; at least 2 are needed", options_.classes));
-  if (options_.batch_size < 1) throw Error(fmt::format("Model: batch size {} must be at least 1", options_.batch_size));
-  if (options_.l1 < 0 || options_.l2 < 0 || !std::isfinite(options_.l1) || !std::isfinite(options_.l2)) {
-    throw Error(fmt::format("Model: penalties must be finite and >= 0 (l1 {}, l2 {})", options_.l1, options_.l2));
+  if (options_.classes < 2)
+    throw Error(fmt::format("Model: {} classes; at least 2 are needed", options_.classes));
+  if (options_.batch_size < 1)
+    throw Error(fmt::format("Model: batch size {} must be at least 1", options_.batch_size));
+  if (options_.l1 < 0 || options_.l2 < 0 || !std::isfinite(options_.l1) ||
+      !std::isfinite(options_.l2)) {
+    throw Error(fmt::format("Model: penalties must be finite and >= 0 (l1 {}, l2 {})", options_.l1,
+                            options_.l2));
   }
   std::vector<std::int64_t> input_dims{options_.batch_size};
   input_dims.insert(input_dims.end(), options_.example_shape.begin(), options_.example_shape.end());
@@ -130,9 +136,10 @@ Model::Model(std::vector<LayerSpec> layers, ModelOptions options)
   Value x = input_;
   for (std::size_t i = 0; i < specs_.size(); ++i) x = build_layer(specs_[i], i, x);
   if (x.rank() != 2 || x.shape()[1] != options_.classes) {
-    throw Error(fmt::format("Model: the last layer gives {} per batch; a classifier needs [batch, {}] "
-                            "(end the stack with dense:{})",
-                            x.shape(), options_.classes, options_.classes));
+    throw Error(
+        fmt::format("Model: the last layer gives {} per batch; a classifier needs [batch, {}] "
+                    "(end the stack with dense:{})",
+                    x.shape(), options_.classes, options_.classes));
   }
   logits_ = x;
   {
@@ -182,14 +189,16 @@ Value Model::build_layer(const LayerSpec& spec, std::size_t index, Value x) {
     y = matmul(x, w) + b;
   } else if (k == "conv") {
     if (x.rank() != 4) {
-      throw Error(fmt::format("Model: layer {} ({}) needs [N,C,H,W] input, got {}; give the model "
-                              "an example shape such as 1,28,28",
-                              index + 1, spec.str(), x.shape()));
+      throw Error(
+          fmt::format("Model: layer {} ({}) needs [N,C,H,W] input, got {}; give the model "
+                      "an example shape such as 1,28,28",
+                      index + 1, spec.str(), x.shape()));
     }
     const auto filters = static_cast<std::int64_t>(spec.args[0]);
     const auto kernel = static_cast<std::int64_t>(spec.args[1]);
     const auto stride = spec.args.size() > 2 ? static_cast<std::int64_t>(spec.args[2]) : 1;
-    const auto padding = spec.args.size() > 3 ? static_cast<std::int64_t>(spec.args[3]) : kernel / 2;
+    const auto padding =
+        spec.args.size() > 3 ? static_cast<std::int64_t>(spec.args[3]) : kernel / 2;
     Value w = add_parameter("weight", init_weight({filters, x.shape()[1], kernel, kernel}), true);
     Value b = add_parameter("bias", Tensor({filters}, DType::f32), false);
     Conv2dOptions conv;
@@ -249,10 +258,12 @@ std::int64_t Model::parameter_count() const {
 }
 
 std::string Model::summary() const {
-  std::string out = fmt::format("{:<16} {:<14} {:<20} {:>12}\n", "layer", "spec", "output", "parameters");
+  std::string out =
+      fmt::format("{:<16} {:<14} {:<20} {:>12}\n", "layer", "spec", "output", "parameters");
   out += fmt::format("{:<16} {:<14} {:<20} {:>12}\n", "input", "", input_.shape().str(), 0);
   for (const auto& s : summary_) {
-    out += fmt::format("{:<16} {:<14} {:<20} {:>12}\n", s.name, s.kind, s.output_shape.str(), s.parameters);
+    out += fmt::format("{:<16} {:<14} {:<20} {:>12}\n", s.name, s.kind, s.output_shape.str(),
+                       s.parameters);
   }
   out += fmt::format("total trainable parameters: {}\n", parameter_count());
   return out;

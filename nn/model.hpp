@@ -66,12 +66,12 @@ class Model {
 
   Graph& graph() { return graph_; }
   const ModelOptions& options() const { return options_; }
-  Value input() const { return input_; }      // f32 [B, example_shape...]
-  Value labels() const { return labels_; }    // i32 [B]
-  Value targets() const { return targets_; }  // f32 [B, classes] soft targets (mixup)
-  Value logits() const { return logits_; }    // [B, classes]
-  Value data_loss() const { return data_loss_; }        // mean sparse cross-entropy
-  Value soft_data_loss() const { return soft_loss_; }   // mean cross-entropy on soft targets
+  Value input() const { return input_; }               // f32 [B, example_shape...]
+  Value labels() const { return labels_; }             // i32 [B]
+  Value targets() const { return targets_; }           // f32 [B, classes] soft targets (mixup)
+  Value logits() const { return logits_; }             // [B, classes]
+  Value data_loss() const { return data_loss_; }       // mean sparse cross-entropy
+  Value soft_data_loss() const { return soft_loss_; }  // mean cross-entropy on soft targets
   Value regularization_loss() const { return regularization_; }  // penalties (0 when none)
   Value error() const { return error_; }  // fraction of wrong predictions in the batch
   const std::vector<Value>& parameters() const { return parameters_; }  // trainable

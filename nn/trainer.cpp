@@ -1,5 +1,6 @@
 #include "nn/trainer.hpp"
 
+#include <fmt/format.h>
 #include <unistd.h>
 
 #include <chrono>
@@ -7,8 +8,6 @@
 #include <cstdio>
 #include <filesystem>
 #include <fstream>
-
-#include <fmt/format.h>
 
 #include "autodiff/grad.hpp"
 #include "data/augment.hpp"
@@ -52,7 +51,8 @@ std::vector<Tensor> snapshot(Model& model) {
 
 void restore(Model& model, const std::vector<Tensor>& saved) {
   auto params = model.graph().parameters(false);
-  for (std::size_t i = 0; i < params.size(); ++i) model.graph().value_of(params[i]).copy_from(saved[i]);
+  for (std::size_t i = 0; i < params.size(); ++i)
+    model.graph().value_of(params[i]).copy_from(saved[i]);
 }
 
 }  // namespace
@@ -75,7 +75,8 @@ std::string Evaluation::confusion_table(const std::vector<std::string>& names) c
   return out;
 }
 
-Trainer::Trainer(Model& model, Optimizer& optimizer, const Schedule* schedule, TrainerOptions options)
+Trainer::Trainer(Model& model, Optimizer& optimizer, const Schedule* schedule,
+                 TrainerOptions options)
     : model_(model), optimizer_(optimizer), schedule_(schedule), options_(std::move(options)) {
   check_options();
   Value total = model_.data_loss() + model_.regularization_loss();
@@ -104,12 +105,15 @@ void Trainer::check_options() const {
         "Trainer: batch size {} must be at least 1 (set full_batch for full-batch training)",
         o.batch_size));
   }
-  if (o.clip_norm < 0 || o.clip_value < 0 || !std::isfinite(o.clip_norm) || !std::isfinite(o.clip_value)) {
-    throw Error(fmt::format("Trainer: clipping thresholds must be finite and >= 0 (norm {}, value {})",
-                            o.clip_norm, o.clip_value));
+  if (o.clip_norm < 0 || o.clip_value < 0 || !std::isfinite(o.clip_norm) ||
+      !std::isfinite(o.clip_value)) {
+    throw Error(
+        fmt::format("Trainer: clipping thresholds must be finite and >= 0 (norm {}, value {})",
+                    o.clip_norm, o.clip_value));
   }
   if (o.patience < 0) throw Error(fmt::format("Trainer: patience {} is negative", o.patience));
-  if (o.eval_batch_size < 1) throw Error(fmt::format("Trainer: eval batch size {} must be >= 1", o.eval_batch_size));
+  if (o.eval_batch_size < 1)
+    throw Error(fmt::format("Trainer: eval batch size {} must be >= 1", o.eval_batch_size));
   if (!(o.smoothing >= 0 && o.smoothing < 1)) {
     throw Error(fmt::format("Trainer: smoothing {} is outside [0, 1)", o.smoothing));
   }
@@ -120,14 +124,18 @@ void Trainer::check_options() const {
 
 History Trainer::fit(const data::Dataset& train, const data::Dataset* validation) {
   if (train.size() == 0) throw Error("Trainer::fit: the training set is empty");
-  if (validation != nullptr && validation->size() == 0) throw Error("Trainer::fit: the validation set is empty");
+  if (validation != nullptr && validation->size() == 0)
+    throw Error("Trainer::fit: the validation set is empty");
   if (options_.augment.any() && train.images.shape().rank() != 4) {
-    throw Error(fmt::format("Trainer: image augmentation needs [N,C,H,W] images, the training set has {}",
-                            train.images.shape()));
+    throw Error(
+        fmt::format("Trainer: image augmentation needs [N,C,H,W] images, the training set has {}",
+                    train.images.shape()));
   }
   const std::int64_t batch = options_.full_batch ? train.size() : options_.batch_size;
-  data::Loader loader(train, {.batch_size = batch, .shuffle = !options_.full_batch,
-                              .drop_last = options_.drop_last, .seed = options_.seed});
+  data::Loader loader(train, {.batch_size = batch,
+                              .shuffle = !options_.full_batch,
+                              .drop_last = options_.drop_last,
+                              .seed = options_.seed});
   const bool bar = options_.progress == 1 || (options_.progress == -1 && isatty(fileno(stdout)));
   History history = resumed_;
   double smoothed = NAN;
@@ -150,7 +158,8 @@ History Trainer::fit(const data::Dataset& train, const data::Dataset* validation
       if (schedule_ != nullptr && options_.schedule_per_step) {
         optimizer_.set_learning_rate(schedule_->learning_rate(step_));
       }
-      const std::uint64_t step_seed = data::mix_seed(options_.seed, static_cast<std::uint64_t>(step_) + 1);
+      const std::uint64_t step_seed =
+          data::mix_seed(options_.seed, static_cast<std::uint64_t>(step_) + 1);
       RunOptions run{.training = true, .seed = step_seed};
       Tensor images = b->images;
       double data_loss = 0, regularization = 0, error_fraction = NAN;
@@ -159,7 +168,8 @@ History Trainer::fit(const data::Dataset& train, const data::Dataset* validation
         images = b->images.clone();
         data::Random random(step_seed);
         if (options_.augment.flip) data::random_horizontal_flip(images, random);
-        if (options_.augment.crop_padding > 0) data::random_crop(images, options_.augment.crop_padding, random);
+        if (options_.augment.crop_padding > 0)
+          data::random_crop(images, options_.augment.crop_padding, random);
         if (options_.augment.cutout > 0) data::cutout(images, options_.augment.cutout, random);
       }
       std::size_t first_grad = 3;
@@ -167,7 +177,8 @@ History Trainer::fit(const data::Dataset& train, const data::Dataset* validation
         data::Random random(data::mix_seed(step_seed, 7));
         data::MixupBatch mixed = data::mixup(images, b->labels, model_.options().classes,
                                              options_.augment.mixup_alpha, random);
-        out = &soft_plan_->run({{model_.input(), mixed.images}, {model_.targets(), mixed.targets}}, run);
+        out = &soft_plan_->run({{model_.input(), mixed.images}, {model_.targets(), mixed.targets}},
+                               run);
         first_grad = 2;
       } else {
         out = &train_plan_->run({{model_.input(), images}, {model_.labels(), b->labels}}, run);
@@ -202,8 +213,9 @@ History Trainer::fit(const data::Dataset& train, const data::Dataset* validation
       regularization_sum += regularization;
       norm_sum += norm;
       if (!std::isnan(error_fraction)) wrong += error_fraction * static_cast<double>(n);
-      smoothed = std::isnan(smoothed) ? data_loss
-                                      : options_.smoothing * smoothed + (1 - options_.smoothing) * data_loss;
+      smoothed = std::isnan(smoothed)
+                     ? data_loss
+                     : options_.smoothing * smoothed + (1 - options_.smoothing) * data_loss;
       history.smoothed_loss.emplace_back(step_, smoothed);
       if (bar && !options_.quiet) {
         const double elapsed = seconds_since(started);
@@ -211,9 +223,11 @@ History Trainer::fit(const data::Dataset& train, const data::Dataset* validation
         const double eta = elapsed / static_cast<double>(steps_this_epoch) *
                            static_cast<double>(total_steps - steps_this_epoch);
         const int width = 24;
-        const int filled = static_cast<int>(width * steps_this_epoch / std::max<std::int64_t>(total_steps, 1));
+        const int filled =
+            static_cast<int>(width * steps_this_epoch / std::max<std::int64_t>(total_steps, 1));
         std::printf("\repoch %lld/%lld [%s%s] %lld/%lld loss %.4f  %.0f samples/s  ETA %s   ",
-                    static_cast<long long>(epoch), static_cast<long long>(start_epoch_ + options_.epochs),
+                    static_cast<long long>(epoch),
+                    static_cast<long long>(start_epoch_ + options_.epochs),
                     std::string(static_cast<std::size_t>(filled), '#').c_str(),
                     std::string(static_cast<std::size_t>(width - filled), '.').c_str(),
                     static_cast<long long>(steps_this_epoch), static_cast<long long>(total_steps),
@@ -225,9 +239,14 @@ History Trainer::fit(const data::Dataset& train, const data::Dataset* validation
     record.epoch = epoch;
     record.learning_rate = optimizer_.learning_rate();
     record.train_loss = loss_sum / static_cast<double>(std::max<std::int64_t>(seen, 1));
-    record.regularization_loss = regularization_sum / static_cast<double>(std::max<std::int64_t>(steps_this_epoch, 1));
-    record.train_accuracy = options_.augment.mixup_alpha > 0 ? NAN : 1.0 - wrong / static_cast<double>(std::max<std::int64_t>(seen, 1));
-    record.gradient_norm = norm_sum / static_cast<double>(std::max<std::int64_t>(steps_this_epoch, 1));
+    record.regularization_loss =
+        regularization_sum / static_cast<double>(std::max<std::int64_t>(steps_this_epoch, 1));
+    record.train_accuracy =
+        options_.augment.mixup_alpha > 0
+            ? NAN
+            : 1.0 - wrong / static_cast<double>(std::max<std::int64_t>(seen, 1));
+    record.gradient_norm =
+        norm_sum / static_cast<double>(std::max<std::int64_t>(steps_this_epoch, 1));
     if (validation != nullptr) {
       Evaluation v = evaluate(*validation);
       record.val_loss = v.loss;
@@ -250,13 +269,16 @@ History Trainer::fit(const data::Dataset& train, const data::Dataset* validation
       std::string line = fmt::format(
           "epoch {:>3}  lr {:.3g}  train loss {:.4f}{}  train acc {:.4f}", epoch,
           record.learning_rate, record.train_loss,
-          record.regularization_loss > 0 ? fmt::format(" (+reg {:.4f})", record.regularization_loss) : "",
+          record.regularization_loss > 0 ? fmt::format(" (+reg {:.4f})", record.regularization_loss)
+                                         : "",
           record.train_accuracy);
       if (validation != nullptr) {
-        line += fmt::format("  val loss {:.4f}  val acc {:.4f}", record.val_loss, record.val_accuracy);
+        line +=
+            fmt::format("  val loss {:.4f}  val acc {:.4f}", record.val_loss, record.val_accuracy);
       }
       line += fmt::format("  {:.1f}s  {:.0f} samples/s{}", record.seconds,
-                          static_cast<double>(seen) / std::max(record.seconds, 1e-9), improved ? "  *" : "");
+                          static_cast<double>(seen) / std::max(record.seconds, 1e-9),
+                          improved ? "  *" : "");
       std::printf("%s%s\n", bar ? "\r" : "", line.c_str());
       std::fflush(stdout);
     }
@@ -275,7 +297,8 @@ History Trainer::fit(const data::Dataset& train, const data::Dataset* validation
         Checkpoint::save((std::filesystem::path(options_.out_dir) / "best.safetensors").string(),
                          model_.graph(), &optimizer_, info);
       }
-      write_metrics_csv((std::filesystem::path(options_.out_dir) / "metrics.csv").string(), history);
+      write_metrics_csv((std::filesystem::path(options_.out_dir) / "metrics.csv").string(),
+                        history);
     }
     if (stop_requested) break;
     if (options_.patience > 0 && bad_epochs_ >= options_.patience) {
@@ -283,13 +306,15 @@ History Trainer::fit(const data::Dataset& train, const data::Dataset* validation
       if (!options_.quiet) {
         std::printf("early stopping: no better %s loss for %lld epochs; restoring epoch %lld\n",
                     validation != nullptr ? "validation" : "training",
-                    static_cast<long long>(options_.patience), static_cast<long long>(history.best_epoch));
+                    static_cast<long long>(options_.patience),
+                    static_cast<long long>(history.best_epoch));
       }
       break;
     }
   }
   // With a validation set (or early stopping) the run ends with the weights of its best epoch.
-  if ((validation != nullptr || options_.patience > 0) && history.best_epoch > 0) restore(model_, best);
+  if ((validation != nullptr || options_.patience > 0) && history.best_epoch > 0)
+    restore(model_, best);
   start_epoch_ = history.epochs.empty() ? start_epoch_ : history.epochs.back().epoch;
   resumed_ = history;
   if (!options_.out_dir.empty()) write_outputs(history);
@@ -302,7 +327,8 @@ Evaluation Trainer::evaluate(const data::Dataset& dataset) {
   loader.start_epoch(0);
   const auto classes = model_.options().classes;
   Evaluation result;
-  result.confusion.assign(static_cast<std::size_t>(classes), std::vector<std::int64_t>(static_cast<std::size_t>(classes), 0));
+  result.confusion.assign(static_cast<std::size_t>(classes),
+                          std::vector<std::int64_t>(static_cast<std::size_t>(classes), 0));
   double loss_sum = 0;
   std::int64_t correct = 0;
   while (const data::Batch* b = loader.next()) {
@@ -318,8 +344,8 @@ Evaluation Trainer::evaluate(const data::Dataset& dataset) {
       }
       const auto truth = labels[i];
       if (truth < 0 || truth >= classes) {
-        throw Error(fmt::format("Trainer::evaluate: label {} at position {} is outside [0, {})", truth,
-                                i, classes));
+        throw Error(fmt::format("Trainer::evaluate: label {} at position {} is outside [0, {})",
+                                truth, i, classes));
       }
       correct += best == truth;
       ++result.confusion[static_cast<std::size_t>(truth)][static_cast<std::size_t>(best)];
@@ -346,9 +372,11 @@ Tensor Trainer::predict(const data::Dataset& dataset) {
       float top = z[i * classes];
       for (std::int64_t c = 1; c < classes; ++c) top = std::max(top, z[i * classes + c]);
       double total = 0;
-      for (std::int64_t c = 0; c < classes; ++c) total += std::exp(static_cast<double>(z[i * classes + c] - top));
+      for (std::int64_t c = 0; c < classes; ++c)
+        total += std::exp(static_cast<double>(z[i * classes + c] - top));
       for (std::int64_t c = 0; c < classes; ++c) {
-        p[row * classes + c] = static_cast<float>(std::exp(static_cast<double>(z[i * classes + c] - top)) / total);
+        p[row * classes + c] =
+            static_cast<float>(std::exp(static_cast<double>(z[i * classes + c] - top)) / total);
       }
     }
   }
@@ -378,9 +406,10 @@ void Trainer::resume(const std::string& path) {
   std::getline(in, line);  // header
   while (std::getline(in, line)) {
     EpochRecord r;
-    if (std::sscanf(line.c_str(), "%lld,%lf,%lf,%lf,%lf,%lf,%lf,%lf", reinterpret_cast<long long*>(&r.epoch),
-                    &r.learning_rate, &r.train_loss, &r.regularization_loss, &r.val_loss,
-                    &r.train_accuracy, &r.val_accuracy, &r.seconds) >= 4 &&
+    if (std::sscanf(line.c_str(), "%lld,%lf,%lf,%lf,%lf,%lf,%lf,%lf",
+                    reinterpret_cast<long long*>(&r.epoch), &r.learning_rate, &r.train_loss,
+                    &r.regularization_loss, &r.val_loss, &r.train_accuracy, &r.val_accuracy,
+                    &r.seconds) >= 4 &&
         r.epoch <= start_epoch_) {
       resumed_.epochs.push_back(r);
     }
@@ -400,7 +429,8 @@ void Trainer::write_outputs(const History& history) const {
 void write_metrics_csv(const std::string& path, const History& history) {
   std::ofstream out(path);
   if (!out) throw IOError(fmt::format("{}: cannot write the metrics CSV", path));
-  out << "epoch,lr,train_loss,regularization_loss,val_loss,train_acc,val_acc,seconds,train_loss_at\n";
+  out << "epoch,lr,train_loss,regularization_loss,val_loss,train_acc,val_acc,seconds,train_loss_"
+         "at\n";
   for (const auto& r : history.epochs) {
     out << fmt::format("{},{:.6g},{:.6f},{:.6f},{:.6f},{:.6f},{:.6f},{:.3f},{:.1f}\n", r.epoch,
                        r.learning_rate, r.train_loss, r.regularization_loss, r.val_loss,
@@ -420,13 +450,16 @@ std::vector<std::string> plot_curves(const std::string& csv_path, const std::str
   {
     std::ofstream script(script_path);
     // Training values are averages over an epoch, so they sit at mid-epoch (column 9).
-    script << "set datafile separator ','\nset key autotitle columnhead\nset grid\nset xlabel 'epoch'\n"
+    script << "set datafile separator ','\nset key autotitle columnhead\nset grid\nset xlabel "
+              "'epoch'\n"
            << "set terminal " << terminal << "\n"
            << "set output '" << prefix << "-loss." << ext << "'\nset ylabel 'loss'\n"
-           << "plot '" << csv_path << "' using 9:3 with linespoints title 'train (mid-epoch)', '' using 1:5 "
+           << "plot '" << csv_path
+           << "' using 9:3 with linespoints title 'train (mid-epoch)', '' using 1:5 "
            << "with linespoints title 'validation'\n"
            << "set output '" << prefix << "-accuracy." << ext << "'\nset ylabel 'accuracy'\n"
-           << "plot '" << csv_path << "' using 9:6 with linespoints title 'train (mid-epoch)', '' using 1:7 "
+           << "plot '" << csv_path
+           << "' using 9:6 with linespoints title 'train (mid-epoch)', '' using 1:7 "
            << "with linespoints title 'validation'\n";
   }
   if (std::system(fmt::format("gnuplot '{}' >/dev/null 2>&1", script_path).c_str()) == 0) {

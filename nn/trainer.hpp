@@ -12,11 +12,11 @@
 // at mid-epoch (epoch − 0.5) so that train and validation curves line up; a moving average of
 // the per-step loss drives the progress line. The regularisation loss (penalties) is reported
 // apart from the data loss. Early stopping watches the validation loss with a patience; with a
-// validation set (or a patience) fit() ends with the weights of the best epoch. With an output directory, a checkpoint is written after every
-// epoch (last.safetensors) and for the best epoch (best.safetensors), with metrics.csv and the
-// loss/accuracy curves (gnuplot, when installed). All randomness (shuffling, dropout masks,
-// augmentation) is a function of (seed, epoch, step), so resume() continues a run exactly as
-// if it had never stopped.
+// validation set (or a patience) fit() ends with the weights of the best epoch. With an output
+// directory, a checkpoint is written after every epoch (last.safetensors) and for the best epoch
+// (best.safetensors), with metrics.csv and the loss/accuracy curves (gnuplot, when installed). All
+// randomness (shuffling, dropout masks, augmentation) is a function of (seed, epoch, step), so
+// resume() continues a run exactly as if it had never stopped.
 //
 // A NaN or infinite loss stops training with an Error naming the step and the learning rate;
 // `check_finite` additionally names the first op whose output stopped being finite.

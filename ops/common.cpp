@@ -9,7 +9,8 @@ std::vector<std::int64_t> broadcast_strides(const Shape& in, const Shape& out) {
   const auto in_strides = in.strides();
   const int shift = out.rank() - in.rank();
   for (int i = 0; i < in.rank(); ++i) {
-    if (in[i] != 1) strides[static_cast<std::size_t>(i + shift)] = in_strides[static_cast<std::size_t>(i)];
+    if (in[i] != 1)
+      strides[static_cast<std::size_t>(i + shift)] = in_strides[static_cast<std::size_t>(i)];
   }
   return strides;
 }
@@ -36,8 +37,8 @@ void require_floating(const ShapeCall& call, std::size_t input) {
 void require_same_dtype(const ShapeCall& call) {
   for (std::size_t i = 1; i < call.inputs.size(); ++i) {
     if (call.inputs[i].dtype != call.inputs[0].dtype) {
-      call.fail("inputs have different dtypes: {} and {} (convert one with cast())",
-                call.inputs[0], call.inputs[i]);
+      call.fail("inputs have different dtypes: {} and {} (convert one with cast())", call.inputs[0],
+                call.inputs[i]);
     }
   }
 }

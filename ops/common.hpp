@@ -2,10 +2,10 @@
 // and the registration shorthands. Internal to ops/ (not part of the public API).
 #pragma once
 
+#include <fmt/format.h>
+
 #include <cstdint>
 #include <vector>
-
-#include <fmt/format.h>
 
 #include "graph/graph.hpp"
 #include "graph/op_def.hpp"
@@ -19,9 +19,12 @@ class OpRegistry;
 template <class F>
 decltype(auto) dispatch_floating(DType dtype, F&& f) {
   switch (dtype) {
-    case DType::f32: return f(float{});
-    case DType::f64: return f(double{});
-    case DType::i32: break;
+    case DType::f32:
+      return f(float{});
+    case DType::f64:
+      return f(double{});
+    case DType::i32:
+      break;
   }
   throw Error(fmt::format("expected a floating dtype, got {}", dtype));
 }
@@ -29,9 +32,12 @@ decltype(auto) dispatch_floating(DType dtype, F&& f) {
 template <class F>
 decltype(auto) dispatch_any(DType dtype, F&& f) {
   switch (dtype) {
-    case DType::f32: return f(float{});
-    case DType::f64: return f(double{});
-    case DType::i32: return f(std::int32_t{});
+    case DType::f32:
+      return f(float{});
+    case DType::f64:
+      return f(double{});
+    case DType::i32:
+      return f(std::int32_t{});
   }
   throw Error("unknown dtype");
 }

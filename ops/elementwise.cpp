@@ -59,7 +59,8 @@ KernelFactory binary_onednn(dnnl::algorithm algorithm, bool commutative) {
     // Give src1 dst's rank by prepending 1s.
     std::vector<std::int64_t> dims(static_cast<std::size_t>(out.rank()), 1);
     const Shape& small = build.inputs[static_cast<std::size_t>(other)].shape;
-    for (int i = 0; i < small.rank(); ++i) dims[static_cast<std::size_t>(out.rank() - small.rank() + i)] = small[i];
+    for (int i = 0; i < small.rank(); ++i)
+      dims[static_cast<std::size_t>(out.rank() - small.rank() + i)] = small[i];
     auto src0_md = plain_md(build.inputs[static_cast<std::size_t>(full)]);
     auto src1_md = plain_md(Shape(dims), build.inputs[0].dtype);
     auto dst_md = plain_md(build.outputs[0]);
@@ -132,8 +133,7 @@ KernelFactory eltwise_onednn(dnnl::algorithm algorithm, float alpha = 0.f, float
   return [=](const KernelBuild& build) -> std::unique_ptr<Kernel> {
     auto md = plain_md(build.inputs[0]);
     dnnl::eltwise_forward::primitive_desc pd(
-        dnnl::eltwise_forward::desc(dnnl::prop_kind::forward_inference, algorithm, md, alpha,
-                                    beta),
+        dnnl::eltwise_forward::desc(dnnl::prop_kind::forward_inference, algorithm, md, alpha, beta),
         build.engine);
     return std::make_unique<PrimitiveKernel>(
         dnnl::eltwise_forward(pd),
@@ -192,35 +192,83 @@ Value unary(std::string_view op, const Value& x, Where where) {
 
 }  // namespace
 
-Value add(const Value& a, const Value& b, Where where) { return binary("add", a, b, where); }
-Value sub(const Value& a, const Value& b, Where where) { return binary("sub", a, b, where); }
-Value mul(const Value& a, const Value& b, Where where) { return binary("mul", a, b, where); }
-Value div(const Value& a, const Value& b, Where where) { return binary("div", a, b, where); }
-Value neg(const Value& x, Where where) { return unary("neg", x, where); }
-Value exp(const Value& x, Where where) { return unary("exp", x, where); }
-Value log(const Value& x, Where where) { return unary("log", x, where); }
-Value sigmoid(const Value& x, Where where) { return unary("sigmoid", x, where); }
-Value tanh(const Value& x, Where where) { return unary("tanh", x, where); }
-Value relu(const Value& x, Where where) { return unary("relu", x, where); }
+Value add(const Value& a, const Value& b, Where where) {
+  return binary("add", a, b, where);
+}
+Value sub(const Value& a, const Value& b, Where where) {
+  return binary("sub", a, b, where);
+}
+Value mul(const Value& a, const Value& b, Where where) {
+  return binary("mul", a, b, where);
+}
+Value div(const Value& a, const Value& b, Where where) {
+  return binary("div", a, b, where);
+}
+Value neg(const Value& x, Where where) {
+  return unary("neg", x, where);
+}
+Value exp(const Value& x, Where where) {
+  return unary("exp", x, where);
+}
+Value log(const Value& x, Where where) {
+  return unary("log", x, where);
+}
+Value sigmoid(const Value& x, Where where) {
+  return unary("sigmoid", x, where);
+}
+Value tanh(const Value& x, Where where) {
+  return unary("tanh", x, where);
+}
+Value relu(const Value& x, Where where) {
+  return unary("relu", x, where);
+}
 Value relu_grad(const Value& dy, const Value& x, Where where) {
   return binary("relu_grad", dy, x, where);
 }
 
-Value scalar_like(const Value& x, double value) { return x.graph().scalar(value, x.dtype()); }
+Value scalar_like(const Value& x, double value) {
+  return x.graph().scalar(value, x.dtype());
+}
 
-Value operator+(const Value& a, const Value& b) { return add(a, b); }
-Value operator-(const Value& a, const Value& b) { return sub(a, b); }
-Value operator*(const Value& a, const Value& b) { return mul(a, b); }
-Value operator/(const Value& a, const Value& b) { return div(a, b); }
-Value operator-(const Value& x) { return neg(x); }
-Value operator+(const Value& a, double b) { return add(a, scalar_like(a, b)); }
-Value operator-(const Value& a, double b) { return sub(a, scalar_like(a, b)); }
-Value operator*(const Value& a, double b) { return mul(a, scalar_like(a, b)); }
-Value operator/(const Value& a, double b) { return div(a, scalar_like(a, b)); }
-Value operator+(double a, const Value& b) { return add(scalar_like(b, a), b); }
-Value operator-(double a, const Value& b) { return sub(scalar_like(b, a), b); }
-Value operator*(double a, const Value& b) { return mul(scalar_like(b, a), b); }
-Value operator/(double a, const Value& b) { return div(scalar_like(b, a), b); }
+Value operator+(const Value& a, const Value& b) {
+  return add(a, b);
+}
+Value operator-(const Value& a, const Value& b) {
+  return sub(a, b);
+}
+Value operator*(const Value& a, const Value& b) {
+  return mul(a, b);
+}
+Value operator/(const Value& a, const Value& b) {
+  return div(a, b);
+}
+Value operator-(const Value& x) {
+  return neg(x);
+}
+Value operator+(const Value& a, double b) {
+  return add(a, scalar_like(a, b));
+}
+Value operator-(const Value& a, double b) {
+  return sub(a, scalar_like(a, b));
+}
+Value operator*(const Value& a, double b) {
+  return mul(a, scalar_like(a, b));
+}
+Value operator/(const Value& a, double b) {
+  return div(a, scalar_like(a, b));
+}
+Value operator+(double a, const Value& b) {
+  return add(scalar_like(b, a), b);
+}
+Value operator-(double a, const Value& b) {
+  return sub(scalar_like(b, a), b);
+}
+Value operator*(double a, const Value& b) {
+  return mul(scalar_like(b, a), b);
+}
+Value operator/(double a, const Value& b) {
+  return div(scalar_like(b, a), b);
+}
 
 namespace {
 // relu's backward as one op (one oneDNN eltwise_backward primitive instead of a mask and a
@@ -250,8 +298,8 @@ void register_relu_grad(OpRegistry& registry) {
                                     dnnl::algorithm::eltwise_relu, md, 0.f, 0.f),
         build.engine);
     dnnl::eltwise_backward::primitive_desc pd(
-        dnnl::eltwise_backward::desc(dnnl::algorithm::eltwise_relu, md, md, 0.f, 0.f),
-        build.engine, hint);
+        dnnl::eltwise_backward::desc(dnnl::algorithm::eltwise_relu, md, md, 0.f, 0.f), build.engine,
+        hint);
     return std::make_unique<PrimitiveKernel>(
         dnnl::eltwise_backward(pd),
         std::vector<PrimitiveArg>{input_arg(DNNL_ARG_DIFF_DST, 0, md),
@@ -308,7 +356,8 @@ void register_elementwise_ops(OpRegistry& registry) {
         std::optional<Value> da, db;
         if (c.needs[0]) da = unbroadcast(div(g, c.inputs[1]), c.inputs[0].shape());
         // d(a/b)/db = -a/b² = -y/b
-        if (c.needs[1]) db = unbroadcast(neg(div(mul(g, c.outputs[0]), c.inputs[1])), c.inputs[1].shape());
+        if (c.needs[1])
+          db = unbroadcast(neg(div(mul(g, c.outputs[0]), c.inputs[1])), c.inputs[1].shape());
         return {da, db};
       },
       binary_samples(0.5, 2.0));
@@ -363,8 +412,8 @@ void register_elementwise_ops(OpRegistry& registry) {
                   .formula = "y = max(x, 0); dy/dx = 1 if x > 0 else 0 (0 at the kink)",
                   .algorithm = A::eltwise_relu,
                   .backward = [](const BackwardCall& c) -> std::vector<std::optional<Value>> {
-                    // The mask is taken from the output (y > 0 exactly where x > 0), so the pre-activation
-                    // is not kept alive and matmul + bias + relu can fuse.
+                    // The mask is taken from the output (y > 0 exactly where x > 0), so the
+                    // pre-activation is not kept alive and matmul + bias + relu can fuse.
                     return {relu_grad(c.grad(), c.outputs[0])};
                   },
                   .min_magnitude = 0.1},

@@ -15,7 +15,8 @@ namespace {
 // Sorted, unique, non-negative axes; an empty list means all axes.
 std::vector<std::int64_t> normalized_axes(const ShapeCall& call, int rank) {
   std::vector<std::int64_t> axes;
-  for (auto axis : call.attrs.integers("axes")) axes.push_back(normalize_axis(axis, rank, call.site));
+  for (auto axis : call.attrs.integers("axes"))
+    axes.push_back(normalize_axis(axis, rank, call.site));
   if (call.attrs.integers("axes").empty()) {
     for (int i = 0; i < rank; ++i) axes.push_back(i);
   }
@@ -36,7 +37,8 @@ std::vector<TensorDesc> reduce_rule(const ShapeCall& call) {
   require_floating(call, 0);
   const auto& in = call.inputs[0];
   auto axes = normalized_axes(call, in.shape.rank());
-  if (call.attrs.boolean("keepdims")) return {TensorDesc{in.dtype, Shape(kept_dims(in.shape, axes))}};
+  if (call.attrs.boolean("keepdims"))
+    return {TensorDesc{in.dtype, Shape(kept_dims(in.shape, axes))}};
   std::vector<std::int64_t> dims;
   for (int i = 0; i < in.shape.rank(); ++i) {
     if (!std::binary_search(axes.begin(), axes.end(), i)) dims.push_back(in.shape[i]);
@@ -69,9 +71,11 @@ ReferenceFn reduce_reference(bool average) {
       for (std::int64_t i = 0; i < x.numel(); ++i, index.next()) {
         acc[static_cast<std::size_t>(index.offset())] += static_cast<double>(px[i]);
       }
-      const double count = y.numel() == 0 ? 1.0 : static_cast<double>(x.numel()) / static_cast<double>(y.numel());
+      const double count =
+          y.numel() == 0 ? 1.0 : static_cast<double>(x.numel()) / static_cast<double>(y.numel());
       for (std::int64_t i = 0; i < y.numel(); ++i) {
-        py[i] = static_cast<T>(average ? acc[static_cast<std::size_t>(i)] / count : acc[static_cast<std::size_t>(i)]);
+        py[i] = static_cast<T>(average ? acc[static_cast<std::size_t>(i)] / count
+                                       : acc[static_cast<std::size_t>(i)]);
       }
     });
   };
@@ -157,15 +161,19 @@ std::unique_ptr<Kernel> block_reduce(const Shape& in, const Shape& kept, bool av
       runs.emplace_back(reduced, in[axis]);
     }
   }
-  const float scale = average ? static_cast<float>(static_cast<double>(kept.numel()) /
-                                                   static_cast<double>(std::max<std::int64_t>(in.numel(), 1)))
-                              : 1.f;
+  const float scale =
+      average ? static_cast<float>(static_cast<double>(kept.numel()) /
+                                   static_cast<double>(std::max<std::int64_t>(in.numel(), 1)))
+              : 1.f;
   auto size = [&](std::size_t i) { return runs[i].second; };
   if (runs.empty() || in.numel() == 0) return nullptr;
   // R | K R | R K | R K R  -> [P, K, S]
-  if (runs.size() == 1 && runs[0].first) return std::make_unique<BlockReduceKernel>(false, size(0), 1, 1, scale);
-  if (runs.size() == 2 && !runs[0].first) return std::make_unique<BlockReduceKernel>(false, 1, size(0), size(1), scale);
-  if (runs.size() == 2 && runs[0].first) return std::make_unique<BlockReduceKernel>(false, size(0), size(1), 1, scale);
+  if (runs.size() == 1 && runs[0].first)
+    return std::make_unique<BlockReduceKernel>(false, size(0), 1, 1, scale);
+  if (runs.size() == 2 && !runs[0].first)
+    return std::make_unique<BlockReduceKernel>(false, 1, size(0), size(1), scale);
+  if (runs.size() == 2 && runs[0].first)
+    return std::make_unique<BlockReduceKernel>(false, size(0), size(1), 1, scale);
   if (runs.size() == 3 && runs[0].first) {
     return std::make_unique<BlockReduceKernel>(false, size(0), size(1), size(2), scale);
   }
@@ -182,7 +190,8 @@ KernelFactory reduce_onednn(dnnl::algorithm algorithm) {
     if (in.rank() == 0) return nullptr;
     Shape kept = keepdims_shape(in, build.node.attrs);
     if (kept == in) return nullptr;  // nothing reduced: a copy, done by the reference
-    if (auto fast = block_reduce(in, kept, algorithm == dnnl::algorithm::reduction_mean)) return fast;
+    if (auto fast = block_reduce(in, kept, algorithm == dnnl::algorithm::reduction_mean))
+      return fast;
     auto src_md = plain_md(build.inputs[0]);
     auto dst_md = plain_md(kept, build.outputs[0].dtype);
     dnnl::reduction::primitive_desc pd(dnnl::reduction::desc(algorithm, src_md, dst_md, 0.f, 0.f),
@@ -209,8 +218,12 @@ std::vector<Sample> reduce_samples() {
 
 std::vector<ErrorSample> reduce_errors() {
   using Axes = std::vector<std::int64_t>;
-  return {{"axis out of range", {spec({3, 4})}, {{"axes", Axes{2}}, {"keepdims", false}}, "out of range"},
-          {"axis twice", {spec({3, 4})}, {{"axes", Axes{1, -1}}, {"keepdims", false}}, "listed twice"}};
+  return {
+      {"axis out of range",
+       {spec({3, 4})},
+       {{"axes", Axes{2}}, {"keepdims", false}},
+       "out of range"},
+      {"axis twice", {spec({3, 4})}, {{"axes", Axes{1, -1}}, {"keepdims", false}}, "listed twice"}};
 }
 
 // Gradient of a reduction: reshape to the kept shape, then broadcast back to the input.
@@ -218,7 +231,8 @@ std::vector<ErrorSample> reduce_errors() {
 Value spread(const Value& grad, const Value& input, const Attrs& attrs) {
   const Shape& in = input.shape();
   std::vector<char> reduced(static_cast<std::size_t>(in.rank()), attrs.integers("axes").empty());
-  for (auto axis : attrs.integers("axes")) reduced[static_cast<std::size_t>(axis < 0 ? axis + in.rank() : axis)] = 1;
+  for (auto axis : attrs.integers("axes"))
+    reduced[static_cast<std::size_t>(axis < 0 ? axis + in.rank() : axis)] = 1;
   Shape kept = keepdims_shape(in, attrs);
   Value reshaped = grad;
   if (grad.shape() != kept) {
@@ -235,12 +249,18 @@ Value spread(const Value& grad, const Value& input, const Attrs& attrs) {
 
 }  // namespace
 
-Value sum(const Value& x, std::source_location where) { return sum(x, {}, false, where); }
-Value sum(const Value& x, std::vector<std::int64_t> axes, bool keepdims, std::source_location where) {
+Value sum(const Value& x, std::source_location where) {
+  return sum(x, {}, false, where);
+}
+Value sum(const Value& x, std::vector<std::int64_t> axes, bool keepdims,
+          std::source_location where) {
   return x.graph().apply("sum", {x}, {{"axes", std::move(axes)}, {"keepdims", keepdims}}, where);
 }
-Value mean(const Value& x, std::source_location where) { return mean(x, {}, false, where); }
-Value mean(const Value& x, std::vector<std::int64_t> axes, bool keepdims, std::source_location where) {
+Value mean(const Value& x, std::source_location where) {
+  return mean(x, {}, false, where);
+}
+Value mean(const Value& x, std::vector<std::int64_t> axes, bool keepdims,
+           std::source_location where) {
   return x.graph().apply("mean", {x}, {{"axes", std::move(axes)}, {"keepdims", keepdims}}, where);
 }
 
@@ -266,8 +286,9 @@ void register_reduction_ops(OpRegistry& registry) {
     def.formula = "y = (1/n) Σ x over axes (all when none given)";
     def.shape = reduce_rule;
     def.backward = [](const BackwardCall& c) -> std::vector<std::optional<Value>> {
-      const double count = static_cast<double>(c.inputs[0].desc().numel()) /
-                           static_cast<double>(std::max<std::int64_t>(c.outputs[0].desc().numel(), 1));
+      const double count =
+          static_cast<double>(c.inputs[0].desc().numel()) /
+          static_cast<double>(std::max<std::int64_t>(c.outputs[0].desc().numel(), 1));
       return {spread(c.grad() / count, c.inputs[0], c.attrs())};
     };
     def.second_order = true;

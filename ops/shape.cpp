@@ -19,7 +19,8 @@ void copy_kernel(const KernelCall& call) {
   }
 }
 
-Shape resolve_reshape(const ShapeCall& call, const Shape& from, const std::vector<std::int64_t>& to) {
+Shape resolve_reshape(const ShapeCall& call, const Shape& from,
+                      const std::vector<std::int64_t>& to) {
   std::int64_t known = 1;
   int unknown = -1;
   for (std::size_t i = 0; i < to.size(); ++i) {
@@ -51,7 +52,8 @@ std::vector<std::int64_t> full_perm(const std::vector<std::int64_t>& perm, int r
   if (!perm.empty()) return perm;
   std::vector<std::int64_t> p(static_cast<std::size_t>(rank));
   std::iota(p.begin(), p.end(), 0);
-  if (rank >= 2) std::swap(p[static_cast<std::size_t>(rank - 1)], p[static_cast<std::size_t>(rank - 2)]);
+  if (rank >= 2)
+    std::swap(p[static_cast<std::size_t>(rank - 1)], p[static_cast<std::size_t>(rank - 2)]);
   return p;
 }
 
@@ -73,7 +75,8 @@ Value reshape_like(const Value& x, const Value& like, std::source_location where
 
 Value broadcast_like(const Value& x, const Value& like, std::source_location where) {
   if (x.shape() == like.shape()) return x;
-  return x.graph().apply("broadcast_to", {x, like}, {{"shape", std::vector<std::int64_t>{}}}, where);
+  return x.graph().apply("broadcast_to", {x, like}, {{"shape", std::vector<std::int64_t>{}}},
+                         where);
 }
 
 Value filled_like(const Value& like, double value) {
@@ -115,15 +118,23 @@ void register_shape_ops(OpRegistry& registry) {
     def.second_order = true;
     def.reference = copy_kernel;
     def.samples = [] {
-      return std::vector<Sample>{{"flatten", {spec({2, 3, 4})}, {{"shape", std::vector<std::int64_t>{2, 12}}}},
-                                 {"inferred", {spec({6, 2})}, {{"shape", std::vector<std::int64_t>{-1, 3}}}},
-                                 {"to scalar", {spec({1, 1})}, {{"shape", std::vector<std::int64_t>{}}}},
-                                 {"like another value", {spec({2, 6}), spec({3, 4})}, {{"shape", std::vector<std::int64_t>{}}}}};
+      return std::vector<Sample>{
+          {"flatten", {spec({2, 3, 4})}, {{"shape", std::vector<std::int64_t>{2, 12}}}},
+          {"inferred", {spec({6, 2})}, {{"shape", std::vector<std::int64_t>{-1, 3}}}},
+          {"to scalar", {spec({1, 1})}, {{"shape", std::vector<std::int64_t>{}}}},
+          {"like another value",
+           {spec({2, 6}), spec({3, 4})},
+           {{"shape", std::vector<std::int64_t>{}}}}};
     };
     def.error_samples = [] {
-      return std::vector<ErrorSample>{
-          {"wrong count", {spec({2, 3})}, {{"shape", std::vector<std::int64_t>{4, 2}}}, "cannot reshape"},
-          {"two unknowns", {spec({2, 3})}, {{"shape", std::vector<std::int64_t>{-1, -1}}}, "only one"}};
+      return std::vector<ErrorSample>{{"wrong count",
+                                       {spec({2, 3})},
+                                       {{"shape", std::vector<std::int64_t>{4, 2}}},
+                                       "cannot reshape"},
+                                      {"two unknowns",
+                                       {spec({2, 3})},
+                                       {{"shape", std::vector<std::int64_t>{-1, -1}}},
+                                       "only one"}};
     };
     registry.add(std::move(def));
   }
@@ -136,7 +147,8 @@ void register_shape_ops(OpRegistry& registry) {
     def.max_inputs = 2;
     def.shape = [](const ShapeCall& call) -> std::vector<TensorDesc> {
       const auto& in = call.inputs[0];
-      Shape target = call.inputs.size() == 2 ? call.inputs[1].shape : Shape(call.attrs.integers("shape"));
+      Shape target =
+          call.inputs.size() == 2 ? call.inputs[1].shape : Shape(call.attrs.integers("shape"));
       Shape joined = broadcast_shapes(in.shape, target, call.site);
       if (joined != target) call.fail("cannot broadcast {} to {}", in.shape, target);
       return {TensorDesc{in.dtype, target}};
@@ -195,12 +207,19 @@ void register_shape_ops(OpRegistry& registry) {
           {"row", {spec({4})}, {{"shape", std::vector<std::int64_t>{3, 4}}}},
           {"column", {spec({3, 1})}, {{"shape", std::vector<std::int64_t>{2, 3, 4}}}},
           {"scalar", {spec({})}, {{"shape", std::vector<std::int64_t>{2, 2}}}},
-          {"like another value", {spec({3, 1}), spec({3, 4})}, {{"shape", std::vector<std::int64_t>{}}}}};
+          {"like another value",
+           {spec({3, 1}), spec({3, 4})},
+           {{"shape", std::vector<std::int64_t>{}}}}};
     };
     def.error_samples = [] {
-      return std::vector<ErrorSample>{
-          {"incompatible", {spec({3})}, {{"shape", std::vector<std::int64_t>{4}}}, "cannot broadcast"},
-          {"shrink", {spec({2, 3})}, {{"shape", std::vector<std::int64_t>{3}}}, "cannot broadcast"}};
+      return std::vector<ErrorSample>{{"incompatible",
+                                       {spec({3})},
+                                       {{"shape", std::vector<std::int64_t>{4}}},
+                                       "cannot broadcast"},
+                                      {"shrink",
+                                       {spec({2, 3})},
+                                       {{"shape", std::vector<std::int64_t>{3}}},
+                                       "cannot broadcast"}};
     };
     registry.add(std::move(def));
   }
@@ -229,7 +248,8 @@ void register_shape_ops(OpRegistry& registry) {
     def.backward = [](const BackwardCall& c) -> std::vector<std::optional<Value>> {
       const auto& perm = c.attrs().integers("perm");
       std::vector<std::int64_t> inverse(perm.size());
-      for (std::size_t i = 0; i < perm.size(); ++i) inverse[static_cast<std::size_t>(perm[i])] = static_cast<std::int64_t>(i);
+      for (std::size_t i = 0; i < perm.size(); ++i)
+        inverse[static_cast<std::size_t>(perm[i])] = static_cast<std::int64_t>(i);
       return {transpose(c.grad(), inverse)};
     };
     def.second_order = true;
@@ -254,7 +274,8 @@ void register_shape_ops(OpRegistry& registry) {
       const auto& perm = build.node.attrs.integers("perm");
       if (build.inputs[0].shape.rank() == 0) return nullptr;
       const auto in_strides = build.inputs[0].shape.strides();
-      dnnl::memory::dims dims(build.outputs[0].shape.dims().begin(), build.outputs[0].shape.dims().end());
+      dnnl::memory::dims dims(build.outputs[0].shape.dims().begin(),
+                              build.outputs[0].shape.dims().end());
       dnnl::memory::dims strides;
       for (auto axis : perm) strides.push_back(in_strides[static_cast<std::size_t>(axis)]);
       dnnl::memory::desc src_md(dims, to_dnnl(build.inputs[0].dtype), strides);
@@ -271,7 +292,10 @@ void register_shape_ops(OpRegistry& registry) {
     };
     def.error_samples = [] {
       return std::vector<ErrorSample>{
-          {"not a permutation", {spec({2, 3})}, {{"perm", std::vector<std::int64_t>{0, 0}}}, "not a permutation"},
+          {"not a permutation",
+           {spec({2, 3})},
+           {{"perm", std::vector<std::int64_t>{0, 0}}},
+           "not a permutation"},
           {"wrong length", {spec({2, 3})}, {{"perm", std::vector<std::int64_t>{0}}}, "has 1 axes"}};
     };
     registry.add(std::move(def));

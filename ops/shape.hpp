@@ -9,9 +9,11 @@
 namespace dagrad {
 
 // Same data, new shape with the same element count; one dimension may be -1 (inferred).
-Value reshape(const Value& x, Shape shape, std::source_location where = std::source_location::current());
+Value reshape(const Value& x, Shape shape,
+              std::source_location where = std::source_location::current());
 // Repeats x along axes of size 1 (NumPy rules) to `shape`.
-Value broadcast_to(const Value& x, Shape shape, std::source_location where = std::source_location::current());
+Value broadcast_to(const Value& x, Shape shape,
+                   std::source_location where = std::source_location::current());
 // reshape and broadcast_to to the shape of `like` (its data is not read). Gradient rules use
 // these instead of fixed shapes, so a plan can re-specialise them for another batch size.
 Value reshape_like(const Value& x, const Value& like,

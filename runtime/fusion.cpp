@@ -69,7 +69,8 @@ std::vector<FusedStep> plan_fusions(const FusionContext& c, std::vector<NodeId>&
     if (m.kind != NodeKind::op || m.op != "matmul" || taken.count(id)) continue;
     const TensorDesc& a_desc = c.descs.at({m.inputs[0].node_id(), m.inputs[0].index()});
     const TensorDesc& b_desc = c.descs.at({m.inputs[1].node_id(), m.inputs[1].index()});
-    if (a_desc.dtype != DType::f32 || a_desc.shape.rank() != 2 || b_desc.shape.rank() != 2) continue;
+    if (a_desc.dtype != DType::f32 || a_desc.shape.rank() != 2 || b_desc.shape.rank() != 2)
+      continue;
 
     Operand a = matmul_operand(c, m.inputs[0]);
     Operand b = matmul_operand(c, m.inputs[1]);

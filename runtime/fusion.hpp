@@ -21,11 +21,11 @@ namespace dagrad {
 using ValueKey = std::pair<NodeId, int>;
 
 struct FusedStep {
-  NodeId anchor;                  // the node whose outputs this step writes
-  std::vector<ValueKey> inputs;   // what the fused kernel reads, in its own order
+  NodeId anchor;                 // the node whose outputs this step writes
+  std::vector<ValueKey> inputs;  // what the fused kernel reads, in its own order
   std::unique_ptr<Kernel> kernel;
-  std::vector<NodeId> absorbed;   // nodes no longer executed on their own
-  std::string pattern;            // e.g. "matmul+bias+relu"
+  std::vector<NodeId> absorbed;  // nodes no longer executed on their own
+  std::string pattern;           // e.g. "matmul+bias+relu"
 };
 
 struct FusionContext {

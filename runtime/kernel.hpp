@@ -3,9 +3,8 @@
 
 #include <cstdint>
 #include <memory>
-#include <span>
-
 #include <oneapi/dnnl/dnnl.hpp>
+#include <span>
 
 #include "graph/graph.hpp"
 

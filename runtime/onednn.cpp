@@ -11,9 +11,12 @@ dnnl::engine& cpu_engine() {
 
 dnnl::memory::data_type to_dnnl(DType dtype) {
   switch (dtype) {
-    case DType::f32: return dnnl::memory::data_type::f32;
-    case DType::i32: return dnnl::memory::data_type::s32;
-    case DType::f64: break;
+    case DType::f32:
+      return dnnl::memory::data_type::f32;
+    case DType::i32:
+      return dnnl::memory::data_type::s32;
+    case DType::f64:
+      break;
   }
   throw Error(fmt::format("oneDNN has no {} data type", dtype));
 }
@@ -31,13 +34,17 @@ dnnl::memory::desc plain_md(const Shape& shape, DType dtype) {
   return dnnl::memory::desc(dims, to_dnnl(dtype), strides);
 }
 
-dnnl::memory::desc plain_md(const TensorDesc& desc) { return plain_md(desc.shape, desc.dtype); }
+dnnl::memory::desc plain_md(const TensorDesc& desc) {
+  return plain_md(desc.shape, desc.dtype);
+}
 
 void set_num_threads(int threads) {
   if (threads < 0) throw Error(fmt::format("set_num_threads: {} is negative", threads));
   omp_set_num_threads(threads == 0 ? omp_get_num_procs() : threads);
 }
 
-int num_threads() { return omp_get_max_threads(); }
+int num_threads() {
+  return omp_get_max_threads();
+}
 
 }  // namespace dagrad

@@ -1,12 +1,12 @@
 #include "runtime/plan.hpp"
 
+#include <fmt/format.h>
+
 #include <algorithm>
-#include <cmath>
 #include <chrono>
+#include <cmath>
 #include <list>
 #include <set>
-
-#include <fmt/format.h>
 
 #include "runtime/fusion.hpp"
 #include "runtime/kernel.hpp"
@@ -90,7 +90,7 @@ struct Plan::Specialization {
     const Node* node = nullptr;
     std::unique_ptr<Kernel> kernel;
     bool onednn = false;
-    std::string fused;  // the fused pattern this step runs, if any
+    std::string fused;   // the fused pattern this step runs, if any
     double seconds = 0;  // with CompileOptions::profile
     std::uint64_t runs = 0;
     std::vector<Tensor> inputs;
@@ -104,10 +104,10 @@ struct Plan::Specialization {
   };
   std::vector<Step> steps;
   std::vector<LeafUse> leaf_uses;
-  std::vector<std::pair<NodeId, int>> outputs;  // node, output index
+  std::vector<std::pair<NodeId, int>> outputs;      // node, output index
   std::map<std::pair<NodeId, int>, Tensor> values;  // op outputs, as views
-  std::vector<Shape> feed_shapes;  // in feed_nodes_ order
-  std::vector<Tensor> output_values;  // views of op outputs (undefined for leaves)
+  std::vector<Shape> feed_shapes;                   // in feed_nodes_ order
+  std::vector<Tensor> output_values;                // views of op outputs (undefined for leaves)
   std::shared_ptr<void> arena;
   std::size_t arena_bytes = 0;
   std::size_t unplanned_bytes = 0;
@@ -166,8 +166,7 @@ Plan::Specialization& Plan::specialize(const std::vector<Shape>& input_shapes) {
       same = same && in.back() == v.desc();
       ++consumers[{v.node_id(), v.index()}];
     }
-    std::vector<TensorDesc> out =
-        same ? n.outputs : n.def->shape(ShapeCall{n.attrs, in, n.site()});
+    std::vector<TensorDesc> out = same ? n.outputs : n.def->shape(ShapeCall{n.attrs, in, n.site()});
     for (std::size_t k = 0; k < out.size(); ++k) descs[{id, static_cast<int>(k)}] = out[k];
   }
   std::set<ValueKey> requested;
@@ -194,7 +193,8 @@ Plan::Specialization& Plan::specialize(const std::vector<Shape>& input_shapes) {
     Specialization::Step step;
     step.node = &n;
     std::vector<TensorDesc> out;
-    for (std::size_t k = 0; k < n.outputs.size(); ++k) out.push_back(descs.at({id, static_cast<int>(k)}));
+    for (std::size_t k = 0; k < n.outputs.size(); ++k)
+      out.push_back(descs.at({id, static_cast<int>(k)}));
     if (auto it = fused_at.find(id); it != fused_at.end()) {
       step.kernel = std::move(it->second->kernel);
       step.onednn = true;
@@ -287,10 +287,9 @@ Plan::Specialization& Plan::specialize(const std::vector<Shape>& input_shapes) {
       } else {
         step.inputs.emplace_back();  // a leaf: bound at each run
         const auto feed = std::find(feed_nodes_.begin(), feed_nodes_.end(), key.first);
-        spec->leaf_uses.push_back({s, p, key.first,
-                                   feed == feed_nodes_.end()
-                                       ? -1
-                                       : static_cast<int>(feed - feed_nodes_.begin())});
+        spec->leaf_uses.push_back(
+            {s, p, key.first,
+             feed == feed_nodes_.end() ? -1 : static_cast<int>(feed - feed_nodes_.begin())});
       }
     }
   }
@@ -314,8 +313,8 @@ const std::vector<Tensor>& Plan::run(const Feeds& feeds, const RunOptions& optio
     }
     const Node& n = value.node();
     if (n.kind != NodeKind::input) {
-      throw FeedError(fmt::format(
-          "run: \"{}\" is a {} node, not an input; only inputs are fed", n.name, n.op));
+      throw FeedError(
+          fmt::format("run: \"{}\" is a {} node, not an input; only inputs are fed", n.name, n.op));
     }
     const TensorDesc& declared = n.outputs[0];
     if (tensor.dtype() != declared.dtype) {
@@ -347,8 +346,8 @@ const std::vector<Tensor>& Plan::run(const Feeds& feeds, const RunOptions& optio
   for (std::size_t i = 0; i < feed_nodes_.size(); ++i) {
     if (fed_[i] == nullptr) {
       const Node& n = graph_->node(feed_nodes_[i]);
-      throw FeedError(fmt::format(
-          "run: input \"{}\" ({}) is needed by the outputs but was not fed", n.name, n.outputs[0]));
+      throw FeedError(fmt::format("run: input \"{}\" ({}) is needed by the outputs but was not fed",
+                                  n.name, n.outputs[0]));
     }
   }
   bool same_shapes = last_ != nullptr;
@@ -387,7 +386,8 @@ const std::vector<Tensor>& Plan::run(const Feeds& feeds, const RunOptions& optio
       const auto start = std::chrono::steady_clock::now();
       step.kernel->run(call);
       spec.stream.wait();
-      step.seconds += std::chrono::duration<double>(std::chrono::steady_clock::now() - start).count();
+      step.seconds +=
+          std::chrono::duration<double>(std::chrono::steady_clock::now() - start).count();
       ++step.runs;
     } else {
       step.kernel->run(call);
@@ -446,10 +446,11 @@ std::vector<StepProfile> Plan::profile() {
   std::vector<StepProfile> out;
   for (const auto& s : last_->steps) {
     out.push_back({s.node->name, s.fused.empty() ? s.node->op : s.fused,
-                   s.onednn ? "oneDNN" : "reference", s.outputs.empty() ? "" : s.outputs[0].desc().str(),
-                   s.seconds, s.runs});
+                   s.onednn ? "oneDNN" : "reference",
+                   s.outputs.empty() ? "" : s.outputs[0].desc().str(), s.seconds, s.runs});
   }
-  std::sort(out.begin(), out.end(), [](const auto& a, const auto& b) { return a.seconds > b.seconds; });
+  std::sort(out.begin(), out.end(),
+            [](const auto& a, const auto& b) { return a.seconds > b.seconds; });
   return out;
 }
 
@@ -457,8 +458,8 @@ std::string Plan::profile_report(std::size_t top) {
   auto steps = profile();
   double total = 0;
   for (const auto& s : steps) total += s.seconds;
-  std::string out = fmt::format("{:>9} {:>6}  {:<28} {:<10} {:<22} {}\n", "ms/run", "share", "op", "kernel",
-                                "output", "node");
+  std::string out = fmt::format("{:>9} {:>6}  {:<28} {:<10} {:<22} {}\n", "ms/run", "share", "op",
+                                "kernel", "output", "node");
   for (std::size_t i = 0; i < steps.size() && i < top; ++i) {
     const auto& s = steps[i];
     const double per_run = s.runs ? s.seconds / static_cast<double>(s.runs) * 1e3 : 0;

@@ -25,8 +25,8 @@ enum class Backend {
 
 struct CompileOptions {
   Backend backend = Backend::onednn;
-  bool reuse_memory = true;  // off: every value gets its own buffer (for debugging)
-  bool fuse = true;          // off: no kernel fusion (for debugging)
+  bool reuse_memory = true;   // off: every value gets its own buffer (for debugging)
+  bool fuse = true;           // off: no kernel fusion (for debugging)
   bool check_finite = false;  // after each node, raise Error naming the first op whose output
                               // holds a NaN or infinity
   bool profile = false;       // time every step (waits for each kernel); see Plan::profile()
@@ -34,11 +34,11 @@ struct CompileOptions {
 
 // Time spent per step of a profiled plan, summed over its runs.
 struct StepProfile {
-  std::string node;     // node name
-  std::string op;       // op name, or the fused pattern
-  std::string kernel;   // "oneDNN" or "reference"
-  std::string output;   // first output's desc
-  double seconds = 0;   // total
+  std::string node;    // node name
+  std::string op;      // op name, or the fused pattern
+  std::string kernel;  // "oneDNN" or "reference"
+  std::string output;  // first output's desc
+  double seconds = 0;  // total
   std::uint64_t runs = 0;
 };
 
@@ -88,8 +88,8 @@ class Plan {
   Graph* graph_;
   std::vector<Value> outputs_;
   CompileOptions options_;
-  std::vector<NodeId> order_;           // pruned, topological
-  std::vector<NodeId> feed_nodes_;      // input leaves the outputs need
+  std::vector<NodeId> order_;       // pruned, topological
+  std::vector<NodeId> feed_nodes_;  // input leaves the outputs need
   std::map<std::vector<Shape>, std::unique_ptr<Specialization>> specializations_;
   Specialization* last_ = nullptr;
   std::vector<const Tensor*> fed_;  // per feed node, this run's tensor

@@ -18,8 +18,8 @@ void execute_primitive(const dnnl::primitive& primitive, dnnl::stream& stream,
   const dnnl_status_t status = dnnl_primitive_execute(primitive.get(), stream.get(),
                                                       static_cast<int>(args.size()), args.data());
   if (status != dnnl_success) {
-    throw Error(fmt::format("oneDNN {} primitive failed with status {}", what,
-                            static_cast<int>(status)));
+    throw Error(
+        fmt::format("oneDNN {} primitive failed with status {}", what, static_cast<int>(status)));
   }
 }
 

@@ -7,13 +7,16 @@ Tensor make_input(const InputSpec& spec, DType float_dtype, std::mt19937_64& rng
   Tensor t(spec.shape, dtype);
   if (spec.values) {
     if (static_cast<std::int64_t>(spec.values->size()) != t.numel()) {
-      throw Error(fmt::format("sample input {}: {} exact values given", spec.shape, spec.values->size()));
+      throw Error(
+          fmt::format("sample input {}: {} exact values given", spec.shape, spec.values->size()));
     }
-    for (std::int64_t i = 0; i < t.numel(); ++i) t.set(i, (*spec.values)[static_cast<std::size_t>(i)]);
+    for (std::int64_t i = 0; i < t.numel(); ++i)
+      t.set(i, (*spec.values)[static_cast<std::size_t>(i)]);
     return t;
   }
   if (dtype == DType::i32) {
-    std::uniform_int_distribution<int> dist(static_cast<int>(spec.low), static_cast<int>(spec.high) - 1);
+    std::uniform_int_distribution<int> dist(static_cast<int>(spec.low),
+                                            static_cast<int>(spec.high) - 1);
     for (std::int64_t i = 0; i < t.numel(); ++i) t.set(i, dist(rng));
     return t;
   }

@@ -16,11 +16,13 @@ namespace {
 
 TEST(FashionMnistEndToEnd, SmallMlpLearnsFromTwoThousandImages) {
   const std::filesystem::path dir(data::default_fashion_mnist_dir);
-  if (!std::filesystem::exists(dir / "train-images-idx3-ubyte.gz")) GTEST_SKIP() << "Fashion-MNIST not installed";
+  if (!std::filesystem::exists(dir / "train-images-idx3-ubyte.gz"))
+    GTEST_SKIP() << "Fashion-MNIST not installed";
   data::Dataset train = data::load_mnist_like(dir, data::Split::train, data::ImageLayout::flat);
   data::Dataset test = data::load_mnist_like(dir, data::Split::test, data::ImageLayout::flat);
   std::vector<std::int64_t> first(2000), test_first(2000);
-  for (std::int64_t i = 0; i < 2000; ++i) first[static_cast<std::size_t>(i)] = test_first[static_cast<std::size_t>(i)] = i;
+  for (std::int64_t i = 0; i < 2000; ++i)
+    first[static_cast<std::size_t>(i)] = test_first[static_cast<std::size_t>(i)] = i;
   train = data::subset(train, first);
   test = data::subset(test, test_first);
   data::normalize(train.images, data::Normalization::unit_range());

@@ -63,7 +63,9 @@ TEST(Graph, TopologicalOrderPutsProducersFirst) {
   Value y = exp(x);
   Value z = add(y, x);
   auto order = g.topological_order();
-  auto position = [&](NodeId id) { return std::find(order.begin(), order.end(), id) - order.begin(); };
+  auto position = [&](NodeId id) {
+    return std::find(order.begin(), order.end(), id) - order.begin();
+  };
   EXPECT_LT(position(x.node_id()), position(y.node_id()));
   EXPECT_LT(position(y.node_id()), position(z.node_id()));
 }
@@ -111,8 +113,8 @@ TEST(Graph, DotExportShowsNodesShapesAndGradientNodes) {
   std::string dot = g.to_dot(outs);
   EXPECT_NE(dot.find("digraph"), std::string::npos);
   EXPECT_NE(dot.find("f32[2,3]"), std::string::npos);
-  EXPECT_NE(dot.find("grad/"), std::string::npos);      // gradient nodes are named apart
-  EXPECT_NE(dot.find("#fde2c8"), std::string::npos);    // and coloured apart
+  EXPECT_NE(dot.find("grad/"), std::string::npos);    // gradient nodes are named apart
+  EXPECT_NE(dot.find("#fde2c8"), std::string::npos);  // and coloured apart
 }
 
 TEST(Graph, NameScopesPrefixNodeNames) {

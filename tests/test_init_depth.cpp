@@ -23,7 +23,8 @@ Spread last_layer(const std::function<Tensor(Shape, std::uint64_t)>& init) {
   Value x = g.input("x", {batch, width});
   Value h = x;
   for (std::int64_t l = 0; l < layers; ++l) {
-    Value w = g.parameter(fmt::format("w{}", l), init({width, width}, 100 + static_cast<std::uint64_t>(l)));
+    Value w = g.parameter(fmt::format("w{}", l),
+                          init({width, width}, 100 + static_cast<std::uint64_t>(l)));
     h = tanh(matmul(h, w));
   }
   Tensor input = init::normal({batch, width}, 0.0, 1.0, 7);
@@ -40,18 +41,21 @@ Spread last_layer(const std::function<Tensor(Shape, std::uint64_t)>& init) {
 }
 
 TEST(InitDepth, XavierKeepsTheActivationsOfATenLayerTanhNetworkSpread) {
-  Spread s = last_layer([](Shape shape, std::uint64_t seed) { return init::xavier_normal(shape, seed); });
+  Spread s =
+      last_layer([](Shape shape, std::uint64_t seed) { return init::xavier_normal(shape, seed); });
   EXPECT_GT(s.stddev, 0.2);
   EXPECT_LT(s.saturated, 0.05);
 }
 
 TEST(InitDepth, TooSmallANormalCollapsesThem) {
-  Spread s = last_layer([](Shape shape, std::uint64_t seed) { return init::normal(shape, 0.0, 0.01, seed); });
+  Spread s = last_layer(
+      [](Shape shape, std::uint64_t seed) { return init::normal(shape, 0.0, 0.01, seed); });
   EXPECT_LT(s.stddev, 1e-6);
 }
 
 TEST(InitDepth, TooLargeANormalSaturatesThem) {
-  Spread s = last_layer([](Shape shape, std::uint64_t seed) { return init::normal(shape, 0.0, 1.0, seed); });
+  Spread s = last_layer(
+      [](Shape shape, std::uint64_t seed) { return init::normal(shape, 0.0, 1.0, seed); });
   EXPECT_GT(s.saturated, 0.8);
 }
 

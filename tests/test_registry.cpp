@@ -56,7 +56,8 @@ TEST_P(EveryOp, GradientMatchesCentralDifferences) {
     if (!any_differentiable) continue;
     std::vector<Value> wrt;
     for (std::size_t i = 0; i < built.inputs.size(); ++i) {
-      if (sample.inputs[i].differentiable && is_floating(built.inputs[i].dtype())) wrt.push_back(built.inputs[i]);
+      if (sample.inputs[i].differentiable && is_floating(built.inputs[i].dtype()))
+        wrt.push_back(built.inputs[i]);
     }
     if (!def.backward) {
       try {
@@ -105,7 +106,8 @@ TEST_P(EveryOp, GradientMatchesCentralDifferences) {
       Value scalar4 = combine_outputs(g4, outputs4, 5);
       std::vector<Value> wrt4;
       for (std::size_t i = 0; i < inputs4.size(); ++i) {
-        if (sample.inputs[i].differentiable && is_floating(inputs4[i].dtype())) wrt4.push_back(inputs4[i]);
+        if (sample.inputs[i].differentiable && is_floating(inputs4[i].dtype()))
+          wrt4.push_back(inputs4[i]);
       }
       auto first = grad(scalar4, wrt4);
       Value inner = combine_outputs(g4, first, 9);
@@ -133,8 +135,8 @@ TEST_P(EveryOp, GradientMatchesCentralDifferences) {
       GradcheckOptions second = options;
       second.tolerance = std::max(options.tolerance, 1e-5);
       GradcheckResult result2 = gradgradcheck(g3, scalar3, feeds3, second);
-      EXPECT_TRUE(result2.ok) << def.name << " [" << sample.label << "] second order: "
-                              << result2.report();
+      EXPECT_TRUE(result2.ok) << def.name << " [" << sample.label
+                              << "] second order: " << result2.report();
     }
   }
 }

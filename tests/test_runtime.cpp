@@ -43,7 +43,8 @@ TEST(Plan, WrongDtypeOrShapeIsAFeedError) {
     plan.run({{x, Tensor({3, 2}, DType::f32)}});
     FAIL();
   } catch (const FeedError& e) {
-    EXPECT_NE(std::string(e.what()).find("declared f32[2,3] but was fed f32[3,2]"), std::string::npos)
+    EXPECT_NE(std::string(e.what()).find("declared f32[2,3] but was fed f32[3,2]"),
+              std::string::npos)
         << e.what();
   }
 }

@@ -21,7 +21,8 @@ TEST(SecondOrder, HessianVectorProductOfAnMlpLossMatchesFiniteDifferencesOfTheGr
   // loss(W1, b1, W2) = mean cross-entropy of softmax(tanh(x·W1 + b1)·W2) on fixed data.
   Graph g;
   Value x = g.constant(random_tensor({6, 3}, 1, 1.0), "x");
-  Value labels = g.constant(Tensor::from_ints(std::vector<std::int32_t>{0, 1, 2, 1, 0, 2}, {6}), "labels");
+  Value labels =
+      g.constant(Tensor::from_ints(std::vector<std::int32_t>{0, 1, 2, 1, 0, 2}, {6}), "labels");
   Value W1 = g.input("W1", {3, 4}, DType::f64);
   Value b1 = g.input("b1", {4}, DType::f64);
   Value W2 = g.input("W2", {4, 3}, DType::f64);
@@ -33,8 +34,9 @@ TEST(SecondOrder, HessianVectorProductOfAnMlpLossMatchesFiniteDifferencesOfTheGr
   std::vector<Value> grads = grad(loss, params);
   std::vector<Value> hv = hvp(loss, params, {v1, vb, v2});
 
-  Feeds at{{W1, random_tensor({3, 4}, 2)}, {b1, random_tensor({4}, 3)}, {W2, random_tensor({4, 3}, 4)},
-           {v1, random_tensor({3, 4}, 5, 1.0)}, {vb, random_tensor({4}, 6, 1.0)}, {v2, random_tensor({4, 3}, 7, 1.0)}};
+  Feeds at{{W1, random_tensor({3, 4}, 2)},   {b1, random_tensor({4}, 3)},
+           {W2, random_tensor({4, 3}, 4)},   {v1, random_tensor({3, 4}, 5, 1.0)},
+           {vb, random_tensor({4}, 6, 1.0)}, {v2, random_tensor({4, 3}, 7, 1.0)}};
   CompileOptions reference{.backend = Backend::reference};
   Plan hv_plan = compile(g, hv, reference);
   std::vector<Tensor> analytic;
@@ -62,7 +64,8 @@ TEST(SecondOrder, HessianVectorProductOfAnMlpLossMatchesFiniteDifferencesOfTheGr
   for (std::size_t k = 0; k < 3; ++k) {
     for (std::int64_t i = 0; i < analytic[k].numel(); ++i) {
       const double numeric = (plus[k].at(i) - minus[k].at(i)) / (2 * eps);
-      EXPECT_NEAR(analytic[k].at(i), numeric, 1e-6 * (1 + std::abs(numeric))) << "parameter " << k << " element " << i;
+      EXPECT_NEAR(analytic[k].at(i), numeric, 1e-6 * (1 + std::abs(numeric)))
+          << "parameter " << k << " element " << i;
       largest = std::max(largest, std::abs(numeric));
     }
   }

@@ -120,7 +120,8 @@ TEST(Trainer, FullBatchAndOneExampleModesRun) {
   for (bool full : {true, false}) {
     Model model(parse_layers("dense:3"), small_options());
     SGD sgd(SGDOptions{.learning_rate = 0.05});
-    Trainer trainer(model, sgd, nullptr, {.epochs = 3, .batch_size = 1, .full_batch = full, .quiet = true});
+    Trainer trainer(model, sgd, nullptr,
+                    {.epochs = 3, .batch_size = 1, .full_batch = full, .quiet = true});
     History h = trainer.fit(train);
     EXPECT_EQ(trainer.steps(), full ? 3 : 90);
     EXPECT_LT(h.epochs.back().train_loss, h.epochs.front().train_loss);
@@ -132,7 +133,8 @@ TEST(Trainer, EarlyStoppingRestoresTheBestWeights) {
   auto validation = blobs(60, 9, 1.5);
   Model model(parse_layers("dense:32,relu,dense:3"), small_options());
   Adam adam(AdamOptions{.learning_rate = 0.05});
-  Trainer trainer(model, adam, nullptr, {.epochs = 25, .batch_size = 8, .patience = 2, .quiet = true});
+  Trainer trainer(model, adam, nullptr,
+                  {.epochs = 25, .batch_size = 8, .patience = 2, .quiet = true});
   History h = trainer.fit(train, &validation);
   ASSERT_GT(h.best_epoch, 0);
   const double best = h.epochs[static_cast<std::size_t>(h.best_epoch - 1)].val_loss;
@@ -148,7 +150,8 @@ TEST(Trainer, ResumingGivesTheSameResultAsAnUninterruptedRun) {
   {
     Model model(layers, small_options());
     Adam adam(AdamOptions{.learning_rate = 0.01});
-    Trainer trainer(model, adam, nullptr, {.epochs = 4, .batch_size = 16, .seed = 2, .quiet = true});
+    Trainer trainer(model, adam, nullptr,
+                    {.epochs = 4, .batch_size = 16, .seed = 2, .quiet = true});
     trainer.fit(train);
     for (const auto& p : model.parameters()) {
       for (double v : model.graph().value_of(p).to_doubles()) straight.push_back(v);
@@ -157,15 +160,17 @@ TEST(Trainer, ResumingGivesTheSameResultAsAnUninterruptedRun) {
   {
     Model model(layers, small_options());
     Adam adam(AdamOptions{.learning_rate = 0.01});
-    Trainer trainer(model, adam, nullptr,
-                    {.epochs = 2, .batch_size = 16, .seed = 2, .out_dir = dir.string(), .quiet = true});
+    Trainer trainer(
+        model, adam, nullptr,
+        {.epochs = 2, .batch_size = 16, .seed = 2, .out_dir = dir.string(), .quiet = true});
     trainer.fit(train);
   }
   {
     Model model(layers, small_options());  // fresh weights: everything must come from the file
     Adam adam(AdamOptions{.learning_rate = 0.01});
-    Trainer trainer(model, adam, nullptr,
-                    {.epochs = 2, .batch_size = 16, .seed = 2, .out_dir = dir.string(), .quiet = true});
+    Trainer trainer(
+        model, adam, nullptr,
+        {.epochs = 2, .batch_size = 16, .seed = 2, .out_dir = dir.string(), .quiet = true});
     trainer.resume((dir / "last.safetensors").string());
     History h = trainer.fit(train);
     EXPECT_EQ(h.epochs.back().epoch, 4);
@@ -175,7 +180,8 @@ TEST(Trainer, ResumingGivesTheSameResultAsAnUninterruptedRun) {
     }
   }
   ASSERT_EQ(straight.size(), resumed.size());
-  for (std::size_t i = 0; i < straight.size(); ++i) ASSERT_EQ(straight[i], resumed[i]) << "element " << i;
+  for (std::size_t i = 0; i < straight.size(); ++i)
+    ASSERT_EQ(straight[i], resumed[i]) << "element " << i;
 }
 
 TEST(Trainer, WritesCheckpointsMetricsAndTheGraph) {
@@ -184,7 +190,8 @@ TEST(Trainer, WritesCheckpointsMetricsAndTheGraph) {
   auto dir = temp_dir("outputs");
   Model model(parse_layers("dense:3"), small_options());
   SGD sgd(SGDOptions{.learning_rate = 0.1});
-  Trainer trainer(model, sgd, nullptr, {.epochs = 3, .batch_size = 16, .out_dir = dir.string(), .quiet = true});
+  Trainer trainer(model, sgd, nullptr,
+                  {.epochs = 3, .batch_size = 16, .out_dir = dir.string(), .quiet = true});
   trainer.fit(train, &validation);
   EXPECT_TRUE(std::filesystem::exists(dir / "last.safetensors"));
   EXPECT_TRUE(std::filesystem::exists(dir / "best.safetensors"));
@@ -192,7 +199,9 @@ TEST(Trainer, WritesCheckpointsMetricsAndTheGraph) {
   std::ifstream csv(dir / "metrics.csv");
   std::string header, line;
   std::getline(csv, header);
-  EXPECT_EQ(header, "epoch,lr,train_loss,regularization_loss,val_loss,train_acc,val_acc,seconds,train_loss_at");
+  EXPECT_EQ(
+      header,
+      "epoch,lr,train_loss,regularization_loss,val_loss,train_acc,val_acc,seconds,train_loss_at");
   int rows = 0;
   while (std::getline(csv, line)) {
     ++rows;

@@ -3,14 +3,14 @@
 //   dagrad-train --model mlp --epochs 5 --batch-size 128 --optimizer adam --lr 1e-3 --out runs/mlp
 // and evaluates a saved model with --eval, checks a set-up with --sanity, and sweeps learning
 // rates with --find-lr.
+#include <fmt/format.h>
+
+#include <CLI/CLI.hpp>
 #include <cmath>
 #include <cstdio>
 #include <filesystem>
 #include <fstream>
 #include <memory>
-
-#include <CLI/CLI.hpp>
-#include <fmt/format.h>
 
 #include "dagrad.hpp"
 #include "data/data.hpp"
@@ -65,7 +65,9 @@ class LogSweep final : public Schedule {
 
  protected:
   double at(std::int64_t t) const override {
-    return low_ * std::pow(high_ / low_, static_cast<double>(t) / static_cast<double>(std::max<std::int64_t>(steps_ - 1, 1)));
+    return low_ *
+           std::pow(high_ / low_, static_cast<double>(t) /
+                                      static_cast<double>(std::max<std::int64_t>(steps_ - 1, 1)));
   }
 
  private:
@@ -75,8 +77,10 @@ class LogSweep final : public Schedule {
 
 std::unique_ptr<Optimizer> make_optimizer(const Settings& s) {
   if (s.optimizer == "sgd") return std::make_unique<SGD>(SGDOptions{s.lr, s.weight_decay});
-  if (s.optimizer == "momentum") return std::make_unique<Momentum>(MomentumOptions{s.lr, s.momentum, s.weight_decay});
-  if (s.optimizer == "nesterov") return std::make_unique<Nesterov>(MomentumOptions{s.lr, s.momentum, s.weight_decay});
+  if (s.optimizer == "momentum")
+    return std::make_unique<Momentum>(MomentumOptions{s.lr, s.momentum, s.weight_decay});
+  if (s.optimizer == "nesterov")
+    return std::make_unique<Nesterov>(MomentumOptions{s.lr, s.momentum, s.weight_decay});
   if (s.optimizer == "adagrad") {
     AdaGradOptions o;
     o.learning_rate = s.lr;
@@ -101,8 +105,9 @@ std::unique_ptr<Optimizer> make_optimizer(const Settings& s) {
     o.weight_decay = s.weight_decay;
     return std::make_unique<AdamW>(o);
   }
-  throw Error(fmt::format("unknown optimizer \"{}\" (sgd, momentum, nesterov, adagrad, rmsprop, adam, adamw)",
-                          s.optimizer));
+  throw Error(fmt::format(
+      "unknown optimizer \"{}\" (sgd, momentum, nesterov, adagrad, rmsprop, adam, adamw)",
+      s.optimizer));
 }
 
 std::shared_ptr<Schedule> make_schedule(const Settings& s) {
@@ -120,8 +125,9 @@ std::shared_ptr<Schedule> make_schedule(const Settings& s) {
   } else if (s.schedule == "invsqrt") {
     schedule = std::make_shared<InverseSqrtDecay>(s.lr);
   } else {
-    throw Error(fmt::format("unknown schedule \"{}\" (constant, step, exponential, cosine, linear, invsqrt)",
-                            s.schedule));
+    throw Error(fmt::format(
+        "unknown schedule \"{}\" (constant, step, exponential, cosine, linear, invsqrt)",
+        s.schedule));
   }
   if (s.warmup > 0) schedule = std::make_shared<Warmup>(s.warmup, schedule);
   return schedule;
@@ -144,7 +150,8 @@ bool needs_images(const std::vector<LayerSpec>& layers) {
   return false;
 }
 
-ModelOptions model_options(const Settings& s, const std::vector<LayerSpec>& layers, const data::Dataset& train) {
+ModelOptions model_options(const Settings& s, const std::vector<LayerSpec>& layers,
+                           const data::Dataset& train) {
   ModelOptions o;
   auto dims = train.images.shape().dims();
   o.example_shape.assign(dims.begin() + 1, dims.end());
@@ -166,14 +173,16 @@ int sanity_check(const Settings& s, const data::Dataset& train) {
     Model model(layers, model_options(plain, layers, train));
     auto optimizer = make_optimizer(s);
     Trainer trainer(model, *optimizer, nullptr, {.quiet = true});
-    std::vector<std::int64_t> first(static_cast<std::size_t>(std::min<std::int64_t>(2000, train.size())));
+    std::vector<std::int64_t> first(
+        static_cast<std::size_t>(std::min<std::int64_t>(2000, train.size())));
     for (std::size_t i = 0; i < first.size(); ++i) first[i] = static_cast<std::int64_t>(i);
     const double loss = trainer.evaluate(data::subset(train, first)).loss;
     const double expected = std::log(static_cast<double>(train.num_classes));
     const bool ok = std::abs(loss - expected) < 0.25 * expected;
-    std::printf("sanity 1: initial loss %.4f with regularisation off; ln(%lld classes) = %.4f: %s\n", loss,
-                static_cast<long long>(train.num_classes), expected,
-                ok ? "OK" : "FAILED (check the initialisation: weights too large or a wrong output layer)");
+    std::printf(
+        "sanity 1: initial loss %.4f with regularisation off; ln(%lld classes) = %.4f: %s\n", loss,
+        static_cast<long long>(train.num_classes), expected,
+        ok ? "OK" : "FAILED (check the initialisation: weights too large or a wrong output layer)");
     failures += !ok;
   }
   {
@@ -203,16 +212,21 @@ int sanity_check(const Settings& s, const data::Dataset& train) {
     const double first_loss = history.epochs.empty() ? NAN : history.epochs.front().train_loss;
     const double last_loss = history.epochs.empty() ? NAN : history.epochs.back().train_loss;
     const bool ok = trouble.empty() && accuracy >= 0.99;
-    std::printf("sanity 2: overfitting %lld examples (%lld batches) for %lld epochs: loss %.4f -> %.4f, "
-                "training accuracy %.4f: %s\n",
-                static_cast<long long>(subset.size()), static_cast<long long>(batches),
-                static_cast<long long>(options.epochs), first_loss, last_loss, accuracy,
-                ok ? "OK" : "FAILED");
+    std::printf(
+        "sanity 2: overfitting %lld examples (%lld batches) for %lld epochs: loss %.4f -> %.4f, "
+        "training accuracy %.4f: %s\n",
+        static_cast<long long>(subset.size()), static_cast<long long>(batches),
+        static_cast<long long>(options.epochs), first_loss, last_loss, accuracy,
+        ok ? "OK" : "FAILED");
     if (!ok) {
       if (!trouble.empty()) {
-        std::printf("  training diverged (%s): the learning rate %.3g is probably too large\n", trouble.c_str(), s.lr);
+        std::printf("  training diverged (%s): the learning rate %.3g is probably too large\n",
+                    trouble.c_str(), s.lr);
       } else if (!(last_loss < 0.5 * first_loss)) {
-        std::printf("  the loss barely fell: the learning rate %.3g is probably too small (or the model cannot learn)\n", s.lr);
+        std::printf(
+            "  the loss barely fell: the learning rate %.3g is probably too small (or the model "
+            "cannot learn)\n",
+            s.lr);
       } else {
         std::printf("  the loss fell but not to zero: train longer or raise the learning rate\n");
       }
@@ -245,13 +259,15 @@ int find_learning_rate(const Settings& s, const data::Dataset& train) {
     return step < steps && std::isfinite(loss) && smoothed < 4 * best;
   };
   Trainer trainer(model, *optimizer, &sweep, options);
-  std::vector<std::int64_t> used(static_cast<std::size_t>(std::min<std::int64_t>(train.size(), steps * s.batch_size)));
+  std::vector<std::int64_t> used(
+      static_cast<std::size_t>(std::min<std::int64_t>(train.size(), steps * s.batch_size)));
   for (std::size_t i = 0; i < used.size(); ++i) used[i] = static_cast<std::int64_t>(i);
   trainer.fit(data::subset(train, used));
   // Steepest fall of the smoothed loss per decade of learning rate.
   double steepest = 0, steepest_lr = NAN, min_loss = INFINITY, min_lr = NAN;
   for (std::size_t i = 5; i < curve.size(); ++i) {
-    const double slope = (curve[i].second - curve[i - 5].second) / std::log10(curve[i].first / curve[i - 5].first);
+    const double slope =
+        (curve[i].second - curve[i - 5].second) / std::log10(curve[i].first / curve[i - 5].first);
     if (slope < steepest) {
       steepest = slope;
       steepest_lr = curve[i].first;
@@ -270,17 +286,21 @@ int find_learning_rate(const Settings& s, const data::Dataset& train) {
   }
   if (std::system("command -v gnuplot >/dev/null 2>&1") == 0) {
     const auto png = std::filesystem::path(s.out) / "find_lr.png";
-    std::system(fmt::format("gnuplot -e \"set terminal png size 800,500; set output '{}'; set datafile separator ','; "
-                            "set logscale x; set xlabel 'learning rate'; set ylabel 'smoothed loss'; set grid; "
-                            "plot '{}' using 1:2 skip 1 with lines title 'loss'\" >/dev/null 2>&1",
-                            png.string(), csv.string())
-                    .c_str());
+    std::system(
+        fmt::format(
+            "gnuplot -e \"set terminal png size 800,500; set output '{}'; set datafile separator "
+            "','; "
+            "set logscale x; set xlabel 'learning rate'; set ylabel 'smoothed loss'; set grid; "
+            "plot '{}' using 1:2 skip 1 with lines title 'loss'\" >/dev/null 2>&1",
+            png.string(), csv.string())
+            .c_str());
     std::printf("plot: %s\n", png.string().c_str());
   }
-  std::printf("learning-rate sweep over %zu steps from %.0e to %.0e (csv: %s)\n", curve.size(), low, high,
-              csv.string().c_str());
+  std::printf("learning-rate sweep over %zu steps from %.0e to %.0e (csv: %s)\n", curve.size(), low,
+              high, csv.string().c_str());
   std::printf("loss falls fastest at lr %.3g; lowest loss at lr %.3g\n", steepest_lr, min_lr);
-  std::printf("suggested range: %.3g to %.3g (pick near the fast-falling end)\n", steepest_lr / 3, min_lr / 3);
+  std::printf("suggested range: %.3g to %.3g (pick near the fast-falling end)\n", steepest_lr / 3,
+              min_lr / 3);
   return 0;
 }
 
@@ -290,20 +310,27 @@ int main(int argc, char** argv) {
   Settings s;
   CLI::App app{"dagrad-train: train a classifier on Fashion-MNIST (or MNIST-format IDX files)"};
   app.add_option("--model", s.model, "preset: mlp, cnn, cnn-bn")->capture_default_str();
-  app.add_option("--layers", s.layers, "layer stack instead of a preset, e.g. dense:256,relu,dense:10");
-  app.add_option("--data", s.data_dir, "directory with the four IDX files (plain or .gz)")->capture_default_str();
+  app.add_option("--layers", s.layers,
+                 "layer stack instead of a preset, e.g. dense:256,relu,dense:10");
+  app.add_option("--data", s.data_dir, "directory with the four IDX files (plain or .gz)")
+      ->capture_default_str();
   app.add_option("--epochs", s.epochs)->capture_default_str();
-  app.add_option("--batch-size", s.batch_size, "examples per step (1 = one example at a time)")->capture_default_str();
+  app.add_option("--batch-size", s.batch_size, "examples per step (1 = one example at a time)")
+      ->capture_default_str();
   app.add_flag("--full-batch", s.full_batch, "every step uses the whole training set");
-  app.add_option("--optimizer", s.optimizer, "sgd, momentum, nesterov, adagrad, rmsprop, adam, adamw")->capture_default_str();
+  app.add_option("--optimizer", s.optimizer,
+                 "sgd, momentum, nesterov, adagrad, rmsprop, adam, adamw")
+      ->capture_default_str();
   app.add_option("--lr", s.lr, "learning rate")->capture_default_str();
   app.add_option("--momentum", s.momentum)->capture_default_str();
   app.add_option("--weight-decay", s.weight_decay)->capture_default_str();
   app.add_option("--l1", s.l1, "L1 penalty on weights (reported apart)");
   app.add_option("--l2", s.l2, "L2 penalty on weights (reported apart)");
   app.add_option("--dropout", s.dropout, "override the model's dropout rates");
-  app.add_option("--schedule", s.schedule, "constant, step, exponential, cosine, linear, invsqrt")->capture_default_str();
-  app.add_option("--milestones", s.milestones, "epochs of the step schedule")->capture_default_str();
+  app.add_option("--schedule", s.schedule, "constant, step, exponential, cosine, linear, invsqrt")
+      ->capture_default_str();
+  app.add_option("--milestones", s.milestones, "epochs of the step schedule")
+      ->capture_default_str();
   app.add_option("--gamma", s.gamma, "decay factor of step/exponential schedules");
   app.add_option("--warmup", s.warmup, "linear warm-up epochs before the schedule");
   app.add_flag("--flip", s.flip, "augment: random horizontal flips");
@@ -316,13 +343,16 @@ int main(int argc, char** argv) {
   app.add_option("--seed", s.seed)->capture_default_str();
   app.add_option("--threads", s.threads, "threads (0: all cores)");
   app.add_option("--out", s.out, "output directory")->capture_default_str();
-  app.add_option("--validation", s.validation, "validation examples split from the training set")->capture_default_str();
-  app.add_option("--normalize", s.normalize, "unit ([0,1]) or standard (training mean/std)")->capture_default_str();
+  app.add_option("--validation", s.validation, "validation examples split from the training set")
+      ->capture_default_str();
+  app.add_option("--normalize", s.normalize, "unit ([0,1]) or standard (training mean/std)")
+      ->capture_default_str();
   app.add_option("--train-limit", s.train_limit, "use only the first N training examples");
   app.add_option("--eval", s.eval_checkpoint, "evaluate a checkpoint on the test set, no training");
   app.add_flag("--resume", s.resume, "continue the run in --out from last.safetensors");
   app.add_flag("--sanity", s.sanity, "check the initial loss and overfit a tiny subset");
-  app.add_flag("--find-lr", s.find_lr, "sweep learning rates and report where the loss falls fastest");
+  app.add_flag("--find-lr", s.find_lr,
+               "sweep learning rates and report where the loss falls fastest");
   app.add_flag("--check-finite", s.check_finite, "name the first op producing NaN or infinity");
   app.add_flag("--quiet", s.quiet);
   app.add_flag("--profile", s.profile, "print the time of every op of the training step");
@@ -355,10 +385,11 @@ int main(int argc, char** argv) {
     if (s.sanity) return sanity_check(s, full_train);
     if (s.find_lr) return find_learning_rate(s, full_train);
 
-    const std::int64_t validation_size = std::min<std::int64_t>(s.validation, full_train.size() / 5);
-    auto [train, validation] = validation_size > 0
-                                   ? data::split_train_validation(full_train, validation_size, s.seed)
-                                   : std::pair<data::Dataset, data::Dataset>{full_train, data::Dataset{}};
+    const std::int64_t validation_size =
+        std::min<std::int64_t>(s.validation, full_train.size() / 5);
+    auto [train, validation] =
+        validation_size > 0 ? data::split_train_validation(full_train, validation_size, s.seed)
+                            : std::pair<data::Dataset, data::Dataset>{full_train, data::Dataset{}};
     Model model(layers, model_options(s, layers, train));
     auto optimizer = make_optimizer(s);
     auto schedule = make_schedule(s);
@@ -367,8 +398,9 @@ int main(int argc, char** argv) {
       std::printf("data: %lld training, %lld validation, %lld test examples from %s\n",
                   static_cast<long long>(train.size()), static_cast<long long>(validation.size()),
                   static_cast<long long>(test.size()), s.data_dir.c_str());
-      std::printf("optimizer %s, lr %g, schedule %s%s, batch %lld, %d threads\n", optimizer->name().c_str(), s.lr,
-                  s.schedule.c_str(), s.warmup > 0 ? fmt::format(" after {} warm-up epochs", s.warmup).c_str() : "",
+      std::printf("optimizer %s, lr %g, schedule %s%s, batch %lld, %d threads\n",
+                  optimizer->name().c_str(), s.lr, s.schedule.c_str(),
+                  s.warmup > 0 ? fmt::format(" after {} warm-up epochs", s.warmup).c_str() : "",
                   static_cast<long long>(s.batch_size), num_threads());
     }
     TrainerOptions options;
@@ -406,11 +438,13 @@ int main(int argc, char** argv) {
     }
     std::printf("\ntest loss %.4f, test accuracy %.4f (best epoch %lld)\n", e.loss, e.accuracy,
                 static_cast<long long>(history.best_epoch));
-    std::printf("confusion matrix (rows: true class, columns: predicted):\n%s", e.confusion_table(names).c_str());
+    std::printf("confusion matrix (rows: true class, columns: predicted):\n%s",
+                e.confusion_table(names).c_str());
     const auto out = std::filesystem::path(s.out);
-    std::printf("\nwritten to %s: best.safetensors, last.safetensors, metrics.csv, curves-loss.png, "
-                "curves-accuracy.png, graph.dot\n",
-                out.string().c_str());
+    std::printf(
+        "\nwritten to %s: best.safetensors, last.safetensors, metrics.csv, curves-loss.png, "
+        "curves-accuracy.png, graph.dot\n",
+        out.string().c_str());
     return 0;
   } catch (const Error& e) {
     std::fprintf(stderr, "dagrad-train: %s\n", e.what());

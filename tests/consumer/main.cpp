@@ -1,6 +1,6 @@
 // Uses the installed headers and library: d/dx sum(x*x) at x = (1, 2, 3) is (2, 4, 6).
-#include <dagrad.hpp>
 #include <cstdio>
+#include <dagrad.hpp>
 
 int main() {
   dagrad::Graph g;
