@@ -144,32 +144,7 @@ void register_unary(OpRegistry& registry, UnaryOp u, Op op) {
 
 // ---- binary ops with broadcasting ---------------------------------------------------------
 
-std::vector<TensorDesc> broadcast_rule(const ShapeCall& call) {
-  require_floating(call, 0);
-  require_same_dtype(call);
-  return {TensorDesc{call.inputs[0].dtype,
-                     broadcast_shapes(call.inputs[0].shape, call.inputs[1].shape, call.site)}};
-}
 
-template <class Op>
-ReferenceFn binary_reference(Op op) {
-  return [op](const KernelCall& call) {
-    const Tensor& a = call.inputs[0];
-    const Tensor& b = call.inputs[1];
-    Tensor& y = call.outputs[0];
-    dispatch_floating(y.dtype(), [&](auto zero) {
-      using T = decltype(zero);
-      const T* src0 = a.data<T>();
-      const T* src1 = b.data<T>();
-      T* dst = y.data<T>();
-      BroadcastIndex ia(y.shape(), broadcast_strides(a.shape(), y.shape()));
-      BroadcastIndex ib(y.shape(), broadcast_strides(b.shape(), y.shape()));
-      for (std::int64_t i = 0; i < y.numel(); ++i, ia.next(), ib.next()) {
-        dst[i] = static_cast<T>(op(src0[ia.offset()], src1[ib.offset()]));
-      }
-    });
-  };
-}
 
 // oneDNN binary needs src0 of dst's shape (src1 may broadcast). When only src1 has dst's shape,
 // the inputs are swapped and `swapped` is run instead (the same algorithm for symmetric ones,

@@ -28,6 +28,13 @@ void BroadcastIndex::next() {
   }
 }
 
+std::vector<TensorDesc> broadcast_rule(const ShapeCall& call) {
+  require_floating(call, 0);
+  require_same_dtype(call);
+  return {TensorDesc{call.inputs[0].dtype,
+                     broadcast_shapes(call.inputs[0].shape, call.inputs[1].shape, call.site)}};
+}
+
 void require_floating(const ShapeCall& call, std::size_t input) {
   if (!is_floating(call.inputs[input].dtype)) {
     call.fail("input {} must be f32 or f64, got {}", input, call.inputs[input]);

@@ -59,6 +59,30 @@ class BroadcastIndex {
   std::int64_t offset_ = 0;
 };
 
+// Shape rule of binary floating ops with NumPy broadcasting (one dtype for both inputs).
+std::vector<TensorDesc> broadcast_rule(const ShapeCall& call);
+
+// Reference kernel of a binary op with NumPy broadcasting: y[i] = op(a[ia], b[ib]).
+template <class Op>
+ReferenceFn binary_reference(Op op) {
+  return [op](const KernelCall& call) {
+    const Tensor& a = call.inputs[0];
+    const Tensor& b = call.inputs[1];
+    Tensor& y = call.outputs[0];
+    dispatch_floating(y.dtype(), [&](auto zero) {
+      using T = decltype(zero);
+      const T* src0 = a.data<T>();
+      const T* src1 = b.data<T>();
+      T* dst = y.data<T>();
+      BroadcastIndex ia(y.shape(), broadcast_strides(a.shape(), y.shape()));
+      BroadcastIndex ib(y.shape(), broadcast_strides(b.shape(), y.shape()));
+      for (std::int64_t i = 0; i < y.numel(); ++i, ia.next(), ib.next()) {
+        dst[i] = static_cast<T>(op(src0[ia.offset()], src1[ib.offset()]));
+      }
+    });
+  };
+}
+
 // Shape-rule checks that raise ShapeError naming the op.
 void require_floating(const ShapeCall& call, std::size_t input);
 void require_same_dtype(const ShapeCall& call);

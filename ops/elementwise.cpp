@@ -15,32 +15,7 @@ namespace {
 
 // ---- binary ops ---------------------------------------------------------------------------
 
-std::vector<TensorDesc> broadcast_rule(const ShapeCall& call) {
-  require_floating(call, 0);
-  require_same_dtype(call);
-  return {TensorDesc{call.inputs[0].dtype,
-                     broadcast_shapes(call.inputs[0].shape, call.inputs[1].shape, call.site)}};
-}
 
-template <class Op>
-ReferenceFn binary_reference(Op op) {
-  return [op](const KernelCall& call) {
-    const Tensor& a = call.inputs[0];
-    const Tensor& b = call.inputs[1];
-    Tensor& y = call.outputs[0];
-    dispatch_floating(y.dtype(), [&](auto zero) {
-      using T = decltype(zero);
-      const T* pa = a.data<T>();
-      const T* pb = b.data<T>();
-      T* py = y.data<T>();
-      BroadcastIndex ia(y.shape(), broadcast_strides(a.shape(), y.shape()));
-      BroadcastIndex ib(y.shape(), broadcast_strides(b.shape(), y.shape()));
-      for (std::int64_t i = 0; i < y.numel(); ++i, ia.next(), ib.next()) {
-        py[i] = op(pa[ia.offset()], pb[ib.offset()]);
-      }
-    });
-  };
-}
 
 // oneDNN binary requires src0 to have dst's shape; src1 may broadcast (size 1 axes).
 // Commutative ops swap their inputs when only src0 broadcasts; other cases use the reference.
