@@ -46,43 +46,6 @@ Value gaussian_pdf(const Value& x) {
 
 // ---- unary ops ----------------------------------------------------------------------------
 
-std::vector<TensorDesc> same_as_input(const ShapeCall& call) {
-  require_floating(call, 0);
-  return {call.inputs[0]};
-}
-
-// `op(x, attrs)` element by element, in f32 or f64.
-template <class Op>
-ReferenceFn unary_reference(Op op) {
-  return [op](const KernelCall& call) {
-    dispatch_floating(call.inputs[0].dtype(), [&](auto zero) {
-      using T = decltype(zero);
-      const T* src = call.inputs[0].data<T>();
-      T* dst = call.outputs[0].data<T>();
-      for (std::int64_t i = 0; i < call.inputs[0].numel(); ++i) {
-        dst[i] = static_cast<T>(op(src[i], call.attrs()));
-      }
-    });
-  };
-}
-
-// oneDNN eltwise forward; alpha and beta come from the node's attributes.
-using EltwiseParams = std::function<std::pair<float, float>(const Attrs&)>;
-
-KernelFactory eltwise_onednn(dnnl::algorithm algorithm, EltwiseParams params = {}) {
-  return [=](const KernelBuild& build) -> std::unique_ptr<Kernel> {
-    if (build.inputs[0].dtype != DType::f32 || build.inputs[0].numel() == 0) return nullptr;
-    const auto [alpha, beta] = params ? params(build.node.attrs) : std::pair{0.f, 0.f};
-    auto md = plain_md(build.inputs[0]);
-    dnnl::eltwise_forward::primitive_desc pd(
-        dnnl::eltwise_forward::desc(dnnl::prop_kind::forward_inference, algorithm, md, alpha, beta),
-        build.engine);
-    return std::make_unique<PrimitiveKernel>(
-        dnnl::eltwise_forward(pd),
-        std::vector<PrimitiveArg>{input_arg(DNNL_ARG_SRC, 0, md), output_arg(DNNL_ARG_DST, 0, md)});
-  };
-}
-
 std::vector<Sample> unary_samples(double low, double high, double min_magnitude = 0.0,
                                   const Attrs& attrs = {}) {
   std::vector<Sample> samples;
@@ -143,8 +106,6 @@ void register_unary(OpRegistry& registry, UnaryOp u, Op op) {
 }
 
 // ---- binary ops with broadcasting ---------------------------------------------------------
-
-
 
 // oneDNN binary needs src0 of dst's shape (src1 may broadcast). When only src1 has dst's shape,
 // the inputs are swapped and `swapped` is run instead (the same algorithm for symmetric ones,

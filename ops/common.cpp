@@ -1,6 +1,7 @@
 #include "ops/common.hpp"
 
 #include "ops/ops.hpp"
+#include "runtime/primitive_kernel.hpp"
 
 namespace dagrad {
 
@@ -33,6 +34,37 @@ std::vector<TensorDesc> broadcast_rule(const ShapeCall& call) {
   require_same_dtype(call);
   return {TensorDesc{call.inputs[0].dtype,
                      broadcast_shapes(call.inputs[0].shape, call.inputs[1].shape, call.site)}};
+}
+
+std::vector<TensorDesc> same_as_input(const ShapeCall& call) {
+  require_floating(call, 0);
+  return {call.inputs[0]};
+}
+
+KernelFactory eltwise_onednn(dnnl::algorithm algorithm, EltwiseParams params) {
+  return [=](const KernelBuild& build) -> std::unique_ptr<Kernel> {
+    if (build.inputs[0].dtype != DType::f32 || build.inputs[0].numel() == 0) return nullptr;
+    const auto [alpha, beta] = params ? params(build.node.attrs) : std::pair{0.f, 0.f};
+    auto md = plain_md(build.inputs[0]);
+    dnnl::eltwise_forward::primitive_desc pd(
+        dnnl::eltwise_forward::desc(dnnl::prop_kind::forward_inference, algorithm, md, alpha, beta),
+        build.engine);
+    return std::make_unique<PrimitiveKernel>(
+        dnnl::eltwise_forward(pd),
+        std::vector<PrimitiveArg>{input_arg(DNNL_ARG_SRC, 0, md), output_arg(DNNL_ARG_DST, 0, md)});
+  };
+}
+
+EltwiseParams constant_params(float alpha, float beta) {
+  return [=](const Attrs&) { return std::pair{alpha, beta}; };
+}
+
+EltwiseParams attribute_params(std::string alpha_attr, std::string beta_attr) {
+  return [=](const Attrs& attrs) {
+    const float alpha = alpha_attr.empty() ? 0.f : static_cast<float>(attrs.real(alpha_attr));
+    const float beta = beta_attr.empty() ? 0.f : static_cast<float>(attrs.real(beta_attr));
+    return std::pair{alpha, beta};
+  };
 }
 
 void require_floating(const ShapeCall& call, std::size_t input) {

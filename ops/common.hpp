@@ -5,6 +5,9 @@
 #include <fmt/format.h>
 
 #include <cstdint>
+#include <functional>
+#include <string>
+#include <utility>
 #include <vector>
 
 #include "graph/graph.hpp"
@@ -82,6 +85,31 @@ ReferenceFn binary_reference(Op op) {
     });
   };
 }
+
+// Shape rule of unary floating ops: the output is the input's desc.
+std::vector<TensorDesc> same_as_input(const ShapeCall& call);
+
+// Reference kernel of a unary op: y[i] = op(x[i], attrs), in f32 or f64.
+template <class Op>
+ReferenceFn unary_reference(Op op) {
+  return [op](const KernelCall& call) {
+    dispatch_floating(call.inputs[0].dtype(), [&](auto zero) {
+      using T = decltype(zero);
+      const T* src = call.inputs[0].data<T>();
+      T* dst = call.outputs[0].data<T>();
+      for (std::int64_t i = 0; i < call.inputs[0].numel(); ++i) {
+        dst[i] = static_cast<T>(op(src[i], call.attrs()));
+      }
+    });
+  };
+}
+
+// oneDNN eltwise forward (f32, non-empty; nullptr otherwise) with alpha and beta from `params`.
+using EltwiseParams = std::function<std::pair<float, float>(const Attrs&)>;
+KernelFactory eltwise_onednn(dnnl::algorithm algorithm, EltwiseParams params = {});
+// alpha and beta fixed, or read from the named attributes ("" for 0).
+EltwiseParams constant_params(float alpha, float beta);
+EltwiseParams attribute_params(std::string alpha_attr, std::string beta_attr = "");
 
 // Shape-rule checks that raise ShapeError naming the op.
 void require_floating(const ShapeCall& call, std::size_t input);

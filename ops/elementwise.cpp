@@ -15,8 +15,6 @@ namespace {
 
 // ---- binary ops ---------------------------------------------------------------------------
 
-
-
 // oneDNN binary requires src0 to have dst's shape; src1 may broadcast (size 1 axes).
 // Commutative ops swap their inputs when only src0 broadcasts; other cases use the reference.
 KernelFactory binary_onednn(dnnl::algorithm algorithm, bool commutative) {
@@ -87,35 +85,6 @@ void register_binary(OpRegistry& registry, std::string name, std::string formula
 
 // ---- unary ops ----------------------------------------------------------------------------
 
-std::vector<TensorDesc> same_as_input(const ShapeCall& call) {
-  require_floating(call, 0);
-  return {call.inputs[0]};
-}
-
-template <class Op>
-ReferenceFn unary_reference(Op op) {
-  return [op](const KernelCall& call) {
-    dispatch_floating(call.inputs[0].dtype(), [&](auto zero) {
-      using T = decltype(zero);
-      const T* x = call.inputs[0].data<T>();
-      T* y = call.outputs[0].data<T>();
-      for (std::int64_t i = 0; i < call.inputs[0].numel(); ++i) y[i] = op(x[i]);
-    });
-  };
-}
-
-KernelFactory eltwise_onednn(dnnl::algorithm algorithm, float alpha = 0.f, float beta = 0.f) {
-  return [=](const KernelBuild& build) -> std::unique_ptr<Kernel> {
-    auto md = plain_md(build.inputs[0]);
-    dnnl::eltwise_forward::primitive_desc pd(
-        dnnl::eltwise_forward::desc(dnnl::prop_kind::forward_inference, algorithm, md, alpha, beta),
-        build.engine);
-    return std::make_unique<PrimitiveKernel>(
-        dnnl::eltwise_forward(pd),
-        std::vector<PrimitiveArg>{input_arg(DNNL_ARG_SRC, 0, md), output_arg(DNNL_ARG_DST, 0, md)});
-  };
-}
-
 struct UnarySpec {
   std::string name;
   std::string formula;
@@ -137,8 +106,8 @@ void register_unary(OpRegistry& registry, UnarySpec u, Op op) {
   def.backward = u.backward;
   def.no_gradient = u.no_gradient;
   def.second_order = u.second_order;
-  def.reference = unary_reference(op);
-  if (u.algorithm) def.onednn = eltwise_onednn(*u.algorithm, u.alpha, u.beta);
+  def.reference = unary_reference([op](auto x, const Attrs&) { return op(x); });
+  if (u.algorithm) def.onednn = eltwise_onednn(*u.algorithm, constant_params(u.alpha, u.beta));
   InputSpec a = spec({3, 5}, u.low, u.high);
   a.min_magnitude = u.min_magnitude;
   InputSpec b = spec({2, 3, 2}, u.low, u.high);

@@ -25,36 +25,6 @@ void check_bounds(const ShapeCall& call) {
   if (!(low <= high)) call.fail("low {} must not exceed high {}", low, high);
 }
 
-template <class Op>
-ReferenceFn unary_reference(Op op) {
-  return [op](const KernelCall& call) {
-    dispatch_floating(call.inputs[0].dtype(), [&](auto zero) {
-      using T = decltype(zero);
-      const T* src = call.inputs[0].data<T>();
-      T* dst = call.outputs[0].data<T>();
-      for (std::int64_t i = 0; i < call.inputs[0].numel(); ++i) dst[i] = op(src[i], call.attrs());
-    });
-  };
-}
-
-// oneDNN eltwise forward; alpha and beta read from the node's attributes when named.
-KernelFactory eltwise_onednn(dnnl::algorithm algorithm, std::string alpha_attr = "",
-                             std::string beta_attr = "") {
-  return [=](const KernelBuild& build) -> std::unique_ptr<Kernel> {
-    if (build.inputs[0].dtype != DType::f32 || build.inputs[0].numel() == 0) return nullptr;
-    const Attrs& attrs = build.node.attrs;
-    const float alpha = alpha_attr.empty() ? 0.f : static_cast<float>(attrs.real(alpha_attr));
-    const float beta = beta_attr.empty() ? 0.f : static_cast<float>(attrs.real(beta_attr));
-    auto md = plain_md(build.inputs[0]);
-    dnnl::eltwise_forward::primitive_desc pd(
-        dnnl::eltwise_forward::desc(dnnl::prop_kind::forward_inference, algorithm, md, alpha, beta),
-        build.engine);
-    return std::make_unique<PrimitiveKernel>(
-        dnnl::eltwise_forward(pd),
-        std::vector<PrimitiveArg>{input_arg(DNNL_ARG_SRC, 0, md), output_arg(DNNL_ARG_DST, 0, md)});
-  };
-}
-
 std::vector<ErrorSample> integer_input_error() {
   return {{"integer input", {InputSpec{{2}, DType::i32}}, {}, "must be f32 or f64"}};
 }
@@ -146,7 +116,7 @@ void register_clip(OpRegistry& registry) {
   };
   def.second_order = true;
   def.reference = unary_reference([](auto x, const Attrs& attrs) { return clip_value(x, attrs); });
-  def.onednn = eltwise_onednn(dnnl::algorithm::eltwise_clip_v2, "low", "high");
+  def.onednn = eltwise_onednn(dnnl::algorithm::eltwise_clip_v2, attribute_params("low", "high"));
   def.samples = [] {
     // Values on both sides of the bounds, none within 0.1 of them.
     std::vector<double> values{-2.0, -0.9, -0.3, 0.0, 0.25, 0.4, 0.8, 1.7, -0.65, 3.0};
