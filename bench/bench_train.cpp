@@ -132,6 +132,13 @@ int threads_from_env() {
   return text == nullptr ? 0 : std::atoi(text);
 }
 
+// DAGRAD_PROFILE=1: compile with CompileOptions::profile and print the plan's per-step times
+// to stderr after each benchmark (profiling waits after every step, so throughput drops).
+bool profile_from_env() {
+  const char* text = std::getenv("DAGRAD_PROFILE");
+  return text != nullptr && std::atoi(text) != 0;
+}
+
 // A model as a graph: its inputs, parameters, loss, and the analytic FLOPs of one step.
 struct TrainGraph {
   Graph graph;
@@ -203,7 +210,8 @@ void run_train_step(benchmark::State& state, void (*build)(TrainGraph&, std::int
   build(m, batch);
   std::vector<Value> outputs{m.loss};
   for (const Value& g : grad(m.loss, m.params)) outputs.push_back(g);
-  Plan plan = compile(m.graph, outputs);
+  const bool profile = profile_from_env();
+  Plan plan = compile(m.graph, outputs, {.profile = profile});
   std::vector<Tensor> param_tensors;
   for (const Value& p : m.params) param_tensors.push_back(m.graph.value_of(p));  // shares storage
   SGD sgd({.learning_rate = learning_rate});
@@ -241,6 +249,7 @@ void run_train_step(benchmark::State& state, void (*build)(TrainGraph&, std::int
   // The loss of the first and the last step on the fixed batch: a sanity check that training
   // moves, not a timing.
   state.SetLabel(fmt::format("loss {:.3f} -> {:.3f}", first_loss, last_loss));
+  if (profile) fmt::print(stderr, "{} (batch {}):\n{}\n", "train step", batch, plan.profile_report(60));
 }
 
 void mlp_train_step(benchmark::State& state) {

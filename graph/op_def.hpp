@@ -118,6 +118,12 @@ struct OpDef {
   bool second_order = false;  // its backward is built from differentiable ops
   ReferenceFn reference;      // plain loops, f32 and f64
   KernelFactory onednn;       // optional
+  // Optional, for the plan's fusion pass: a kernel computing `consumer`(this op(inputs...)) in
+  // one pass, for a `consumer` node that is the only reader of this op's output (its other
+  // inputs, if any, must be among this op's inputs: the hook checks). The kernel reads this
+  // op's inputs and writes the consumer's outputs; KernelBuild::node is this op's node and
+  // KernelBuild::outputs the consumer's descs. nullptr when the pair cannot be fused.
+  std::function<std::unique_ptr<Kernel>(const KernelBuild&, const Node& consumer)> fuse_consumer;
   std::function<std::vector<Sample>()> samples;
   std::function<std::vector<ErrorSample>()> error_samples;
   bool random = false;  // output depends on RunContext's seed (dropout)

@@ -143,6 +143,38 @@ std::vector<FusedStep> plan_fusions(const FusionContext& c, std::vector<NodeId>&
     taken.insert(id);
     fused.push_back(std::move(step));
   }
+  // An op that absorbs its only reader through its OpDef::fuse_consumer hook (conv2d + relu,
+  // max_pool2d_backward + relu_grad, ...).
+  for (NodeId id : c.order) {
+    const Node& n = c.graph.node(id);
+    if (n.kind != NodeKind::op || taken.count(id) || !n.def->fuse_consumer ||
+        n.outputs.size() != 1) {
+      continue;
+    }
+    const Node* consumer = sole_consumer(c, {id, 0});
+    if (consumer == nullptr || taken.count(consumer->id)) continue;
+    std::vector<ValueKey> keys;
+    std::vector<TensorDesc> in, out;
+    for (const auto& v : n.inputs) {
+      keys.emplace_back(v.node_id(), v.index());
+      in.push_back(c.descs.at(keys.back()));
+    }
+    for (std::size_t k = 0; k < consumer->outputs.size(); ++k) {
+      out.push_back(c.descs.at({consumer->id, static_cast<int>(k)}));
+    }
+    std::unique_ptr<Kernel> kernel =
+        n.def->fuse_consumer(KernelBuild{n, in, out, cpu_engine()}, *consumer);
+    if (!kernel) continue;
+    FusedStep step;
+    step.anchor = consumer->id;
+    step.inputs = std::move(keys);
+    step.kernel = std::move(kernel);
+    step.absorbed = {id};
+    step.pattern = n.op + "+" + consumer->op;
+    taken.insert(id);
+    taken.insert(consumer->id);
+    fused.push_back(std::move(step));
+  }
   // A transpose whose every reader folded it is no longer executed.
   for (const auto& [transpose, count] : folds) {
     auto it = c.consumers.find({transpose, 0});

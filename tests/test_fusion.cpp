@@ -94,5 +94,50 @@ TEST(Fusion, TrainingGradientsMatchTheUnfusedPlan) {
                       "matmul+bias+relu");
 }
 
+TEST(Fusion, ConvolutionWithActivation) {
+  for (const char* activation : {"relu", "tanh", "sigmoid"}) {
+    Graph g;
+    Value x = g.input("x", {2, 3, 9, 9});
+    Value w = g.parameter("w", random_tensor({8, 3, 3, 3}, 14));
+    Value b = g.parameter("b", random_tensor({8}, 15));
+    Value y = g.apply(activation, {conv2d(x, w, b, {.padding = {1, 1}})});
+    expect_same_results(g, {y}, {{x, random_tensor({2, 3, 9, 9}, 16)}},
+                        std::string("conv2d+") + activation);
+  }
+}
+
+// conv -> relu -> max_pool2d: forward conv2d+relu, backward max_pool2d_backward+relu_grad (the
+// gradient lands on a window's maximum only when it is positive). Half the pre-activations are
+// negative, so windows whose maximum is clipped to 0 occur.
+TEST(Fusion, ConvReluMaxPoolTrainingGradients) {
+  for (bool odd : {false, true}) {
+    const std::int64_t size = odd ? 9 : 8;  // odd: the last row and column are read by no window
+    Graph g;
+    Value x = g.input("x", {2, 3, size, size});
+    Value w = g.parameter("w", random_tensor({8, 3, 3, 3}, 17));
+    Value b = g.parameter("b", random_tensor({8}, 18));
+    Value h = max_pool2d(relu(conv2d(x, w, b, {.padding = {1, 1}})), {2, 2}, {2, 2});
+    Value loss = sum(h * h);
+    auto grads = grad(loss, {w, b, x});
+    const Feeds feeds{{x, random_tensor({2, 3, size, size}, 19)}};
+    expect_same_results(g, {loss, grads[0], grads[1], grads[2]}, feeds,
+                        "max_pool2d_backward+relu_grad");
+    expect_same_results(g, {loss, grads[0], grads[1], grads[2]}, feeds, "conv2d+relu");
+  }
+}
+
+TEST(Fusion, MaxPoolBackwardFusesOnlyTheReluOfItsOwnInput) {
+  // relu_grad masks by another tensor than the pooled one: no fusion.
+  Graph g;
+  Value x = g.input("x", {1, 2, 4, 4});
+  Value other = g.input("other", {1, 2, 4, 4});
+  Value dy = g.input("dy", {1, 2, 2, 2});
+  Value dx = relu_grad(max_pool2d_backward(dy, x, {2, 2}, {2, 2}, {0, 0}), other);
+  Plan plan = compile(g, {dx});
+  auto patterns = plan.fused_patterns();
+  EXPECT_EQ(std::find(patterns.begin(), patterns.end(), "max_pool2d_backward+relu_grad"),
+            patterns.end());
+}
+
 }  // namespace
 }  // namespace dagrad
