@@ -3,6 +3,9 @@
 // (The registry tests already compare every kernel with its reference and gradcheck each op.)
 #include <gtest/gtest.h>
 
+#include <algorithm>
+#include <cmath>
+#include <limits>
 #include <random>
 
 #include "dagrad.hpp"
@@ -134,6 +137,47 @@ TEST(MaxPool2d, TiedMaximaSendTheGradientToTheFirst) {
   Value dx = max_pool2d_backward(dy, x, {2, 2}, {1, 1});
   Feeds feeds{{x, Tensor::from({1, 3, 3, 3}, {1, 1, 2, 2})}, {dy, Tensor::from({1}, {1, 1, 1, 1})}};
   expect_values(run_both(g, dx, feeds, Backend::reference), {0, 1, 0, 0});
+}
+
+// Rows of 18 windows: two 8-window blocks of the AVX2 loop and two windows for the scalar tail;
+// an odd height leaves the last row to no window. Values are small integers, so most windows
+// hold tied maxima (the first must win) and many hold zeros (relu's mask), plus a NaN.
+TEST(MaxPool2d, VectorisedLoopsMatchTheReferenceWithTiesAndNaN) {
+  const Shape shape{2, 3, 9, 36};
+  std::mt19937_64 rng(5);
+  std::uniform_int_distribution<int> level(-2, 2);
+  Tensor x(shape, DType::f32), dy(Shape{2, 3, 4, 18}, DType::f32);
+  for (std::int64_t i = 0; i < x.numel(); ++i) x.set(i, level(rng));
+  x.data<float>()[37] = std::numeric_limits<float>::quiet_NaN();
+  for (std::int64_t i = 0; i < dy.numel(); ++i) dy.set(i, 1.0 + static_cast<double>(i));
+  std::vector<double> results[2][3];
+  for (int b = 0; b < 2; ++b) {
+    Graph g;
+    Value xv = g.input("x", shape);
+    Value dyv = g.input("dy", dy.shape());
+    Value y = max_pool2d(xv, {2, 2}, {2, 2});
+    Value dx = max_pool2d_backward(dyv, xv, {2, 2}, {2, 2}, {0, 0});
+    Value masked = relu_grad(max_pool2d_backward(dyv, xv, {2, 2}, {2, 2}, {0, 0}), xv);
+    Plan plan = compile(g, {y, dx, masked}, {.backend = backends[b]});
+    const auto& out = plan.run({{xv, x}, {dyv, dy}});
+    for (int k = 0; k < 3; ++k) results[b][k] = out[static_cast<std::size_t>(k)].to_doubles();
+    if (b == 0) {
+      auto patterns = plan.fused_patterns();
+      EXPECT_NE(std::find(patterns.begin(), patterns.end(), "max_pool2d_backward+relu_grad"),
+                patterns.end());
+    }
+  }
+  for (int k = 0; k < 3; ++k) {
+    ASSERT_EQ(results[0][k].size(), results[1][k].size());
+    for (std::size_t i = 0; i < results[0][k].size(); ++i) {
+      const double a = results[0][k][i], r = results[1][k][i];
+      if (std::isnan(r)) {
+        EXPECT_TRUE(std::isnan(a)) << "output " << k << " element " << i;
+      } else {
+        EXPECT_EQ(a, r) << "output " << k << " element " << i;
+      }
+    }
+  }
 }
 
 TEST(MaxPool2d, PaddingNeverWins) {
