@@ -132,6 +132,8 @@ int threads_from_env() {
   return text == nullptr ? 0 : std::atoi(text);
 }
 
+// DAGRAD_SINGLE_THREAD_BELOW=<bytes>: CompileOptions::single_thread_below_bytes (0: every step
+// uses all threads).
 // DAGRAD_PROFILE=1: compile with CompileOptions::profile and print the plan's per-step times
 // to stderr after each benchmark (profiling waits after every step, so throughput drops).
 bool profile_from_env() {
@@ -211,7 +213,11 @@ void run_train_step(benchmark::State& state, void (*build)(TrainGraph&, std::int
   std::vector<Value> outputs{m.loss};
   for (const Value& g : grad(m.loss, m.params)) outputs.push_back(g);
   const bool profile = profile_from_env();
-  Plan plan = compile(m.graph, outputs, {.profile = profile});
+  CompileOptions compile_options{.profile = profile};
+  if (const char* text = std::getenv("DAGRAD_SINGLE_THREAD_BELOW")) {
+    compile_options.single_thread_below_bytes = static_cast<std::size_t>(std::atoll(text));
+  }
+  Plan plan = compile(m.graph, outputs, compile_options);
   std::vector<Tensor> param_tensors;
   for (const Value& p : m.params) param_tensors.push_back(m.graph.value_of(p));  // shares storage
   SGD sgd({.learning_rate = learning_rate});

@@ -57,6 +57,17 @@ Operand matmul_operand(const FusionContext& c, const Value& v) {
   return {{v.node_id(), v.index()}, plain_md(desc), false};
 }
 
+// Bytes a fused step reads and writes: its inputs and the anchor's outputs.
+std::size_t step_bytes(const FusionContext& c, const std::vector<ValueKey>& inputs, NodeId anchor) {
+  std::size_t bytes = 0;
+  for (const auto& key : inputs) bytes += c.descs.at(key).bytes();
+  const Node& n = c.graph.node(anchor);
+  for (std::size_t k = 0; k < n.outputs.size(); ++k) {
+    bytes += c.descs.at({anchor, static_cast<int>(k)}).bytes();
+  }
+  return bytes;
+}
+
 }  // namespace
 
 std::vector<FusedStep> plan_fusions(const FusionContext& c, std::vector<NodeId>& dropped) {
@@ -114,6 +125,8 @@ std::vector<FusedStep> plan_fusions(const FusionContext& c, std::vector<NodeId>&
     if (chain.empty() && !a.folded && !b.folded) continue;  // nothing gained
 
     const NodeId anchor = chain.empty() ? id : chain.back();
+    step.threads = step_threads(step_bytes(c, step.inputs, anchor), c.single_thread_below_bytes);
+    const ThreadScope threads(step.threads);
     auto dst_md = plain_md(c.descs.at({anchor, 0}));
     dnnl::primitive_attr attr;
     attr.set_post_ops(post_ops);
@@ -162,10 +175,14 @@ std::vector<FusedStep> plan_fusions(const FusionContext& c, std::vector<NodeId>&
     for (std::size_t k = 0; k < consumer->outputs.size(); ++k) {
       out.push_back(c.descs.at({consumer->id, static_cast<int>(k)}));
     }
+    const int step_threads_count =
+        step_threads(step_bytes(c, keys, consumer->id), c.single_thread_below_bytes);
+    const ThreadScope threads(step_threads_count);
     std::unique_ptr<Kernel> kernel =
         n.def->fuse_consumer(KernelBuild{n, in, out, cpu_engine()}, *consumer);
     if (!kernel) continue;
     FusedStep step;
+    step.threads = step_threads_count;
     step.anchor = consumer->id;
     step.inputs = std::move(keys);
     step.kernel = std::move(kernel);

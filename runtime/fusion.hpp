@@ -26,6 +26,7 @@ struct FusedStep {
   std::unique_ptr<Kernel> kernel;
   std::vector<NodeId> absorbed;  // nodes no longer executed on their own
   std::string pattern;           // e.g. "matmul+bias+relu"
+  int threads = 0;               // see step_threads()
 };
 
 struct FusionContext {
@@ -34,6 +35,7 @@ struct FusionContext {
   const std::map<ValueKey, TensorDesc>& descs;
   const std::map<ValueKey, int>& consumers;  // number of reading input slots
   std::function<bool(const ValueKey&)> is_output;
+  std::size_t single_thread_below_bytes = 0;  // CompileOptions; kernels are created under it
 };
 
 // Fused steps, plus in `dropped` the nodes that no step needs any more (folded transposes).

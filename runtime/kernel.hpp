@@ -1,6 +1,7 @@
 // The kernel interface shared by the runtime and the kernel half of each op.
 #pragma once
 
+#include <cstddef>
 #include <cstdint>
 #include <memory>
 #include <oneapi/dnnl/dnnl.hpp>
@@ -60,5 +61,25 @@ std::unique_ptr<Kernel> make_kernel(F f) {
 // Threads used by oneDNN and dagrad's own loops (OpenMP). 0 means all cores.
 void set_num_threads(int threads);
 int num_threads();
+
+// While alive, the calling thread's OpenMP regions (oneDNN primitives created or run, and
+// dagrad's loops) use `threads` threads; the previous setting comes back on destruction.
+// threads == 0 leaves the setting alone.
+class ThreadScope {
+ public:
+  explicit ThreadScope(int threads);
+  ~ThreadScope();
+  ThreadScope(const ThreadScope&) = delete;
+  ThreadScope& operator=(const ThreadScope&) = delete;
+
+ private:
+  int saved_ = 0;
+};
+
+// Threads for a plan step whose inputs and outputs hold `bytes` bytes: 1 below `threshold`
+// (CompileOptions::single_thread_below_bytes; 0 disables), else 0 (all threads).
+inline int step_threads(std::size_t bytes, std::size_t threshold) {
+  return threshold != 0 && bytes < threshold ? 1 : 0;
+}
 
 }  // namespace dagrad

@@ -47,4 +47,15 @@ int num_threads() {
   return omp_get_max_threads();
 }
 
+ThreadScope::ThreadScope(int threads) {
+  if (threads > 0) {
+    saved_ = omp_get_max_threads();
+    omp_set_num_threads(threads);
+  }
+}
+
+ThreadScope::~ThreadScope() {
+  if (saved_ > 0) omp_set_num_threads(saved_);
+}
+
 }  // namespace dagrad

@@ -1,6 +1,7 @@
 #include "runtime/plan.hpp"
 
 #include <fmt/format.h>
+#include <omp.h>
 
 #include <algorithm>
 #include <chrono>
@@ -90,6 +91,7 @@ struct Plan::Specialization {
     const Node* node = nullptr;
     std::unique_ptr<Kernel> kernel;
     bool onednn = false;
+    int threads = 0;     // 1: runs on one thread (small step); 0: all threads
     std::string fused;   // the fused pattern this step runs, if any
     double seconds = 0;  // with CompileOptions::profile
     std::uint64_t runs = 0;
@@ -177,8 +179,12 @@ Plan::Specialization& Plan::specialize(const std::vector<Shape>& input_shapes) {
   std::set<NodeId> skipped;
   if (options_.fuse && options_.backend == Backend::onednn) {
     std::vector<NodeId> dropped;
-    FusionContext context{*graph_, order_, descs, consumers,
-                          [&](const ValueKey& key) { return requested.count(key) != 0; }};
+    FusionContext context{*graph_,
+                          order_,
+                          descs,
+                          consumers,
+                          [&](const ValueKey& key) { return requested.count(key) != 0; },
+                          options_.single_thread_below_bytes};
     fusions = plan_fusions(context, dropped);
     skipped.insert(dropped.begin(), dropped.end());
     for (const auto& f : fusions) skipped.insert(f.absorbed.begin(), f.absorbed.end());
@@ -198,6 +204,7 @@ Plan::Specialization& Plan::specialize(const std::vector<Shape>& input_shapes) {
     if (auto it = fused_at.find(id); it != fused_at.end()) {
       step.kernel = std::move(it->second->kernel);
       step.onednn = true;
+      step.threads = it->second->threads;
       step.fused = it->second->pattern;
       step_inputs.push_back(it->second->inputs);
       spec->steps.push_back(std::move(step));
@@ -212,7 +219,13 @@ Plan::Specialization& Plan::specialize(const std::vector<Shape>& input_shapes) {
     const bool any_f64 =
         std::any_of(in.begin(), in.end(), [](auto& d) { return d.dtype == DType::f64; }) ||
         std::any_of(out.begin(), out.end(), [](auto& d) { return d.dtype == DType::f64; });
+    std::size_t bytes = 0;
+    for (const auto& d : in) bytes += d.bytes();
+    for (const auto& d : out) bytes += d.bytes();
+    step.threads = step_threads(bytes, options_.single_thread_below_bytes);
     if (options_.backend == Backend::onednn && n.def->onednn && !any_f64) {
+      // Created under the step's thread count: some primitives fix theirs at creation.
+      const ThreadScope threads(step.threads);
       step.kernel = n.def->onednn(KernelBuild{n, in, out, cpu_engine()});
       step.onednn = step.kernel != nullptr;
     }
@@ -375,6 +388,18 @@ const std::vector<Tensor>& Plan::run(const Feeds& feeds, const RunOptions& optio
     slot = n.data;
   }
 
+  // Small steps run on one thread (CompileOptions::single_thread_below_bytes); the caller's
+  // setting is restored however the run ends.
+  struct ThreadSetting {
+    int all = omp_get_max_threads();
+    int current = all;
+    void use(int threads) {
+      const int wanted = threads > 0 ? threads : all;
+      if (wanted != current) omp_set_num_threads(current = wanted);
+    }
+    ~ThreadSetting() { use(0); }
+  } thread_setting;
+
   RunContext context;
   context.training = options.training;
   context.seed = options.seed;
@@ -382,6 +407,7 @@ const std::vector<Tensor>& Plan::run(const Feeds& feeds, const RunOptions& optio
   context.stream = &spec.stream;
   for (auto& step : spec.steps) {
     KernelCall call{*step.node, step.inputs, step.outputs, context};
+    thread_setting.use(step.threads);
     if (options_.profile) {
       const auto start = std::chrono::steady_clock::now();
       step.kernel->run(call);
@@ -446,7 +472,7 @@ std::vector<StepProfile> Plan::profile() {
   std::vector<StepProfile> out;
   for (const auto& s : last_->steps) {
     out.push_back({s.node->name, s.fused.empty() ? s.node->op : s.fused,
-                   s.onednn ? "oneDNN" : "reference",
+                   s.onednn ? "oneDNN" : "reference", s.threads,
                    s.outputs.empty() ? "" : s.outputs[0].desc().str(), s.seconds, s.runs});
   }
   std::sort(out.begin(), out.end(),
@@ -458,13 +484,14 @@ std::string Plan::profile_report(std::size_t top) {
   auto steps = profile();
   double total = 0;
   for (const auto& s : steps) total += s.seconds;
-  std::string out = fmt::format("{:>9} {:>6}  {:<28} {:<10} {:<22} {}\n", "ms/run", "share", "op",
-                                "kernel", "output", "node");
+  std::string out = fmt::format("{:>9} {:>6}  {:<30} {:<10} {:>7} {:<22} {}\n", "ms/run", "share",
+                                "op", "kernel", "threads", "output", "node");
   for (std::size_t i = 0; i < steps.size() && i < top; ++i) {
     const auto& s = steps[i];
     const double per_run = s.runs ? s.seconds / static_cast<double>(s.runs) * 1e3 : 0;
-    out += fmt::format("{:>9.3f} {:>5.1f}%  {:<28} {:<10} {:<22} {}\n", per_run,
-                       total > 0 ? 100 * s.seconds / total : 0, s.op, s.kernel, s.output, s.node);
+    out += fmt::format("{:>9.3f} {:>5.1f}%  {:<30} {:<10} {:>7} {:<22} {}\n", per_run,
+                       total > 0 ? 100 * s.seconds / total : 0, s.op, s.kernel,
+                       s.threads == 1 ? "1" : "all", s.output, s.node);
   }
   const std::uint64_t runs = steps.empty() ? 0 : steps.front().runs;
   out += fmt::format("{} steps, {:.3f} ms per run in total\n", steps.size(),

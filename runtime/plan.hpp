@@ -30,6 +30,12 @@ struct CompileOptions {
   bool check_finite = false;  // after each node, raise Error naming the first op whose output
                               // holds a NaN or infinity
   bool profile = false;       // time every step (waits for each kernel); see Plan::profile()
+  // Steps whose inputs and outputs together hold fewer bytes than this run on one thread; the
+  // rest use all threads (set_num_threads). A parallel region costs a fork and a barrier, and on
+  // a machine whose cores are busy with other processes every barrier may wait for a time
+  // slice: small steps gain nothing from a second thread and can lose milliseconds. 0: every
+  // step uses all threads. See bench/README.md for the measurements behind the default.
+  std::size_t single_thread_below_bytes = 128 * 1024;
 };
 
 // Time spent per step of a profiled plan, summed over its runs.
@@ -37,6 +43,7 @@ struct StepProfile {
   std::string node;    // node name
   std::string op;      // op name, or the fused pattern
   std::string kernel;  // "oneDNN" or "reference"
+  int threads = 0;     // 1 for a step run on one thread, 0 for all threads
   std::string output;  // first output's desc
   double seconds = 0;  // total
   std::uint64_t runs = 0;

@@ -133,5 +133,42 @@ TEST(Plan, ReferenceAndOneDnnBackendsAgree) {
   for (int i = 0; i < 3; ++i) EXPECT_NEAR(a.at(i), b.at(i), 1e-5);
 }
 
+// CompileOptions::single_thread_below_bytes: small steps run on one thread, large ones on all;
+// the caller's thread setting survives a run, also one that throws; results do not change.
+TEST(Plan, SmallStepsRunOnOneThreadAndTheCallersSettingIsRestored) {
+  const int saved = num_threads();
+  set_num_threads(2);
+  Graph g;
+  Value x = g.input("x", {256, 256});
+  Value labels = g.input("labels", {4}, DType::i32);
+  Value big = matmul(x, x);                          // 3 × 256 KiB: all threads
+  Value small = slice(big, {0, 0}, {4, 10});         // 4×10: one thread
+  Value loss = sparse_cross_entropy(small, labels);  // run-time Error on a bad label
+  Tensor xs({256, 256}, DType::f32);
+  for (std::int64_t i = 0; i < xs.numel(); ++i) xs.set(i, 0.001 * static_cast<double>(i % 97));
+  Tensor good = Tensor::from({1, 2, 3, 4}, {4}).to(DType::i32);
+  Tensor bad = Tensor::from({1, 2, 30, 4}, {4}).to(DType::i32);
+
+  Plan plan = compile(g, {loss, big}, {.profile = true});
+  Plan all_threads = compile(g, {loss, big}, {.single_thread_below_bytes = 0});
+  const double a = plan.run({{x, xs}, {labels, good}})[0].item();
+  EXPECT_EQ(num_threads(), 2);
+  const double b = all_threads.run({{x, xs}, {labels, good}})[0].item();
+  EXPECT_NEAR(a, b, 1e-5 * std::abs(b));
+  bool saw_single = false, saw_all = false;
+  for (const StepProfile& step : plan.profile()) {
+    if (step.op == "matmul") {
+      EXPECT_EQ(step.threads, 0) << step.node;
+    }
+    saw_single = saw_single || step.threads == 1;
+    saw_all = saw_all || step.threads == 0;
+  }
+  EXPECT_TRUE(saw_single);
+  EXPECT_TRUE(saw_all);
+  EXPECT_THROW(plan.run({{x, xs}, {labels, bad}}), Error);
+  EXPECT_EQ(num_threads(), 2);
+  set_num_threads(saved);
+}
+
 }  // namespace
 }  // namespace dagrad
