@@ -9,15 +9,19 @@
 // Figures: items_per_second = samples/s; GFLOPs = analytic matmul/conv FLOPs per second
 // (forward 2·m·k·n per matmul, backward twice that; convolutions likewise); allocs_per_step =
 // calls of the global operator new inside the timed loop, per step (after a warm-up);
-// peak_bytes = the plan's planned arena + parameter bytes (see bench/README.md).
+// peak_bytes = the plan's planned arena + parameter bytes; measured_peak_bytes = how far the
+// process's peak resident memory (VmHWM) rose while the model was built and trained (see
+// bench/README.md).
 // Threads: DAGRAD_THREADS (0 or unset = all cores).
 //   ./build/bench/bench_train [--benchmark_filter=mlp] [--benchmark_repetitions=5]
 #include <benchmark/benchmark.h>
 #include <fmt/format.h>
+#include <malloc.h>
 
 #include <algorithm>
 #include <atomic>
 #include <cstdlib>
+#include <fstream>
 #include <new>
 #include <random>
 #include <span>
@@ -141,6 +145,24 @@ bool profile_from_env() {
   return text != nullptr && std::atoi(text) != 0;
 }
 
+// Resident memory of this process from /proc/self/status ("VmRSS:", "VmHWM:"), in bytes; 0
+// where the file is missing. Writing "5" to /proc/self/clear_refs resets VmHWM (the peak) to
+// the current resident size (Linux 4.0+).
+std::size_t status_bytes(const std::string& field) {
+  std::ifstream status("/proc/self/status");
+  std::string line;
+  while (std::getline(status, line)) {
+    if (line.rfind(field, 0) == 0) return std::stoull(line.substr(field.size())) * 1024;
+  }
+  return 0;
+}
+// Returns the heap's free pages to the system first (memory freed by an earlier run of the
+// benchmark would otherwise be reused without raising the resident size).
+void reset_peak_rss() {
+  malloc_trim(0);
+  std::ofstream("/proc/self/clear_refs") << "5";
+}
+
 // A model as a graph: its inputs, parameters, loss, and the analytic FLOPs of one step.
 struct TrainGraph {
   Graph graph;
@@ -207,6 +229,8 @@ Feeds make_feeds(const TrainGraph& m, std::uint64_t seed) {
 void run_train_step(benchmark::State& state, void (*build)(TrainGraph&, std::int64_t),
                     int threads) {
   set_num_threads(threads);
+  reset_peak_rss();
+  const std::size_t rss_before = status_bytes("VmRSS:");
   const std::int64_t batch = state.range(0);
   TrainGraph m;
   build(m, batch);
@@ -249,13 +273,19 @@ void run_train_step(benchmark::State& state, void (*build)(TrainGraph&, std::int
       benchmark::Counter(m.flops_per_step * 1e-9, benchmark::Counter::kIsIterationInvariantRate);
   state.counters["allocs_per_step"] = static_cast<double>(allocations.load()) / iterations;
   state.counters["peak_bytes"] = static_cast<double>(plan.planned_peak_bytes() + param_bytes);
+  // Measured: how far the process's peak resident memory rose above its size before the model
+  // was built (graph, parameters, feeds, the plan's arena, oneDNN's primitives and scratchpads).
+  const std::size_t rss_peak = status_bytes("VmHWM:");
+  state.counters["measured_peak_bytes"] =
+      static_cast<double>(rss_peak > rss_before ? rss_peak - rss_before : 0);
   state.counters["threads"] = num_threads();
   state.counters["steps"] = static_cast<double>(plan.num_steps());
   state.counters["onednn_steps"] = static_cast<double>(plan.num_onednn_steps());
   // The loss of the first and the last step on the fixed batch: a sanity check that training
   // moves, not a timing.
   state.SetLabel(fmt::format("loss {:.3f} -> {:.3f}", first_loss, last_loss));
-  if (profile) fmt::print(stderr, "{} (batch {}):\n{}\n", "train step", batch, plan.profile_report(60));
+  if (profile)
+    fmt::print(stderr, "{} (batch {}):\n{}\n", "train step", batch, plan.profile_report(60));
 }
 
 void mlp_train_step(benchmark::State& state) {
