@@ -127,6 +127,11 @@ struct OpDef {
   std::function<std::vector<Sample>()> samples;
   std::function<std::vector<ErrorSample>()> error_samples;
   bool random = false;  // output depends on RunContext's seed (dropout)
+  // Element-wise: output element i depends only on element i of input 0 (and of inputs of the
+  // output's shape, or broadcast ones), and every kernel of the op (oneDNN and reference)
+  // reads element i of input 0 before writing element i of the output. The plan then lets
+  // the output overwrite input 0 when input 0 has the output's desc and dies at this step.
+  bool in_place = false;
 };
 
 // All registered ops, by name.

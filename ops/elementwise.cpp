@@ -78,6 +78,7 @@ void register_binary(OpRegistry& registry, std::string name, std::string formula
   def.second_order = true;
   def.reference = binary_reference(op);
   def.onednn = binary_onednn(algorithm, commutative);
+  def.in_place = true;  // oneDNN binary writes dst over src0; the reference reads before writing
   def.samples = [samples] { return samples; };
   def.error_samples = binary_errors;
   registry.add(std::move(def));
@@ -108,6 +109,7 @@ void register_unary(OpRegistry& registry, UnarySpec u, Op op) {
   def.second_order = u.second_order;
   def.reference = unary_reference([op](auto x, const Attrs&) { return op(x); });
   if (u.algorithm) def.onednn = eltwise_onednn(*u.algorithm, constant_params(u.alpha, u.beta));
+  def.in_place = true;
   InputSpec a = spec({3, 5}, u.low, u.high);
   a.min_magnitude = u.min_magnitude;
   InputSpec b = spec({2, 3, 2}, u.low, u.high);
@@ -235,6 +237,7 @@ void register_relu_grad(OpRegistry& registry) {
   };
   def.second_order = true;
   def.reference = binary_reference([](auto dy, auto x) { return x > 0 ? dy : decltype(dy)(0); });
+  def.in_place = true;  // eltwise_backward writes diff_src over diff_dst
   def.onednn = [](const KernelBuild& build) -> std::unique_ptr<Kernel> {
     auto md = plain_md(build.inputs[0]);
     dnnl::eltwise_forward::primitive_desc hint(

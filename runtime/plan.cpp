@@ -7,6 +7,7 @@
 #include <chrono>
 #include <cmath>
 #include <list>
+#include <optional>
 #include <set>
 
 #include "runtime/fusion.hpp"
@@ -113,6 +114,8 @@ struct Plan::Specialization {
   std::shared_ptr<void> arena;
   std::size_t arena_bytes = 0;
   std::size_t unplanned_bytes = 0;
+  std::size_t in_place_steps = 0;  // steps writing over their input 0
+  std::size_t views = 0;           // reshapes run as views, without a step
   dnnl::stream stream{cpu_engine()};
 };
 
@@ -192,10 +195,26 @@ Plan::Specialization& Plan::specialize(const std::vector<Shape>& input_shapes) {
   std::map<NodeId, FusedStep*> fused_at;
   for (auto& f : fusions) fused_at[f.anchor] = &f;
 
+  // A reshape of an op's output is a view of that output's buffer: no step, no copy (with
+  // reuse_memory). alias_of maps such a value to the value it views.
+  std::map<ValueKey, ValueKey> alias_of;
+  auto root = [&](ValueKey key) {
+    for (auto it = alias_of.find(key); it != alias_of.end(); it = alias_of.find(key)) {
+      key = it->second;
+    }
+    return key;
+  };
+
   std::vector<std::vector<ValueKey>> step_inputs;
+  std::vector<bool> step_in_place;  // the op may write its output over input 0
   for (NodeId id : order_) {
     const Node& n = graph_->node(id);
     if (n.kind != NodeKind::op || skipped.count(id)) continue;
+    if (options_.reuse_memory && n.op == "reshape" && !fused_at.count(id) &&
+        graph_->node(n.inputs[0].node_id()).kind == NodeKind::op) {
+      alias_of[{id, 0}] = {n.inputs[0].node_id(), n.inputs[0].index()};
+      continue;
+    }
     Specialization::Step step;
     step.node = &n;
     std::vector<TensorDesc> out;
@@ -207,6 +226,7 @@ Plan::Specialization& Plan::specialize(const std::vector<Shape>& input_shapes) {
       step.threads = it->second->threads;
       step.fused = it->second->pattern;
       step_inputs.push_back(it->second->inputs);
+      step_in_place.push_back(false);
       spec->steps.push_back(std::move(step));
       continue;
     }
@@ -237,22 +257,24 @@ Plan::Specialization& Plan::specialize(const std::vector<Shape>& input_shapes) {
       step.kernel = make_kernel([ref = n.def->reference](const KernelCall& call) { ref(call); });
     }
     step_inputs.push_back(std::move(keys));
+    step_in_place.push_back(n.def->in_place && options_.reuse_memory);
     spec->steps.push_back(std::move(step));
   }
 
-  // Lifetimes: the last step reading each op output; requested outputs live forever.
+  // Lifetimes of buffers: the last step reading a value or any view of it; requested outputs
+  // (and what they view) live forever.
   const std::size_t forever = spec->steps.size();
   std::map<ValueKey, std::size_t> last_use;
   for (std::size_t s = 0; s < spec->steps.size(); ++s) {
     const Node& n = *spec->steps[s].node;
     for (std::size_t k = 0; k < n.outputs.size(); ++k) last_use[{n.id, static_cast<int>(k)}] = s;
     for (const auto& key : step_inputs[s]) {
-      auto it = last_use.find(key);
+      auto it = last_use.find(root(key));
       if (it != last_use.end()) it->second = std::max(it->second, s);
     }
   }
   for (const auto& v : outputs_) {
-    auto it = last_use.find({v.node_id(), v.index()});
+    auto it = last_use.find(root({v.node_id(), v.index()}));
     if (it != last_use.end()) it->second = forever;
     spec->outputs.emplace_back(v.node_id(), v.index());
   }
@@ -265,14 +287,32 @@ Plan::Specialization& Plan::specialize(const std::vector<Shape>& input_shapes) {
   std::map<ValueKey, std::size_t> offsets;
   for (std::size_t s = 0; s < spec->steps.size(); ++s) {
     const Node& n = *spec->steps[s].node;
+    // In place: an element-wise op writes its output over input 0 when that buffer dies here,
+    // has the output's desc and is read through no other input slot of this step.
+    std::optional<ValueKey> reused;
+    if (step_in_place[s] && n.outputs.size() == 1 && !step_inputs[s].empty()) {
+      const ValueKey input = step_inputs[s][0];
+      const ValueKey buffer = root(input);
+      const auto life = last_use.find(buffer);
+      const bool sole_reader =
+          std::count_if(step_inputs[s].begin(), step_inputs[s].end(),
+                        [&](const ValueKey& key) { return root(key) == buffer; }) == 1;
+      if (life != last_use.end() && life->second == s && sole_reader &&
+          descs.at(input) == descs.at({n.id, 0})) {
+        reused = buffer;
+      }
+    }
     for (std::size_t k = 0; k < n.outputs.size(); ++k) {
       const auto key = std::make_pair(n.id, static_cast<int>(k));
       const std::size_t bytes = descs.at(key).bytes();
       spec->unplanned_bytes += align_up(std::max<std::size_t>(bytes, 1));
-      offsets[key] = planner.allocate(bytes);
+      offsets[key] = reused ? offsets.at(*reused) : planner.allocate(bytes);
     }
+    if (reused) ++spec->in_place_steps;
     if (options_.reuse_memory) {
-      for (const auto& key : dies_after[s]) planner.release(offsets.at(key), descs.at(key).bytes());
+      for (const auto& key : dies_after[s]) {
+        if (key != reused) planner.release(offsets.at(key), descs.at(key).bytes());
+      }
     }
   }
   spec->arena_bytes = planner.size();
@@ -286,6 +326,11 @@ Plan::Specialization& Plan::specialize(const std::vector<Shape>& input_shapes) {
   for (const auto& [key, offset] : offsets) {
     spec->values[key] = Tensor::view(descs.at(key), base + offset, spec->arena);
   }
+  for (const auto& [view, unused] : alias_of) {
+    spec->values[view] = Tensor::view(descs.at(view), base + offsets.at(root(view)), spec->arena);
+    spec->unplanned_bytes += align_up(std::max<std::size_t>(descs.at(view).bytes(), 1));
+  }
+  spec->views = alias_of.size();
   for (std::size_t s = 0; s < spec->steps.size(); ++s) {
     auto& step = spec->steps[s];
     const Node& n = *step.node;
@@ -460,6 +505,16 @@ std::size_t Plan::planned_peak_bytes() {
 std::size_t Plan::unplanned_bytes() {
   planned_peak_bytes();
   return last_->unplanned_bytes;
+}
+
+std::size_t Plan::num_in_place_steps() {
+  planned_peak_bytes();
+  return last_->in_place_steps;
+}
+
+std::size_t Plan::num_views() {
+  planned_peak_bytes();
+  return last_->views;
 }
 
 std::size_t Plan::num_steps() {

@@ -25,7 +25,8 @@ enum class Backend {
 
 struct CompileOptions {
   Backend backend = Backend::onednn;
-  bool reuse_memory = true;   // off: every value gets its own buffer (for debugging)
+  bool reuse_memory = true;   // off: every value gets its own buffer, no op runs in place and
+                              // reshapes copy (for debugging)
   bool fuse = true;           // off: no kernel fusion (for debugging)
   bool check_finite = false;  // after each node, raise Error naming the first op whose output
                               // holds a NaN or infinity
@@ -78,6 +79,11 @@ class Plan {
   // Number of nodes executed per run, and how many run a oneDNN kernel.
   std::size_t num_steps();
   std::size_t num_onednn_steps();
+  // Memory reuse beyond lifetimes (both off with reuse_memory = false): element-wise steps that
+  // write their output over their input 0 because that input dies there, and reshapes of
+  // computed values that run as views of their input's buffer (no step, no copy).
+  std::size_t num_in_place_steps();
+  std::size_t num_views();
   // The fused kernels the plan runs, e.g. "matmul+bias+relu", "transposed-A matmul".
   std::vector<std::string> fused_patterns();
   std::size_t num_specializations() const { return specializations_.size(); }
