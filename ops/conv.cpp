@@ -8,6 +8,8 @@
 #include <algorithm>
 #include <random>
 #include <unordered_map>
+
+#include "ops/conv_kernels.hpp"
 #if defined(__x86_64__) && defined(__GNUC__)
 #include <immintrin.h>
 #endif
@@ -915,6 +917,73 @@ struct StagedMemory {
   }
 };
 
+// ---- fused convolution backward ------------------------------------------------------------
+
+// The weights and data gradients of one convolution, which both read dy: dy is reordered to
+// the primitives' blocked layout once instead of once per primitive. Inputs x, dy, w; outputs
+// dW, dX. Measured in the CNN training step (batch 64, 2 threads, ONEDNN_VERBOSE): the dy
+// reorder of the [64,64,14,14] layer takes 0.52 ms. (Letting the weights primitive also
+// compute the bias gradient was measured too and is slower on AVX2: 0.66 -> 1.52 ms for the
+// first layer, against 0.33 ms for dagrad's own reduction; so the bias stays a sum node.)
+class ConvBackwardKernel final : public Kernel {
+ public:
+  explicit ConvBackwardKernel(const KernelBuild& build) {
+    const ConvGeometry g =
+        conv_geometry(build.node.attrs, build.inputs[0].shape, build.outputs[0].shape);
+    ConvDescs d = conv_descs(g);
+    dnnl::memory::desc src_user = d.src;
+    if (g.C == 1 && g.G == 1) {  // as conv_backward_weights_onednn: NHWC for one channel
+      const auto nhwc = dnnl::memory::format_tag::nhwc;
+      src_user = d.src_any = dnnl::memory::desc(d.src.dims(), dnnl::memory::data_type::f32, nhwc);
+      d.dst_any = dnnl::memory::desc(d.dst.dims(), dnnl::memory::data_type::f32, nhwc);
+    }
+    const auto hint = conv_forward_hint(d, build.engine);
+    dnnl::convolution_backward_weights::primitive_desc weights_pd(
+        dnnl::convolution_backward_weights::desc(dnnl::algorithm::convolution_direct, d.src_any,
+                                                 d.weights_any, d.dst_any, d.strides, d.dilates,
+                                                 d.padding, d.padding),
+        build.engine, hint);
+    dnnl::convolution_backward_data::primitive_desc data_pd(
+        dnnl::convolution_backward_data::desc(dnnl::algorithm::convolution_direct, d.src_any,
+                                              d.weights_any, d.dst_any, d.strides, d.dilates,
+                                              d.padding, d.padding),
+        build.engine, hint);
+    weights_ = dnnl::convolution_backward_weights(weights_pd);
+    data_ = dnnl::convolution_backward_data(data_pd);
+    x_ = StagedMemory(src_user, weights_pd.src_desc(), build.engine);
+    dy_ = StagedMemory(d.dst, weights_pd.diff_dst_desc(), build.engine);
+    dw_ = StagedMemory(d.weights, weights_pd.diff_weights_desc(), build.engine);
+    share_dy_ = data_pd.diff_dst_desc() == weights_pd.diff_dst_desc();
+    if (!share_dy_) data_dy_ = StagedMemory(d.dst, data_pd.diff_dst_desc(), build.engine);
+    w_ = StagedMemory(d.weights, data_pd.weights_desc(), build.engine);
+    dx_ = StagedMemory(d.src, data_pd.diff_src_desc(), build.engine);
+  }
+
+  void run(const KernelCall& call) override {
+    dnnl::stream& stream = *call.context.stream;
+    x_.load(stream, call.inputs[0].raw());
+    dy_.load(stream, call.inputs[1].raw());
+    dw_.bind(call.outputs[0].raw());
+    weights_.execute(stream, {{DNNL_ARG_SRC, x_.used()},
+                              {DNNL_ARG_DIFF_DST, dy_.used()},
+                              {DNNL_ARG_DIFF_WEIGHTS, dw_.used()}});
+    dw_.store(stream);
+    if (!share_dy_) data_dy_.load(stream, call.inputs[1].raw());
+    w_.load(stream, call.inputs[2].raw());
+    dx_.bind(call.outputs[1].raw());
+    data_.execute(stream, {{DNNL_ARG_DIFF_DST, share_dy_ ? dy_.used() : data_dy_.used()},
+                           {DNNL_ARG_WEIGHTS, w_.used()},
+                           {DNNL_ARG_DIFF_SRC, dx_.used()}});
+    dx_.store(stream);
+  }
+
+ private:
+  bool share_dy_ = false;
+  dnnl::convolution_backward_weights weights_;
+  dnnl::convolution_backward_data data_;
+  StagedMemory x_, dy_, dw_, data_dy_, w_, dx_;
+};
+
 // max_pool2d_backward: oneDNN's max-pooling backward needs the forward's workspace (where
 // each maximum was), so the kernel reruns the forward on x into its own scratch buffers.
 class MaxPoolBackwardKernel final : public Kernel {
@@ -1561,6 +1630,15 @@ void require_valid(const Value& v, std::string_view op, std::string_view what) {
 }
 
 }  // namespace
+
+std::unique_ptr<Kernel> conv_backward_fused_kernel(const KernelBuild& build) {
+  if (!all_f32(build)) return nullptr;
+  try {
+    return std::make_unique<ConvBackwardKernel>(build);
+  } catch (const dnnl::error&) {
+    return nullptr;
+  }
+}
 
 Value conv2d(const Value& x, const Value& w, std::optional<Value> bias, Conv2dOptions options,
              std::source_location where) {

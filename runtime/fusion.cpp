@@ -3,6 +3,7 @@
 #include <algorithm>
 #include <set>
 
+#include "ops/conv_kernels.hpp"
 #include "runtime/primitive_kernel.hpp"
 
 namespace dagrad {
@@ -190,6 +191,61 @@ std::vector<FusedStep> plan_fusions(const FusionContext& c, std::vector<NodeId>&
     step.pattern = n.op + "+" + consumer->op;
     taken.insert(id);
     taken.insert(consumer->id);
+    fused.push_back(std::move(step));
+  }
+  // A convolution's backward: conv2d_backward_weights(x, dy) and conv2d_backward_data(dy, w)
+  // of the same convolution as one kernel that reorders dy once.
+  std::map<NodeId, std::size_t> position;
+  for (std::size_t i = 0; i < c.order.size(); ++i) position[c.order[i]] = i;
+  auto key_of = [](const Value& v) { return ValueKey{v.node_id(), v.index()}; };
+  auto same_convolution = [](const Node& a, const Node& b) {
+    for (const char* key : {"stride", "padding", "dilation"}) {
+      if (a.attrs.integers(key) != b.attrs.integers(key)) return false;
+    }
+    return a.attrs.integer("groups") == b.attrs.integer("groups");
+  };
+  for (NodeId id : c.order) {
+    const Node& weights = c.graph.node(id);
+    if (weights.kind != NodeKind::op || weights.op != "conv2d_backward_weights" ||
+        taken.count(id)) {
+      continue;
+    }
+    const ValueKey x = key_of(weights.inputs[0]), dy = key_of(weights.inputs[1]);
+    const Node* data = nullptr;
+    for (NodeId other : c.order) {
+      const Node& n = c.graph.node(other);
+      if (n.kind == NodeKind::op && n.op == "conv2d_backward_data" && !taken.count(other) &&
+          key_of(n.inputs[0]) == dy && same_convolution(n, weights) &&
+          c.descs.at({other, 0}) == c.descs.at(x) &&
+          c.descs.at(key_of(n.inputs[1])) == c.descs.at({id, 0})) {
+        data = &n;
+        break;
+      }
+    }
+    if (data == nullptr) continue;
+    // The step runs where the first of the two ran; everything it reads must exist by then.
+    const std::size_t first = std::min(position.at(id), position.at(data->id));
+    std::vector<ValueKey> inputs{x, dy, key_of(data->inputs[1])};
+    const bool ready = std::all_of(inputs.begin(), inputs.end(), [&](const ValueKey& key) {
+      return c.graph.node(key.first).kind != NodeKind::op || position.at(key.first) < first;
+    });
+    if (!ready) continue;
+    std::vector<ValueKey> outputs{{id, 0}, {data->id, 0}};
+    std::vector<TensorDesc> in, out;
+    for (const auto& key : inputs) in.push_back(c.descs.at(key));
+    for (const auto& key : outputs) out.push_back(c.descs.at(key));
+    FusedStep step;
+    step.threads = step_threads(step_bytes(c, inputs, id), c.single_thread_below_bytes);
+    const ThreadScope threads(step.threads);
+    step.kernel = conv_backward_fused_kernel(KernelBuild{weights, in, out, cpu_engine()});
+    if (!step.kernel) continue;
+    step.anchor = c.order[first];
+    step.inputs = std::move(inputs);
+    step.outputs = std::move(outputs);
+    step.pattern = "conv2d_backward_weights+data";
+    step.absorbed.push_back(step.anchor == id ? data->id : id);
+    taken.insert(id);
+    taken.insert(data->id);
     fused.push_back(std::move(step));
   }
   // A transpose whose every reader folded it is no longer executed.

@@ -24,9 +24,10 @@ struct FusedStep {
   NodeId anchor;                 // the node whose outputs this step writes
   std::vector<ValueKey> inputs;  // what the fused kernel reads, in its own order
   std::unique_ptr<Kernel> kernel;
-  std::vector<NodeId> absorbed;  // nodes no longer executed on their own
-  std::string pattern;           // e.g. "matmul+bias+relu"
-  int threads = 0;               // see step_threads()
+  std::vector<ValueKey> outputs;  // what the kernel writes, in its order; empty: the anchor's
+  std::vector<NodeId> absorbed;   // nodes no longer executed on their own
+  std::string pattern;            // e.g. "matmul+bias+relu"
+  int threads = 0;                // see step_threads()
 };
 
 struct FusionContext {

@@ -206,7 +206,8 @@ Plan::Specialization& Plan::specialize(const std::vector<Shape>& input_shapes) {
   };
 
   std::vector<std::vector<ValueKey>> step_inputs;
-  std::vector<bool> step_in_place;  // the op may write its output over input 0
+  std::vector<std::vector<ValueKey>> step_outputs;  // what each step writes
+  std::vector<bool> step_in_place;                  // the op may write its output over input 0
   for (NodeId id : order_) {
     const Node& n = graph_->node(id);
     if (n.kind != NodeKind::op || skipped.count(id)) continue;
@@ -226,6 +227,12 @@ Plan::Specialization& Plan::specialize(const std::vector<Shape>& input_shapes) {
       step.threads = it->second->threads;
       step.fused = it->second->pattern;
       step_inputs.push_back(it->second->inputs);
+      std::vector<ValueKey> written = it->second->outputs;
+      if (written.empty()) {
+        for (std::size_t k = 0; k < n.outputs.size(); ++k)
+          written.emplace_back(id, static_cast<int>(k));
+      }
+      step_outputs.push_back(std::move(written));
       step_in_place.push_back(false);
       spec->steps.push_back(std::move(step));
       continue;
@@ -257,6 +264,9 @@ Plan::Specialization& Plan::specialize(const std::vector<Shape>& input_shapes) {
       step.kernel = make_kernel([ref = n.def->reference](const KernelCall& call) { ref(call); });
     }
     step_inputs.push_back(std::move(keys));
+    step_outputs.emplace_back();
+    for (std::size_t k = 0; k < n.outputs.size(); ++k)
+      step_outputs.back().emplace_back(id, static_cast<int>(k));
     step_in_place.push_back(n.def->in_place && options_.reuse_memory);
     spec->steps.push_back(std::move(step));
   }
@@ -266,8 +276,7 @@ Plan::Specialization& Plan::specialize(const std::vector<Shape>& input_shapes) {
   const std::size_t forever = spec->steps.size();
   std::map<ValueKey, std::size_t> last_use;
   for (std::size_t s = 0; s < spec->steps.size(); ++s) {
-    const Node& n = *spec->steps[s].node;
-    for (std::size_t k = 0; k < n.outputs.size(); ++k) last_use[{n.id, static_cast<int>(k)}] = s;
+    for (const auto& key : step_outputs[s]) last_use[key] = s;
     for (const auto& key : step_inputs[s]) {
       auto it = last_use.find(root(key));
       if (it != last_use.end()) it->second = std::max(it->second, s);
@@ -286,11 +295,10 @@ Plan::Specialization& Plan::specialize(const std::vector<Shape>& input_shapes) {
   ArenaPlanner planner;
   std::map<ValueKey, std::size_t> offsets;
   for (std::size_t s = 0; s < spec->steps.size(); ++s) {
-    const Node& n = *spec->steps[s].node;
     // In place: an element-wise op writes its output over input 0 when that buffer dies here,
     // has the output's desc and is read through no other input slot of this step.
     std::optional<ValueKey> reused;
-    if (step_in_place[s] && n.outputs.size() == 1 && !step_inputs[s].empty()) {
+    if (step_in_place[s] && step_outputs[s].size() == 1 && !step_inputs[s].empty()) {
       const ValueKey input = step_inputs[s][0];
       const ValueKey buffer = root(input);
       const auto life = last_use.find(buffer);
@@ -298,12 +306,11 @@ Plan::Specialization& Plan::specialize(const std::vector<Shape>& input_shapes) {
           std::count_if(step_inputs[s].begin(), step_inputs[s].end(),
                         [&](const ValueKey& key) { return root(key) == buffer; }) == 1;
       if (life != last_use.end() && life->second == s && sole_reader &&
-          descs.at(input) == descs.at({n.id, 0})) {
+          descs.at(input) == descs.at(step_outputs[s][0])) {
         reused = buffer;
       }
     }
-    for (std::size_t k = 0; k < n.outputs.size(); ++k) {
-      const auto key = std::make_pair(n.id, static_cast<int>(k));
+    for (const auto& key : step_outputs[s]) {
       const std::size_t bytes = descs.at(key).bytes();
       spec->unplanned_bytes += align_up(std::max<std::size_t>(bytes, 1));
       offsets[key] = reused ? offsets.at(*reused) : planner.allocate(bytes);
@@ -333,10 +340,7 @@ Plan::Specialization& Plan::specialize(const std::vector<Shape>& input_shapes) {
   spec->views = alias_of.size();
   for (std::size_t s = 0; s < spec->steps.size(); ++s) {
     auto& step = spec->steps[s];
-    const Node& n = *step.node;
-    for (std::size_t k = 0; k < n.outputs.size(); ++k) {
-      step.outputs.push_back(spec->values.at({n.id, static_cast<int>(k)}));
-    }
+    for (const auto& key : step_outputs[s]) step.outputs.push_back(spec->values.at(key));
     for (std::size_t p = 0; p < step_inputs[s].size(); ++p) {
       const ValueKey& key = step_inputs[s][p];
       auto it = spec->values.find(key);

@@ -123,7 +123,20 @@ TEST(Fusion, ConvReluMaxPoolTrainingGradients) {
     expect_same_results(g, {loss, grads[0], grads[1], grads[2]}, feeds,
                         "max_pool2d_backward+relu_grad");
     expect_same_results(g, {loss, grads[0], grads[1], grads[2]}, feeds, "conv2d+relu");
+    expect_same_results(g, {loss, grads[0], grads[1], grads[2]}, feeds,
+                        "conv2d_backward_weights+data");
   }
+}
+
+// A grouped, strided convolution without bias: its weights and data gradients fuse.
+TEST(Fusion, GroupedStridedConvolutionBackward) {
+  Graph g;
+  Value x = g.input("x", {2, 4, 9, 9});
+  Value w = g.parameter("w", random_tensor({8, 2, 3, 3}, 23));
+  Value loss = sum(square(conv2d(x, w, std::nullopt, {.stride = {2, 2}, .groups = 2})));
+  auto grads = grad(loss, {w, x});
+  expect_same_results(g, {loss, grads[0], grads[1]}, {{x, random_tensor({2, 4, 9, 9}, 24)}},
+                      "conv2d_backward_weights+data");
 }
 
 TEST(Fusion, MaxPoolBackwardFusesOnlyTheReluOfItsOwnInput) {
