@@ -11,8 +11,12 @@
 // An optimiser is not bound to parameters at construction: the first step() creates its state
 // buffers (moments, accumulators) for the parameters it is given, and every later step must pass
 // parameters of the same count, dtypes and shapes, in the same order (Error otherwise; reset()
-// forgets the state). After the first step, step() does no heap allocation: it checks shapes and
-// runs one vectorisable loop per parameter over the f32 or f64 buffers.
+// forgets the state). After the first step, step() does no heap allocation: it checks shapes, then
+// updates all parameters in one pass over the concatenation of their elements, split into
+// contiguous ranges (multiples of 16 elements) across dagrad::num_threads() OpenMP threads; each
+// thread runs one vectorisable loop per parameter it overlaps. Every element's update depends only
+// on that element and on per-step scalars, so the result is bitwise the same for any thread count.
+// Small updates (under 32k elements in total) run on the calling thread.
 //
 // Notation: w parameter, g gradient, η learning rate, λ weight decay, t the step number (1 for the
 // first step). Every optimiser except AdamW applies weight decay as an L2 term added to the
@@ -65,10 +69,15 @@ class Optimizer {
  protected:
   Optimizer(std::string name, double learning_rate, double weight_decay,
             std::vector<std::string> slot_names);
-  // Updates one parameter. `slots` holds this parameter's state tensors (same desc as the
-  // parameter, zero-filled at creation) in the order of slot_names. steps() already counts the
-  // step being taken.
-  virtual void update(Tensor& param, const Tensor& grad, std::span<Tensor> slots) = 0;
+  // Called once per step, before any update(): computes the scalars that depend only on the step
+  // (Adam's bias corrections). steps() already counts the step being taken.
+  virtual void prepare_step() {}
+  // Updates elements [begin, end) of one parameter, reading and writing only those elements of
+  // param, grad and slots. `slots` holds this parameter's state tensors (same desc as the
+  // parameter, zero-filled at creation) in the order of slot_names. Called concurrently from
+  // several threads on disjoint ranges, so it must not modify the optimiser itself.
+  virtual void update(Tensor& param, const Tensor& grad, std::span<Tensor> slots,
+                      std::int64_t begin, std::int64_t end) const = 0;
   // Error naming this optimiser when `value` is not finite or outside [low, high) (or
   // [low, high] when `high_inclusive`).
   void check_range(std::string_view what, double value, double low, double high,
@@ -82,6 +91,10 @@ class Optimizer {
   std::int64_t steps_ = 0;
   std::vector<TensorDesc> descs_;           // the parameters the state was created for
   std::vector<std::vector<Tensor>> slots_;  // [parameter][slot]
+
+  // Updates elements [begin, end) of the concatenation of all parameters' elements.
+  void update_range(std::span<Tensor> params, std::span<const Tensor> grads, std::int64_t begin,
+                    std::int64_t end);
 };
 
 // Plain gradient descent: w ← w − η g.
@@ -94,7 +107,8 @@ class SGD : public Optimizer {
   explicit SGD(SGDOptions options = {});
 
  protected:
-  void update(Tensor& param, const Tensor& grad, std::span<Tensor> slots) override;
+  void update(Tensor& param, const Tensor& grad, std::span<Tensor> slots, std::int64_t begin,
+              std::int64_t end) const override;
 };
 
 // Heavy-ball momentum (γ in [0, 1)): v ← γ v − η g;  w ← w + v.
@@ -111,7 +125,8 @@ class Momentum : public Optimizer {
 
  protected:
   Momentum(std::string name, MomentumOptions options, bool nesterov);
-  void update(Tensor& param, const Tensor& grad, std::span<Tensor> slots) override;
+  void update(Tensor& param, const Tensor& grad, std::span<Tensor> slots, std::int64_t begin,
+              std::int64_t end) const override;
 
  private:
   double momentum_;
@@ -133,7 +148,8 @@ class AdaGrad : public Optimizer {
   explicit AdaGrad(AdaGradOptions options = {});
 
  protected:
-  void update(Tensor& param, const Tensor& grad, std::span<Tensor> slots) override;
+  void update(Tensor& param, const Tensor& grad, std::span<Tensor> slots, std::int64_t begin,
+              std::int64_t end) const override;
 
  private:
   double epsilon_;
@@ -151,7 +167,8 @@ class RMSProp : public Optimizer {
   explicit RMSProp(RMSPropOptions options = {});
 
  protected:
-  void update(Tensor& param, const Tensor& grad, std::span<Tensor> slots) override;
+  void update(Tensor& param, const Tensor& grad, std::span<Tensor> slots, std::int64_t begin,
+              std::int64_t end) const override;
 
  private:
   double decay_;
@@ -176,13 +193,18 @@ class Adam : public Optimizer {
 
  protected:
   Adam(std::string name, AdamOptions options, bool decoupled);
-  void update(Tensor& param, const Tensor& grad, std::span<Tensor> slots) override;
+  void prepare_step() override;
+  void update(Tensor& param, const Tensor& grad, std::span<Tensor> slots, std::int64_t begin,
+              std::int64_t end) const override;
 
  private:
   double beta1_;
   double beta2_;
   double epsilon_;
   bool decoupled_;
+  // 1 / (1 − β1ᵗ) and 1 / (1 − β2ᵗ) for the step being taken, set by prepare_step().
+  double inverse_correction1_ = 1;
+  double inverse_correction2_ = 1;
 };
 struct AdamWOptions {
   double learning_rate = 1e-3;

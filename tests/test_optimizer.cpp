@@ -218,23 +218,28 @@ TEST(Optimizer, StepUpdatesAGraphParameterFromPlanGradients) {
 }
 
 TEST(Optimizer, StepsAfterTheFirstDoNotAllocate) {
-  std::vector<Tensor> params = {Tensor({64, 64}, DType::f32), Tensor({100}, DType::f64)};
-  std::vector<Tensor> grads = {Tensor::full({64, 64}, 0.1), Tensor::full({100}, 0.2, DType::f64)};
-  Adam adam;
-  Momentum momentum;
-  AdaGrad adagrad;
-  RMSProp rmsprop;
-  SGD sgd;
-  for (Optimizer* optimizer :
-       std::initializer_list<Optimizer*>{&adam, &momentum, &adagrad, &rmsprop, &sgd}) {
-    optimizer->step(params, grads);  // creates the state
-    const long before = g_allocations.load();
-    for (int k = 0; k < 5; ++k) optimizer->step(params, grads);
-    EXPECT_EQ(g_allocations.load() - before, 0) << optimizer->name();
-    // The counter does see allocations made in the library (state() builds a vector).
-    const long probe = g_allocations.load();
-    EXPECT_FALSE(optimizer->state().empty());
-    EXPECT_GT(g_allocations.load() - probe, 0);
+  // Small parameters (updated on the calling thread), then large ones (split across threads when
+  // there are several).
+  for (const std::int64_t large : {64, 300}) {
+    std::vector<Tensor> params = {Tensor({large, large}, DType::f32), Tensor({100}, DType::f64)};
+    std::vector<Tensor> grads = {Tensor::full({large, large}, 0.1),
+                                 Tensor::full({100}, 0.2, DType::f64)};
+    Adam adam;
+    Momentum momentum;
+    AdaGrad adagrad;
+    RMSProp rmsprop;
+    SGD sgd;
+    for (Optimizer* optimizer :
+         std::initializer_list<Optimizer*>{&adam, &momentum, &adagrad, &rmsprop, &sgd}) {
+      optimizer->step(params, grads);  // creates the state
+      const long before = g_allocations.load();
+      for (int k = 0; k < 5; ++k) optimizer->step(params, grads);
+      EXPECT_EQ(g_allocations.load() - before, 0) << optimizer->name() << ", " << large;
+      // The counter does see allocations made in the library (state() builds a vector).
+      const long probe = g_allocations.load();
+      EXPECT_FALSE(optimizer->state().empty());
+      EXPECT_GT(g_allocations.load() - probe, 0);
+    }
   }
 }
 
