@@ -377,24 +377,28 @@ std::unique_ptr<Kernel> conv_backward_data_onednn(const KernelBuild& build) {
       build.engine);
 }
 
+// Layouts for a weights gradient. One input channel (a first layer): `any` picks nChw8c, which
+// pads the single channel to 8 and runs 8x the work. With NHWC src and dy oneDNN runs a JIT
+// kernel for this case, and an NCHW tensor with C = 1 already is NHWC memory, so only dy is
+// reordered. Measured (batch 128, [128,1,28,28] -> 32 channels, 5x5 pad 2, primitive only):
+// nChw8c 14-26 ms, NHWC 1.7-2.0 ms; plain NCHW (gemm) 75+ ms. With more channels the blocked
+// layouts win (C 32: nChw8c 32 ms, NHWC 37 ms), so only C = 1 takes this path: it sets `d`'s
+// src and dst `any` descs to NHWC. Returns the md through which the node's x is read.
+dnnl::memory::desc weights_gradient_layouts(const ConvGeometry& g, ConvDescs& d) {
+  if (g.C != 1 || g.G != 1) return d.src;
+  const auto nhwc = dnnl::memory::format_tag::nhwc;
+  const auto f32 = dnnl::memory::data_type::f32;
+  d.src_any = dnnl::memory::desc(d.src.dims(), f32, nhwc);
+  d.dst_any = dnnl::memory::desc(d.dst.dims(), f32, nhwc);
+  return d.src_any;
+}
+
 std::unique_ptr<Kernel> conv_backward_weights_onednn(const KernelBuild& build) {
   if (!all_f32(build)) return nullptr;
   const ConvGeometry g =
       conv_geometry(build.node.attrs, build.inputs[0].shape, build.outputs[0].shape);
   ConvDescs d = conv_descs(g);
-  // One input channel (a first layer): `any` picks nChw8c, which pads the single channel to 8
-  // and runs 8x the work. With NHWC src and dy oneDNN runs a JIT kernel for this case, and an
-  // NCHW tensor with C = 1 already is NHWC memory, so only dy is reordered. Measured (batch
-  // 128, [128,1,28,28] -> 32 channels, 5x5 pad 2, primitive only): nChw8c 14-26 ms, NHWC
-  // 1.7-2.0 ms; plain NCHW (gemm) 75+ ms. With more channels the blocked layouts win (C 32:
-  // nChw8c 32 ms, NHWC 37 ms), so only C = 1 takes this path.
-  dnnl::memory::desc src_user = d.src;
-  if (g.C == 1 && g.G == 1) {
-    const auto nhwc = dnnl::memory::format_tag::nhwc;
-    const auto f32 = dnnl::memory::data_type::f32;
-    src_user = d.src_any = dnnl::memory::desc(d.src.dims(), f32, nhwc);
-    d.dst_any = dnnl::memory::desc(d.dst.dims(), f32, nhwc);
-  }
+  const dnnl::memory::desc src_user = weights_gradient_layouts(g, d);
   dnnl::convolution_backward_weights::primitive_desc pd(
       dnnl::convolution_backward_weights::desc(dnnl::algorithm::convolution_direct, d.src_any,
                                                d.weights_any, d.dst_any, d.strides, d.dilates,
@@ -931,12 +935,7 @@ class ConvBackwardKernel final : public Kernel {
     const ConvGeometry g =
         conv_geometry(build.node.attrs, build.inputs[0].shape, build.outputs[0].shape);
     ConvDescs d = conv_descs(g);
-    dnnl::memory::desc src_user = d.src;
-    if (g.C == 1 && g.G == 1) {  // as conv_backward_weights_onednn: NHWC for one channel
-      const auto nhwc = dnnl::memory::format_tag::nhwc;
-      src_user = d.src_any = dnnl::memory::desc(d.src.dims(), dnnl::memory::data_type::f32, nhwc);
-      d.dst_any = dnnl::memory::desc(d.dst.dims(), dnnl::memory::data_type::f32, nhwc);
-    }
+    const dnnl::memory::desc src_user = weights_gradient_layouts(g, d);
     const auto hint = conv_forward_hint(d, build.engine);
     dnnl::convolution_backward_weights::primitive_desc weights_pd(
         dnnl::convolution_backward_weights::desc(dnnl::algorithm::convolution_direct, d.src_any,

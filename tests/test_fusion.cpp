@@ -139,6 +139,18 @@ TEST(Fusion, GroupedStridedConvolutionBackward) {
                       "conv2d_backward_weights+data");
 }
 
+// One input channel: the weights gradient reads x and dy as NHWC (oneDNN's fast case), the data
+// gradient shares that dy.
+TEST(Fusion, OneChannelConvolutionBackward) {
+  Graph g;
+  Value x = g.input("x", {2, 1, 9, 9});
+  Value w = g.parameter("w", random_tensor({8, 1, 3, 3}, 25));
+  Value loss = sum(square(conv2d(x, w, std::nullopt, {.padding = {1, 1}})));
+  auto grads = grad(loss, {w, x});
+  expect_same_results(g, {loss, grads[0], grads[1]}, {{x, random_tensor({2, 1, 9, 9}, 26)}},
+                      "conv2d_backward_weights+data");
+}
+
 TEST(Fusion, MaxPoolBackwardFusesOnlyTheReluOfItsOwnInput) {
   // relu_grad masks by another tensor than the pooled one: no fusion.
   Graph g;
