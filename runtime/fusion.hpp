@@ -3,7 +3,11 @@
 //   - transpose folding: a 2-D matmul reading transpose(x) reads x through swapped strides
 //     (the backward's dX = dY·Wᵀ and dW = Xᵀ·dY then copy nothing);
 //   - post-ops: matmul [+ bias row] [+ relu | tanh | sigmoid] runs as one matmul primitive
-//     with a bias and an eltwise post-op.
+//     with a bias and an eltwise post-op;
+//   - an op absorbing its only reader through OpDef::fuse_consumer: conv2d + relu | tanh |
+//     sigmoid (a post-op), max_pool2d_backward + relu_grad of the pooled input (one pass);
+//   - a convolution's conv2d_backward_weights and conv2d_backward_data, which read the same
+//     dy, as one kernel that reorders dy once (a step writing two nodes' outputs).
 // A pattern fuses only when the intermediate values are read by nothing else and are not
 // requested outputs, so results are those of the unfused plan (within f32 rounding).
 #pragma once
