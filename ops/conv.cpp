@@ -231,47 +231,49 @@ ConvDescs conv_descs(const ConvGeometry& g) {
 class ReorderingKernel final : public Kernel {
  public:
   ReorderingKernel(dnnl::primitive primitive, const dnnl::primitive_desc& pd,
-                   const std::vector<PrimitiveArg>& args, dnnl::engine& engine)
-      : primitive_(std::move(primitive)) {
+                   const std::vector<PrimitiveArg>& args, dnnl::engine& engine) {
+    std::vector<std::pair<int, dnnl::memory>> used;
     for (const PrimitiveArg& a : args) {
-      Slot slot{a.arg, a.output, a.index, dnnl::memory(a.md, engine, nullptr), {}, {}};
+      Slot slot{a.output, a.index, dnnl::memory(a.md, engine, nullptr), {}, {}};
       const dnnl::memory::desc chosen = pd.query_md(dnnl::query::exec_arg_md, a.arg);
       if (chosen != a.md) {
         slot.internal = dnnl::memory(chosen, engine);
-        slot.reorder = a.output ? dnnl::reorder(slot.internal, slot.user)
-                                : dnnl::reorder(slot.user, slot.internal);
+        const dnnl::memory& from = a.output ? slot.internal : slot.user;
+        const dnnl::memory& to = a.output ? slot.user : slot.internal;
+        slot.reorder =
+            PreparedPrimitive(dnnl::reorder(from, to), {{DNNL_ARG_FROM, from}, {DNNL_ARG_TO, to}});
       }
-      args_[a.arg] = slot.internal ? slot.internal : slot.user;
+      used.emplace_back(a.arg, slot.internal ? slot.internal : slot.user);
       slots_.push_back(std::move(slot));
     }
+    primitive_ = PreparedPrimitive(std::move(primitive), used);
   }
 
   void run(const KernelCall& call) override {
     dnnl::stream& stream = *call.context.stream;
+    const char* what = call.node.op.c_str();
     for (Slot& slot : slots_) {
       const Tensor& t = slot.output ? call.outputs[static_cast<std::size_t>(slot.index)]
                                     : call.inputs[static_cast<std::size_t>(slot.index)];
       slot.user.set_data_handle(const_cast<void*>(t.raw()));
-      if (!slot.output && slot.reorder) slot.reorder.execute(stream, slot.user, slot.internal);
+      if (!slot.output && slot.internal) slot.reorder.execute(stream, what);
     }
-    primitive_.execute(stream, args_);
+    primitive_.execute(stream, what);
     for (Slot& slot : slots_) {
-      if (slot.output && slot.reorder) slot.reorder.execute(stream, slot.internal, slot.user);
+      if (slot.output && slot.internal) slot.reorder.execute(stream, what);
     }
   }
 
  private:
   struct Slot {
-    int arg;
     bool output;
     int index;
     dnnl::memory user;      // the node's plain tensor (handle set each run)
     dnnl::memory internal;  // empty when the primitive uses the plain layout
-    dnnl::reorder reorder;
+    PreparedPrimitive reorder;
   };
-  dnnl::primitive primitive_;
+  PreparedPrimitive primitive_;
   std::vector<Slot> slots_;
-  std::unordered_map<int, dnnl::memory> args_;
 };
 
 bool all_f32(const KernelBuild& build) {
@@ -898,7 +900,7 @@ KernelFactory pool_forward_onednn(dnnl::algorithm algorithm) {
 // in that layout with the reorder between them.
 struct StagedMemory {
   dnnl::memory user, internal;
-  dnnl::reorder to_internal, to_user;
+  PreparedPrimitive to_internal, to_user;
 
   StagedMemory() = default;
   StagedMemory(const dnnl::memory::desc& plain, const dnnl::memory::desc& chosen,
@@ -906,18 +908,20 @@ struct StagedMemory {
       : user(plain, engine, nullptr) {
     if (chosen != plain) {
       internal = dnnl::memory(chosen, engine);
-      to_internal = dnnl::reorder(user, internal);
-      to_user = dnnl::reorder(internal, user);
+      to_internal = PreparedPrimitive(dnnl::reorder(user, internal),
+                                      {{DNNL_ARG_FROM, user}, {DNNL_ARG_TO, internal}});
+      to_user = PreparedPrimitive(dnnl::reorder(internal, user),
+                                  {{DNNL_ARG_FROM, internal}, {DNNL_ARG_TO, user}});
     }
   }
-  dnnl::memory& used() { return internal ? internal : user; }
+  const dnnl::memory& used() const { return internal ? internal : user; }
   void load(dnnl::stream& stream, const void* data) {
     user.set_data_handle(const_cast<void*>(data));
-    if (internal) to_internal.execute(stream, user, internal);
+    if (internal) to_internal.execute(stream, "reorder");
   }
   void bind(void* data) { user.set_data_handle(data); }
   void store(dnnl::stream& stream) {
-    if (internal) to_user.execute(stream, internal, user);
+    if (internal) to_user.execute(stream, "reorder");
   }
 };
 
@@ -947,8 +951,6 @@ class ConvBackwardKernel final : public Kernel {
                                               d.weights_any, d.dst_any, d.strides, d.dilates,
                                               d.padding, d.padding),
         build.engine, hint);
-    weights_ = dnnl::convolution_backward_weights(weights_pd);
-    data_ = dnnl::convolution_backward_data(data_pd);
     x_ = StagedMemory(src_user, weights_pd.src_desc(), build.engine);
     dy_ = StagedMemory(d.dst, weights_pd.diff_dst_desc(), build.engine);
     dw_ = StagedMemory(d.weights, weights_pd.diff_weights_desc(), build.engine);
@@ -956,6 +958,14 @@ class ConvBackwardKernel final : public Kernel {
     if (!share_dy_) data_dy_ = StagedMemory(d.dst, data_pd.diff_dst_desc(), build.engine);
     w_ = StagedMemory(d.weights, data_pd.weights_desc(), build.engine);
     dx_ = StagedMemory(d.src, data_pd.diff_src_desc(), build.engine);
+    weights_ = PreparedPrimitive(dnnl::convolution_backward_weights(weights_pd),
+                                 {{DNNL_ARG_SRC, x_.used()},
+                                  {DNNL_ARG_DIFF_DST, dy_.used()},
+                                  {DNNL_ARG_DIFF_WEIGHTS, dw_.used()}});
+    data_ = PreparedPrimitive(dnnl::convolution_backward_data(data_pd),
+                              {{DNNL_ARG_DIFF_DST, share_dy_ ? dy_.used() : data_dy_.used()},
+                               {DNNL_ARG_WEIGHTS, w_.used()},
+                               {DNNL_ARG_DIFF_SRC, dx_.used()}});
   }
 
   void run(const KernelCall& call) override {
@@ -963,24 +973,19 @@ class ConvBackwardKernel final : public Kernel {
     x_.load(stream, call.inputs[0].raw());
     dy_.load(stream, call.inputs[1].raw());
     dw_.bind(call.outputs[0].raw());
-    weights_.execute(stream, {{DNNL_ARG_SRC, x_.used()},
-                              {DNNL_ARG_DIFF_DST, dy_.used()},
-                              {DNNL_ARG_DIFF_WEIGHTS, dw_.used()}});
+    weights_.execute(stream, "conv2d_backward_weights");
     dw_.store(stream);
     if (!share_dy_) data_dy_.load(stream, call.inputs[1].raw());
     w_.load(stream, call.inputs[2].raw());
     dx_.bind(call.outputs[1].raw());
-    data_.execute(stream, {{DNNL_ARG_DIFF_DST, share_dy_ ? dy_.used() : data_dy_.used()},
-                           {DNNL_ARG_WEIGHTS, w_.used()},
-                           {DNNL_ARG_DIFF_SRC, dx_.used()}});
+    data_.execute(stream, "conv2d_backward_data");
     dx_.store(stream);
   }
 
  private:
   bool share_dy_ = false;
-  dnnl::convolution_backward_weights weights_;
-  dnnl::convolution_backward_data data_;
   StagedMemory x_, dy_, dw_, data_dy_, w_, dx_;
+  PreparedPrimitive weights_, data_;
 };
 
 // max_pool2d_backward: oneDNN's max-pooling backward needs the forward's workspace (where
@@ -996,13 +1001,18 @@ class MaxPoolBackwardKernel final : public Kernel {
     dnnl::pooling_backward::primitive_desc backward_pd(
         pool_backward_desc(dnnl::algorithm::pooling_max, g, pool_md(x), pool_md(dy)), engine,
         forward_pd);
-    forward_ = dnnl::pooling_forward(forward_pd);
-    backward_ = dnnl::pooling_backward(backward_pd);
     src_ = StagedMemory(plain_md(x), forward_pd.src_desc(), engine);
     diff_dst_ = StagedMemory(plain_md(dy), backward_pd.diff_dst_desc(), engine);
     diff_src_ = StagedMemory(plain_md(x), backward_pd.diff_src_desc(), engine);
     dst_ = dnnl::memory(forward_pd.dst_desc(), engine);  // scratch: the recomputed maxima
     workspace_ = dnnl::memory(forward_pd.workspace_desc(), engine);
+    forward_ = PreparedPrimitive(
+        dnnl::pooling_forward(forward_pd),
+        {{DNNL_ARG_SRC, src_.used()}, {DNNL_ARG_DST, dst_}, {DNNL_ARG_WORKSPACE, workspace_}});
+    backward_ = PreparedPrimitive(dnnl::pooling_backward(backward_pd),
+                                  {{DNNL_ARG_DIFF_DST, diff_dst_.used()},
+                                   {DNNL_ARG_WORKSPACE, workspace_},
+                                   {DNNL_ARG_DIFF_SRC, diff_src_.used()}});
   }
 
   void run(const KernelCall& call) override {
@@ -1010,20 +1020,15 @@ class MaxPoolBackwardKernel final : public Kernel {
     src_.load(stream, call.inputs[1].raw());
     diff_dst_.load(stream, call.inputs[0].raw());
     diff_src_.bind(call.outputs[0].raw());
-    forward_.execute(
-        stream,
-        {{DNNL_ARG_SRC, src_.used()}, {DNNL_ARG_DST, dst_}, {DNNL_ARG_WORKSPACE, workspace_}});
-    backward_.execute(stream, {{DNNL_ARG_DIFF_DST, diff_dst_.used()},
-                               {DNNL_ARG_WORKSPACE, workspace_},
-                               {DNNL_ARG_DIFF_SRC, diff_src_.used()}});
+    forward_.execute(stream, "max_pool2d_backward");
+    backward_.execute(stream, "max_pool2d_backward");
     diff_src_.store(stream);
   }
 
  private:
-  dnnl::pooling_forward forward_;
-  dnnl::pooling_backward backward_;
   StagedMemory src_, diff_dst_, diff_src_;
   dnnl::memory dst_, workspace_;
+  PreparedPrimitive forward_, backward_;
 };
 
 // Direct max pooling on plain NCHW when windows do not overlap (stride ≥ kernel on both axes),

@@ -3,6 +3,7 @@
 // swaps data handles and executes (through the C API, so no map is built per call).
 #pragma once
 
+#include <utility>
 #include <vector>
 
 #include "runtime/kernel.hpp"
@@ -39,5 +40,25 @@ inline PrimitiveArg output_arg(int arg, int index, dnnl::memory::desc md) {
 // Executes `primitive` with a prepared argument array; throws Error naming `what` on failure.
 void execute_primitive(const dnnl::primitive& primitive, dnnl::stream& stream,
                        const std::vector<dnnl_exec_arg_t>& args, const char* what);
+
+// A primitive (or reorder) with its argument array built once from memory objects whose data
+// handles the kernel swaps between runs: executing converts and allocates nothing on dagrad's
+// side (the C++ API's execute(stream, map) builds a vector from the map on every call).
+class PreparedPrimitive {
+ public:
+  PreparedPrimitive() = default;
+  PreparedPrimitive(dnnl::primitive primitive,
+                    const std::vector<std::pair<int, dnnl::memory>>& args)
+      : primitive_(std::move(primitive)) {
+    for (const auto& [arg, memory] : args) args_.push_back({arg, memory.get()});
+  }
+  void execute(dnnl::stream& stream, const char* what) const {
+    execute_primitive(primitive_, stream, args_, what);
+  }
+
+ private:
+  dnnl::primitive primitive_;
+  std::vector<dnnl_exec_arg_t> args_;
+};
 
 }  // namespace dagrad
