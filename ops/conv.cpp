@@ -871,13 +871,7 @@ dnnl::pooling_backward::desc pool_backward_desc(dnnl::algorithm algorithm, const
 // [64,64,28,28], 1 thread: NCHW 35.9 ms, reorder to nChw8c + pool + reorder back 13.6 ms. So
 // pooling kernels reorder to a blocked layout when the channels fill whole blocks.
 dnnl::memory::desc pool_md(const TensorDesc& desc) {
-  using tag = dnnl::memory::format_tag;
-  const bool wide = dnnl::get_effective_cpu_isa() >= dnnl::cpu_isa::avx512_core &&
-                    dnnl::get_effective_cpu_isa() != dnnl::cpu_isa::avx2_vnni;
-  const std::int64_t block = wide ? 16 : 8;
-  if (desc.shape[1] % block != 0) return plain_md(desc);
-  return dnnl::memory::desc(desc.shape.dims(), dnnl::memory::data_type::f32,
-                            wide ? tag::nChw16c : tag::nChw8c);
+  return channel_blocked_md(plain_md(desc));
 }
 
 KernelFactory pool_forward_onednn(dnnl::algorithm algorithm) {
@@ -895,35 +889,6 @@ KernelFactory pool_forward_onednn(dnnl::algorithm algorithm) {
         build.engine);
   };
 }
-
-// A plain tensor of the node and, when the primitive wants another layout, an internal buffer
-// in that layout with the reorder between them.
-struct StagedMemory {
-  dnnl::memory user, internal;
-  PreparedPrimitive to_internal, to_user;
-
-  StagedMemory() = default;
-  StagedMemory(const dnnl::memory::desc& plain, const dnnl::memory::desc& chosen,
-               dnnl::engine& engine)
-      : user(plain, engine, nullptr) {
-    if (chosen != plain) {
-      internal = dnnl::memory(chosen, engine);
-      to_internal = PreparedPrimitive(dnnl::reorder(user, internal),
-                                      {{DNNL_ARG_FROM, user}, {DNNL_ARG_TO, internal}});
-      to_user = PreparedPrimitive(dnnl::reorder(internal, user),
-                                  {{DNNL_ARG_FROM, internal}, {DNNL_ARG_TO, user}});
-    }
-  }
-  const dnnl::memory& used() const { return internal ? internal : user; }
-  void load(dnnl::stream& stream, const void* data) {
-    user.set_data_handle(const_cast<void*>(data));
-    if (internal) to_internal.execute(stream, "reorder");
-  }
-  void bind(void* data) { user.set_data_handle(data); }
-  void store(dnnl::stream& stream) {
-    if (internal) to_user.execute(stream, "reorder");
-  }
-};
 
 // ---- fused convolution backward ------------------------------------------------------------
 

@@ -183,26 +183,39 @@ void update_running_statistics(const KernelCall& call, const ChannelGeometry& ge
   }
 }
 
-// Per-channel mean and biased variance of x, accumulated in double.
+// Per-channel mean and biased variance of x, accumulated in double (two passes: the mean, then
+// the squared deviations). Channels are split over the OpenMP threads and each row of S values
+// is summed as a vector reduction, so the result does not depend on the thread count. (One
+// thread with scalar loops took ~4 ms of batch_norm_grad's 10 ms on [88,32,28,28].) `mean` and
+// `variance` keep their capacity: no allocation after the first call.
 template <class T>
 void batch_statistics(const T* x, const ChannelGeometry& geometry, std::vector<double>& mean,
                       std::vector<double>& variance) {
   mean.assign(static_cast<std::size_t>(geometry.channels), 0.0);
   variance.assign(static_cast<std::size_t>(geometry.channels), 0.0);
   const double count = static_cast<double>(geometry.per_channel());
+  const std::int64_t spatial = geometry.spatial;
+#pragma omp parallel for schedule(static)
   for (std::int64_t c = 0; c < geometry.channels; ++c) {
     double total = 0.0;
     for (std::int64_t n = 0; n < geometry.batch; ++n) {
-      for (std::int64_t s = 0; s < geometry.spatial; ++s)
-        total += static_cast<double>(x[geometry.index(n, c, s)]);
+      const T* row = x + geometry.index(n, c, 0);
+      double row_total = 0.0;
+#pragma omp simd reduction(+ : row_total)
+      for (std::int64_t s = 0; s < spatial; ++s) row_total += static_cast<double>(row[s]);
+      total += row_total;
     }
     const double mu = total / count;
     double squares = 0.0;
     for (std::int64_t n = 0; n < geometry.batch; ++n) {
-      for (std::int64_t s = 0; s < geometry.spatial; ++s) {
-        const double d = static_cast<double>(x[geometry.index(n, c, s)]) - mu;
-        squares += d * d;
+      const T* row = x + geometry.index(n, c, 0);
+      double row_squares = 0.0;
+#pragma omp simd reduction(+ : row_squares)
+      for (std::int64_t s = 0; s < spatial; ++s) {
+        const double d = static_cast<double>(row[s]) - mu;
+        row_squares += d * d;
       }
+      squares += row_squares;
     }
     mean[static_cast<std::size_t>(c)] = mu;
     variance[static_cast<std::size_t>(c)] = squares / count;
@@ -260,24 +273,24 @@ void* handle(const Tensor& tensor) {
 }
 
 // oneDNN batch_normalization_forward, f32. Both primitives (batch statistics for training,
-// running statistics for inference) are created once; the run's mode picks one.
+// running statistics for inference) are created once; the run's mode picks one. Images whose
+// channels fill whole blocks are reordered to the channel-blocked layout, where oneDNN runs a
+// JIT kernel instead of its generic NCHW one. Measured (raw oneDNN, [128,32,28,28], 2 threads):
+// forward 7.8 ms on NCHW, 3.8 ms reorder + blocked + reorder back; backward 8.4 against 5.0.
 class BatchNormForwardKernel final : public Kernel {
  public:
   explicit BatchNormForwardKernel(const KernelBuild& build) : geometry_(build.inputs[0].shape) {
     const float epsilon = static_cast<float>(build.node.attrs.real("epsilon"));
     const auto data_md = geometry_.data_md();
+    const auto layout = geometry_.spatial > 1 ? channel_blocked_md(data_md) : data_md;
     const auto channel_md = geometry_.channel_md();
     using dnnl::batch_normalization_forward;
-    training_ = batch_normalization_forward(batch_normalization_forward::primitive_desc(
-        batch_normalization_forward::desc(dnnl::prop_kind::forward_training, data_md, epsilon,
-                                          scale_and_shift()),
-        build.engine));
-    inference_ = batch_normalization_forward(batch_normalization_forward::primitive_desc(
-        batch_normalization_forward::desc(dnnl::prop_kind::forward_inference, data_md, epsilon,
-                                          global_scale_and_shift()),
-        build.engine));
-    src_ = dnnl::memory(data_md, build.engine, nullptr);
-    dst_ = dnnl::memory(data_md, build.engine, nullptr);
+    auto make = [&](dnnl::prop_kind kind, dnnl::normalization_flags flags) {
+      return batch_normalization_forward(batch_normalization_forward::primitive_desc(
+          batch_normalization_forward::desc(kind, layout, epsilon, flags), build.engine));
+    };
+    src_ = StagedMemory(data_md, layout, build.engine);
+    dst_ = StagedMemory(data_md, layout, build.engine);
     for (auto* m : {&scale_, &shift_, &running_mean_, &running_var_}) {
       *m = dnnl::memory(channel_md, build.engine, nullptr);
     }
@@ -285,42 +298,50 @@ class BatchNormForwardKernel final : public Kernel {
     batch_variance_.resize(static_cast<std::size_t>(geometry_.channels));
     batch_mean_memory_ = dnnl::memory(channel_md, build.engine, batch_mean_.data());
     batch_variance_memory_ = dnnl::memory(channel_md, build.engine, batch_variance_.data());
+    training_ = PreparedPrimitive(make(dnnl::prop_kind::forward_training, scale_and_shift()),
+                                  {{DNNL_ARG_SRC, src_.used()},
+                                   {DNNL_ARG_DST, dst_.used()},
+                                   {DNNL_ARG_SCALE, scale_},
+                                   {DNNL_ARG_SHIFT, shift_},
+                                   {DNNL_ARG_MEAN, batch_mean_memory_},
+                                   {DNNL_ARG_VARIANCE, batch_variance_memory_}});
+    inference_ =
+        PreparedPrimitive(make(dnnl::prop_kind::forward_inference, global_scale_and_shift()),
+                          {{DNNL_ARG_SRC, src_.used()},
+                           {DNNL_ARG_DST, dst_.used()},
+                           {DNNL_ARG_SCALE, scale_},
+                           {DNNL_ARG_SHIFT, shift_},
+                           {DNNL_ARG_MEAN, running_mean_},
+                           {DNNL_ARG_VARIANCE, running_var_}});
   }
 
   void run(const KernelCall& call) override {
-    src_.set_data_handle(handle(call.inputs[0]));
+    dnnl::stream& stream = *call.context.stream;
     scale_.set_data_handle(handle(call.inputs[1]));
     shift_.set_data_handle(handle(call.inputs[2]));
     running_mean_.set_data_handle(handle(call.inputs[3]));
     running_var_.set_data_handle(handle(call.inputs[4]));
-    dst_.set_data_handle(call.outputs[0].raw());
-    dnnl::stream& stream = *call.context.stream;
+    if (call.context.training) require_batch_statistics(call, geometry_);
+    src_.load(stream, call.inputs[0].raw());
+    dst_.bind(call.outputs[0].raw());
     if (call.context.training) {
-      require_batch_statistics(call, geometry_);
-      training_.execute(stream, {{DNNL_ARG_SRC, src_},
-                                 {DNNL_ARG_DST, dst_},
-                                 {DNNL_ARG_SCALE, scale_},
-                                 {DNNL_ARG_SHIFT, shift_},
-                                 {DNNL_ARG_MEAN, batch_mean_memory_},
-                                 {DNNL_ARG_VARIANCE, batch_variance_memory_}});
+      training_.execute(stream, "batch_norm");
+      dst_.store(stream);
       stream.wait();  // the statistics are read on the host below
       update_running_statistics<float>(call, geometry_, batch_mean_, batch_variance_);
     } else {
-      inference_.execute(stream, {{DNNL_ARG_SRC, src_},
-                                  {DNNL_ARG_DST, dst_},
-                                  {DNNL_ARG_SCALE, scale_},
-                                  {DNNL_ARG_SHIFT, shift_},
-                                  {DNNL_ARG_MEAN, running_mean_},
-                                  {DNNL_ARG_VARIANCE, running_var_}});
+      inference_.execute(stream, "batch_norm");
+      dst_.store(stream);
     }
   }
 
  private:
   ChannelGeometry geometry_;
-  dnnl::batch_normalization_forward training_, inference_;
-  dnnl::memory src_, dst_, scale_, shift_, running_mean_, running_var_;
+  StagedMemory src_, dst_;
+  dnnl::memory scale_, shift_, running_mean_, running_var_;
   std::vector<float> batch_mean_, batch_variance_;
   dnnl::memory batch_mean_memory_, batch_variance_memory_;
+  PreparedPrimitive training_, inference_;
 };
 
 KernelFactory batch_norm_onednn() {
@@ -471,32 +492,32 @@ void batch_norm_grad_reference(const KernelCall& call) {
 }
 
 // oneDNN batch_normalization_backward, f32. Training: the batch statistics are recomputed
-// from x (one pass; the forward saves nothing) and passed as MEAN/VARIANCE. Inference:
-// use_global_stats with the running statistics; the running statistics' gradients follow
-// from dγ and dβ on the host.
+// from x (batch_statistics, in double; the forward node saves nothing) and passed as
+// MEAN/VARIANCE. Inference: use_global_stats with the running statistics; the running
+// statistics' gradients follow from dγ and dβ on the host. Layouts as in the forward kernel.
 class BatchNormBackwardKernel final : public Kernel {
  public:
   explicit BatchNormBackwardKernel(const KernelBuild& build)
       : geometry_(build.inputs[1].shape), epsilon_(build.node.attrs.real("epsilon")) {
     const float epsilon = static_cast<float>(epsilon_);
     const auto data_md = geometry_.data_md();
+    const auto layout = geometry_.spatial > 1 ? channel_blocked_md(data_md) : data_md;
     const auto channel_md = geometry_.channel_md();
     using dnnl::batch_normalization_backward;
     using dnnl::batch_normalization_forward;
     auto make = [&](dnnl::normalization_flags flags) {
       batch_normalization_forward::primitive_desc hint(
-          batch_normalization_forward::desc(dnnl::prop_kind::forward_training, data_md, epsilon,
+          batch_normalization_forward::desc(dnnl::prop_kind::forward_training, layout, epsilon,
                                             flags),
           build.engine);
       return batch_normalization_backward(batch_normalization_backward::primitive_desc(
-          batch_normalization_backward::desc(dnnl::prop_kind::backward, data_md, data_md, epsilon,
+          batch_normalization_backward::desc(dnnl::prop_kind::backward, layout, layout, epsilon,
                                              flags),
           build.engine, hint));
     };
-    training_ = make(scale_and_shift());
-    inference_ = make(global_scale_and_shift());
-    for (auto* m : {&diff_dst_, &src_, &diff_src_})
-      *m = dnnl::memory(data_md, build.engine, nullptr);
+    diff_dst_ = StagedMemory(data_md, layout, build.engine);
+    src_ = StagedMemory(data_md, layout, build.engine);
+    diff_src_ = StagedMemory(data_md, layout, build.engine);
     for (auto* m : {&scale_, &running_mean_, &running_var_, &diff_scale_, &diff_shift_}) {
       *m = dnnl::memory(channel_md, build.engine, nullptr);
     }
@@ -506,48 +527,52 @@ class BatchNormBackwardKernel final : public Kernel {
     batch_variance_memory_ = dnnl::memory(channel_md, build.engine, batch_variance_.data());
     unused_shift_.assign(static_cast<std::size_t>(geometry_.channels), 0.f);
     unused_shift_memory_ = dnnl::memory(channel_md, build.engine, unused_shift_.data());
+    // oneDNN 2.6 requires SHIFT to be bound on backward with use_shift, though the gradients do
+    // not depend on it: bind zeros.
+    auto args = [&](const dnnl::memory& mean, const dnnl::memory& variance) {
+      return std::vector<std::pair<int, dnnl::memory>>{{DNNL_ARG_DIFF_DST, diff_dst_.used()},
+                                                       {DNNL_ARG_SRC, src_.used()},
+                                                       {DNNL_ARG_SCALE, scale_},
+                                                       {DNNL_ARG_DIFF_SRC, diff_src_.used()},
+                                                       {DNNL_ARG_DIFF_SCALE, diff_scale_},
+                                                       {DNNL_ARG_DIFF_SHIFT, diff_shift_},
+                                                       {DNNL_ARG_SHIFT, unused_shift_memory_},
+                                                       {DNNL_ARG_MEAN, mean},
+                                                       {DNNL_ARG_VARIANCE, variance}};
+    };
+    training_ = PreparedPrimitive(make(scale_and_shift()),
+                                  args(batch_mean_memory_, batch_variance_memory_));
+    inference_ =
+        PreparedPrimitive(make(global_scale_and_shift()), args(running_mean_, running_var_));
   }
 
   void run(const KernelCall& call) override {
-    diff_dst_.set_data_handle(handle(call.inputs[0]));
-    src_.set_data_handle(handle(call.inputs[1]));
+    dnnl::stream& stream = *call.context.stream;
     scale_.set_data_handle(handle(call.inputs[2]));
     running_mean_.set_data_handle(handle(call.inputs[3]));
     running_var_.set_data_handle(handle(call.inputs[4]));
-    diff_src_.set_data_handle(call.outputs[0].raw());
     diff_scale_.set_data_handle(call.outputs[1].raw());
     diff_shift_.set_data_handle(call.outputs[2].raw());
     float* diff_running_mean = call.outputs[3].data<float>();
     float* diff_running_var = call.outputs[4].data<float>();
-    dnnl::stream& stream = *call.context.stream;
-    std::unordered_map<int, dnnl::memory> args{
-        {DNNL_ARG_DIFF_DST, diff_dst_},
-        {DNNL_ARG_SRC, src_},
-        {DNNL_ARG_SCALE, scale_},
-        {DNNL_ARG_DIFF_SRC, diff_src_},
-        {DNNL_ARG_DIFF_SCALE, diff_scale_},
-        {DNNL_ARG_DIFF_SHIFT, diff_shift_},
-        // oneDNN 2.6 requires SHIFT to be bound on backward with use_shift, though the
-        // gradients do not depend on it: bind zeros.
-        {DNNL_ARG_SHIFT, unused_shift_memory_}};
+    diff_dst_.load(stream, call.inputs[0].raw());
+    src_.load(stream, call.inputs[1].raw());
+    diff_src_.bind(call.outputs[0].raw());
     if (call.context.training) {
-      std::vector<double> mean, variance;
-      batch_statistics(call.inputs[1].data<float>(), geometry_, mean, variance);
-      for (std::size_t c = 0; c < mean.size(); ++c) {
-        batch_mean_[c] = static_cast<float>(mean[c]);
-        batch_variance_[c] = static_cast<float>(variance[c]);
+      batch_statistics(call.inputs[1].data<float>(), geometry_, mean_, variance_);
+      for (std::size_t c = 0; c < mean_.size(); ++c) {
+        batch_mean_[c] = static_cast<float>(mean_[c]);
+        batch_variance_[c] = static_cast<float>(variance_[c]);
       }
-      args[DNNL_ARG_MEAN] = batch_mean_memory_;
-      args[DNNL_ARG_VARIANCE] = batch_variance_memory_;
-      training_.execute(stream, args);
+      training_.execute(stream, "batch_norm_grad");
+      diff_src_.store(stream);
       for (std::int64_t c = 0; c < geometry_.channels; ++c) {
         diff_running_mean[c] = 0.f;
         diff_running_var[c] = 0.f;
       }
     } else {
-      args[DNNL_ARG_MEAN] = running_mean_;
-      args[DNNL_ARG_VARIANCE] = running_var_;
-      inference_.execute(stream, args);
+      inference_.execute(stream, "batch_norm_grad");
+      diff_src_.store(stream);
       stream.wait();  // dγ and dβ are read on the host below
       const float* gamma = call.inputs[2].data<float>();
       const float* running_var = call.inputs[4].data<float>();
@@ -567,11 +592,12 @@ class BatchNormBackwardKernel final : public Kernel {
  private:
   ChannelGeometry geometry_;
   double epsilon_;
-  dnnl::batch_normalization_backward training_, inference_;
-  dnnl::memory diff_dst_, src_, diff_src_, scale_, running_mean_, running_var_, diff_scale_,
-      diff_shift_;
+  StagedMemory diff_dst_, src_, diff_src_;
+  dnnl::memory scale_, running_mean_, running_var_, diff_scale_, diff_shift_;
   std::vector<float> batch_mean_, batch_variance_, unused_shift_;
+  std::vector<double> mean_, variance_;  // batch statistics in double, reused each run
   dnnl::memory batch_mean_memory_, batch_variance_memory_, unused_shift_memory_;
+  PreparedPrimitive training_, inference_;
 };
 
 void register_batch_norm_grad(OpRegistry& registry) {

@@ -33,4 +33,35 @@ void PrimitiveKernel::run(const KernelCall& call) {
   execute_primitive(primitive_, *call.context.stream, exec_args_, call.node.op.c_str());
 }
 
+StagedMemory::StagedMemory(const dnnl::memory::desc& plain, const dnnl::memory::desc& chosen,
+                           dnnl::engine& engine)
+    : user_(plain, engine, nullptr) {
+  if (chosen != plain) {
+    internal_ = dnnl::memory(chosen, engine);
+    to_internal_ = PreparedPrimitive(dnnl::reorder(user_, internal_),
+                                     {{DNNL_ARG_FROM, user_}, {DNNL_ARG_TO, internal_}});
+    to_user_ = PreparedPrimitive(dnnl::reorder(internal_, user_),
+                                 {{DNNL_ARG_FROM, internal_}, {DNNL_ARG_TO, user_}});
+  }
+}
+
+void StagedMemory::load(dnnl::stream& stream, const void* data) {
+  user_.set_data_handle(const_cast<void*>(data));
+  if (internal_) to_internal_.execute(stream, "reorder");
+}
+
+void StagedMemory::store(dnnl::stream& stream) {
+  if (internal_) to_user_.execute(stream, "reorder");
+}
+
+dnnl::memory::desc channel_blocked_md(const dnnl::memory::desc& plain) {
+  using tag = dnnl::memory::format_tag;
+  const dnnl::memory::dims dims = plain.dims();
+  const bool wide = dnnl::get_effective_cpu_isa() >= dnnl::cpu_isa::avx512_core &&
+                    dnnl::get_effective_cpu_isa() != dnnl::cpu_isa::avx2_vnni;
+  const std::int64_t block = wide ? 16 : 8;
+  if (dims.size() != 4 || dims[1] % block != 0) return plain;
+  return dnnl::memory::desc(dims, plain.data_type(), wide ? tag::nChw16c : tag::nChw8c);
+}
+
 }  // namespace dagrad

@@ -61,4 +61,27 @@ class PreparedPrimitive {
   std::vector<dnnl_exec_arg_t> args_;
 };
 
+// A node's plain tensor and, when a primitive wants another layout, an internal buffer in that
+// layout with prepared reorders between the two. load() points the plain side at an input and
+// reorders it in; bind() points it at an output, which store() fills from the internal buffer.
+class StagedMemory {
+ public:
+  StagedMemory() = default;
+  StagedMemory(const dnnl::memory::desc& plain, const dnnl::memory::desc& chosen,
+               dnnl::engine& engine);
+  // The memory the primitive reads or writes: the internal buffer, or the plain tensor.
+  const dnnl::memory& used() const { return internal_ ? internal_ : user_; }
+  void load(dnnl::stream& stream, const void* data);
+  void bind(void* data) { user_.set_data_handle(data); }
+  void store(dnnl::stream& stream);
+
+ private:
+  dnnl::memory user_, internal_;
+  PreparedPrimitive to_internal_, to_user_;
+};
+
+// The channel-blocked layout oneDNN's JIT kernels prefer for a 4-D NCHW tensor (nChw8c, or
+// nChw16c on AVX-512 machines) when the channels fill whole blocks; `plain` itself otherwise.
+dnnl::memory::desc channel_blocked_md(const dnnl::memory::desc& plain);
+
 }  // namespace dagrad

@@ -324,38 +324,59 @@ TEST(BatchNorm, GradientsMatchCentralDifferencesInTrainingAndInference) {
   }
 }
 
-TEST(BatchNorm, OneDnnBackwardMatchesReferenceInInference) {
-  // The registry compares kernels in training mode; this covers the use_global_stats path.
-  Graph g;
-  const Shape shape{3, 4, 2, 2};
-  Value x = g.input("x", shape);
-  Value gamma = g.input("gamma", {4});
-  Value beta = g.input("beta", {4});
-  Value mean = g.input("mean", {4});
-  Value var = g.input("var", {4});
-  Value y = batch_norm(x, gamma, beta, mean, var);
-  Value loss = sum(mul(y, g.constant(random_tensor(shape, 5, -1, 1))));
-  auto grads = grad(loss, {x, gamma, beta, mean, var});
-  Feeds feeds{{x, random_tensor(shape, 1, -2, 2)},
-              {gamma, random_tensor({4}, 2, 0.5, 1.5)},
-              {beta, random_tensor({4}, 3, -1, 1)},
-              {mean, random_tensor({4}, 4, -1, 1)},
-              {var, random_tensor({4}, 6, 0.5, 1.5)}};
-  std::vector<Value> outputs{y};
-  outputs.insert(outputs.end(), grads.begin(), grads.end());
-  Plan onednn = compile(g, outputs);
-  Plan reference = compile(g, outputs, {.backend = Backend::reference});
-  auto actual = onednn.run(feeds, inference());
-  auto expected = reference.run(feeds, inference());
-  EXPECT_GE(onednn.num_onednn_steps(), 2u);  // forward and backward batch norm
-  for (std::size_t k = 0; k < expected.size(); ++k) {
-    for (std::int64_t i = 0; i < expected[k].numel(); ++i) {
-      EXPECT_NEAR(actual[k].at(i), expected[k].at(i), 1e-5 * (1 + std::abs(expected[k].at(i))))
-          << "output " << k << " element " << i;
+// The registry compares kernels on small channel counts; this covers inference (use_global_stats)
+// and images whose channels fill whole blocks (16: the oneDNN kernels reorder to nChw8c or
+// nChw16c and back), in both modes, forward and backward.
+TEST(BatchNorm, OneDnnMatchesReferenceOnPlainAndChannelBlockedLayouts) {
+  for (const Shape& shape : {Shape{3, 4, 2, 2}, Shape{3, 16, 3, 5}}) {
+    for (bool training : {false, true}) {
+      const std::int64_t c = shape[1];
+      Graph g;
+      Value x = g.input("x", shape);
+      Value gamma = g.input("gamma", {c});
+      Value beta = g.input("beta", {c});
+      Value mean = g.input("mean", {c});
+      Value var = g.input("var", {c});
+      Value y = batch_norm(x, gamma, beta, mean, var);
+      Value loss = sum(mul(y, g.constant(random_tensor(shape, 5, -1, 1))));
+      auto grads = grad(loss, {x, gamma, beta, mean, var});
+      // Fresh running statistics for each plan: training updates them in place.
+      auto feeds = [&] {
+        return Feeds{{x, random_tensor(shape, 1, -2, 2)},
+                     {gamma, random_tensor({c}, 2, 0.5, 1.5)},
+                     {beta, random_tensor({c}, 3, -1, 1)},
+                     {mean, random_tensor({c}, 4, -1, 1)},
+                     {var, random_tensor({c}, 6, 0.5, 1.5)}};
+      };
+      std::vector<Value> outputs{y};
+      outputs.insert(outputs.end(), grads.begin(), grads.end());
+      Plan onednn = compile(g, outputs);
+      Plan reference = compile(g, outputs, {.backend = Backend::reference});
+      const RunOptions options{.training = training};
+      const Feeds onednn_feeds = feeds(), reference_feeds = feeds();
+      auto actual = onednn.run(onednn_feeds, options);
+      auto expected = reference.run(reference_feeds, options);
+      EXPECT_GE(onednn.num_onednn_steps(), 2u);  // forward and backward batch norm
+      for (std::size_t k = 0; k < expected.size(); ++k) {
+        for (std::int64_t i = 0; i < expected[k].numel(); ++i) {
+          EXPECT_NEAR(actual[k].at(i), expected[k].at(i), 1e-4 * (1 + std::abs(expected[k].at(i))))
+              << shape.str() << (training ? " training" : " inference") << " output " << k
+              << " element " << i;
+        }
+      }
+      for (int k : {3, 4}) {  // the running statistics, updated in training
+        for (std::int64_t i = 0; i < c; ++i) {
+          EXPECT_NEAR(onednn_feeds[static_cast<std::size_t>(k)].second.at(i),
+                      reference_feeds[static_cast<std::size_t>(k)].second.at(i), 1e-5)
+              << shape.str() << " running statistic " << k;
+        }
+      }
+      // In inference the gradient in x is γ dy / √(var + ε): not zero, independent of the batch.
+      if (!training) {
+        EXPECT_NE(expected[1].at(0), 0.0);
+      }
     }
   }
-  // In inference the gradient in x is γ dy / √(var + ε): not zero, and independent of the batch.
-  EXPECT_NE(expected[1].at(0), 0.0);
 }
 
 TEST(BatchNorm, RefusesMismatchedShapesNamingTheInput) {
