@@ -90,8 +90,8 @@ class Plan {
   std::vector<std::string> fused_patterns();
   std::size_t num_specializations() const { return specializations_.size(); }
   std::uint64_t runs() const { return runs_; }
-  // Per-step times of the last specialisation run (compile with profile = true), slowest
-  // first, and a printable table of them.
+  // Per-step times of the specialisation that ran most often (the main batch size; compile
+  // with profile = true), slowest first, and a printable table of them.
   std::vector<StepProfile> profile();
   std::string profile_report(std::size_t top = 25);
 

@@ -168,6 +168,22 @@ TEST(Plan, InPlaceStepsAndReshapeViewsGiveTheSameResults) {
   }
 }
 
+// A trainer's last batch is often smaller: the profile shows the batch size that ran most.
+TEST(Plan, ProfileShowsTheSpecializationThatRanMost) {
+  Graph g;
+  Value x = g.input("x", {8, 3}, DType::f32, /*batch_dynamic=*/true);
+  Value y = tanh(x) * 2.0;
+  Plan plan = compile(g, {y}, {.profile = true});
+  for (int i = 0; i < 3; ++i) plan.run({{x, Tensor::full({8, 3}, 0.5)}});
+  plan.run({{x, Tensor::full({5, 3}, 0.5)}});
+  const auto steps = plan.profile();
+  ASSERT_FALSE(steps.empty());
+  for (const StepProfile& step : steps) {
+    EXPECT_EQ(step.runs, 3u) << step.node;
+    EXPECT_EQ(step.output, "f32[8,3]") << step.node;
+  }
+}
+
 // CompileOptions::single_thread_below_bytes: small steps run on one thread, large ones on all;
 // the caller's thread setting survives a run, also one that throws; results do not change.
 TEST(Plan, SmallStepsRunOnOneThreadAndTheCallersSettingIsRestored) {
