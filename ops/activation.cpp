@@ -630,6 +630,9 @@ Value normal_cdf(const Value& x, std::source_location where) {
 Value gelu(const Value& x, std::source_location where) {
   return checked_apply("gelu", {x}, {}, where);
 }
+Value gelu_grad(const Value& dy, const Value& x, std::source_location where) {
+  return checked_apply("gelu_grad", {dy, x}, {}, where);
+}
 Value maxout(const Value& x, std::int64_t pieces, std::int64_t axis, std::source_location where) {
   return checked_apply("maxout", {x}, {{"pieces", pieces}, {"axis", axis}}, where);
 }
@@ -669,6 +672,65 @@ Value equal(const Value& a, const Value& b, std::source_location where) {
 }
 Value not_equal(const Value& a, const Value& b, std::source_location where) {
   return checked_apply("not_equal", {a, b}, {}, where);
+}
+
+// gelu's backward as one op. Measured (bench_ops op_backward/gelu/128x1024, 2 threads): 2.4 ms
+// with Φ on the reference kernel and four element-wise steps. Its gradient, from ops:
+// d/d(dy) = gelu_grad(g, x); d/dx = g·dy·φ(x)·(2 − x²), since (Φ + xφ)' = 2φ + xφ' = φ·(2 − x²).
+void register_gelu_grad(OpRegistry& registry) {
+  OpDef def;
+  def.name = "gelu_grad";
+  def.formula = "dx = dy * (Phi(x) + x phi(x)) (gelu's backward)";
+  def.min_inputs = def.max_inputs = 2;
+  def.shape = [](const ShapeCall& call) -> std::vector<TensorDesc> {
+    require_floating(call, 0);
+    require_same_dtype(call);
+    if (call.inputs[0].shape != call.inputs[1].shape) {
+      call.fail("dy {} and x {} must have the same shape", call.inputs[0], call.inputs[1]);
+    }
+    return {call.inputs[0]};
+  };
+  def.backward = [](const BackwardCall& c) -> Grads {
+    const Value& dy = c.inputs[0];
+    const Value& x = c.inputs[1];
+    Grads grads(2);
+    if (c.needs[0]) grads[0] = gelu_grad(c.grad(), x);
+    if (c.needs[1]) grads[1] = mul(mul(c.grad(), dy), mul(gaussian_pdf(x), 2.0 - mul(x, x)));
+    return grads;
+  };
+  def.second_order = true;
+  def.reference = binary_reference([](auto dy, auto x) {
+    using T = decltype(x);
+    const T cdf = T(0.5) * std::erfc(-x / std::numbers::sqrt2_v<T>);
+    const T pdf = std::exp(T(-0.5) * x * x) / std::sqrt(T(2) * std::numbers::pi_v<T>);
+    return dy * (cdf + x * pdf);
+  });
+  def.in_place = true;  // eltwise_backward writes diff_src over diff_dst
+  def.onednn = [](const KernelBuild& build) -> std::unique_ptr<Kernel> {
+    if (build.inputs[0].dtype != DType::f32) return nullptr;
+    auto md = plain_md(build.inputs[0]);
+    dnnl::eltwise_forward::primitive_desc hint(
+        dnnl::eltwise_forward::desc(dnnl::prop_kind::forward_training,
+                                    dnnl::algorithm::eltwise_gelu_erf, md, 0.f, 0.f),
+        build.engine);
+    dnnl::eltwise_backward::primitive_desc pd(
+        dnnl::eltwise_backward::desc(dnnl::algorithm::eltwise_gelu_erf, md, md, 0.f, 0.f),
+        build.engine, hint);
+    return std::make_unique<PrimitiveKernel>(
+        dnnl::eltwise_backward(pd),
+        std::vector<PrimitiveArg>{input_arg(DNNL_ARG_DIFF_DST, 0, md),
+                                  input_arg(DNNL_ARG_SRC, 1, md),
+                                  output_arg(DNNL_ARG_DIFF_SRC, 0, md)});
+  };
+  def.samples = [] {
+    return std::vector<Sample>{{"matrix", {spec({4, 5}), spec({4, 5}, -3.0, 3.0)}},
+                               {"rank 3", {spec({2, 3, 2}), spec({2, 3, 2}, -3.0, 3.0)}}};
+  };
+  def.error_samples = [] {
+    return std::vector<ErrorSample>{
+        {"shapes differ", {spec({4, 5}), spec({5, 4})}, {}, "must have the same shape"}};
+  };
+  registry.add(std::move(def));
 }
 
 // ---- registrations ------------------------------------------------------------------------
@@ -812,8 +874,7 @@ void register_activation_ops(OpRegistry& registry) {
                              "phi(x)",
                   .algorithm = A::eltwise_gelu_erf,
                   .backward = [](const BackwardCall& c) -> Grads {
-                    const Value& x = c.inputs[0];
-                    return {mul(c.grad(), add(normal_cdf(x), mul(x, gaussian_pdf(x))))};
+                    return {gelu_grad(c.grad(), c.inputs[0])};
                   },
                   .samples = unary_samples(-3.0, 3.0),
                   .errors = unary_errors()},
@@ -874,6 +935,7 @@ void register_activation_ops(OpRegistry& registry) {
                   .errors = unary_errors()},
                  [](auto x, const Attrs&) { return std::sqrt(x); });
 
+  register_gelu_grad(registry);
   register_maxout(registry);
   register_where(registry);
 

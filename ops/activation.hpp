@@ -38,6 +38,11 @@ Value normal_cdf(const Value& x, std::source_location where = std::source_locati
 // GELU, erf form: y = x·Φ(x) = ½·x·(1 + erf(x/√2)). dy/dx = Φ(x) + x·φ(x).
 Value gelu(const Value& x, std::source_location where = std::source_location::current());
 
+// GELU's backward as one op: dx = dy·(Φ(x) + x·φ(x)) (one oneDNN eltwise_backward instead of
+// Φ, φ and four element-wise steps). dy and x have the same shape.
+Value gelu_grad(const Value& dy, const Value& x,
+                std::source_location where = std::source_location::current());
+
 // Maxout along `axis` (negative counts from the end). The axis, of size F, is cut into
 // F / pieces groups of `pieces` consecutive features; output feature j is the maximum of group j:
 //   y[..., j, ...] = max_{k < pieces} x[..., j·pieces + k, ...]   (size F / pieces along axis).
