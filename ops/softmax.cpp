@@ -86,6 +86,49 @@ KernelFactory softmax_onednn() {
   };
 }
 
+// dx = dy − e^y ⊙ Σ_axis dy, sums in double.
+void log_softmax_grad_reference(const KernelCall& call) {
+  const Tensor& dy = call.inputs[0];
+  const Tensor& y = call.inputs[1];
+  Tensor& dx = call.outputs[0];
+  const AxisView view(y.shape(), call.attrs().integer("axis"));
+  dispatch_floating(y.dtype(), [&](auto zero) {
+    using T = decltype(zero);
+    const T* diff_dst = dy.data<T>();
+    const T* dst = y.data<T>();
+    T* diff_src = dx.data<T>();
+    for (std::int64_t o = 0; o < view.outer; ++o) {
+      for (std::int64_t i = 0; i < view.inner; ++i) {
+        const std::int64_t base = o * view.size * view.inner + i;
+        double total = 0.0;
+        for (std::int64_t c = 0; c < view.size; ++c) {
+          total += static_cast<double>(diff_dst[base + c * view.inner]);
+        }
+        for (std::int64_t c = 0; c < view.size; ++c) {
+          const std::int64_t at = base + c * view.inner;
+          diff_src[at] = static_cast<T>(static_cast<double>(diff_dst[at]) -
+                                        std::exp(static_cast<double>(dst[at])) * total);
+        }
+      }
+    }
+  });
+}
+
+std::unique_ptr<Kernel> log_softmax_grad_onednn(const KernelBuild& build) {
+  if (build.inputs[0].dtype != DType::f32 || build.inputs[0].numel() == 0) return nullptr;
+  const int axis =
+      normalize_axis(build.node.attrs.integer("axis"), build.inputs[0].shape.rank(), build.node.op);
+  auto md = plain_md(build.inputs[0]);
+  dnnl::logsoftmax_forward::primitive_desc hint(
+      dnnl::logsoftmax_forward::desc(dnnl::prop_kind::forward_training, md, axis), build.engine);
+  dnnl::logsoftmax_backward::primitive_desc pd(dnnl::logsoftmax_backward::desc(md, md, axis),
+                                               build.engine, hint);
+  return std::make_unique<PrimitiveKernel>(
+      dnnl::logsoftmax_backward(pd),
+      std::vector<PrimitiveArg>{input_arg(DNNL_ARG_DIFF_DST, 0, md), input_arg(DNNL_ARG_DST, 1, md),
+                                output_arg(DNNL_ARG_DIFF_SRC, 0, md)});
+}
+
 std::vector<Sample> softmax_samples() {
   return {
       {"rows", {spec({3, 5}, -3, 3)}, {{"axis", std::int64_t{-1}}}},
@@ -122,6 +165,13 @@ Value softmax(const Value& x, std::int64_t axis, std::source_location where) {
 Value log_softmax(const Value& x, std::int64_t axis, std::source_location where) {
   return apply_softmax("log_softmax", x, axis, where);
 }
+Value log_softmax_grad(const Value& dy, const Value& y, std::int64_t axis,
+                       std::source_location where) {
+  if (!dy.valid() || !y.valid()) {
+    throw GraphError("log_softmax_grad: an input is an empty Value");
+  }
+  return y.graph().apply("log_softmax_grad", {dy, y}, {{"axis", axis}}, where);
+}
 
 void register_softmax_ops(OpRegistry& registry) {
   {
@@ -148,18 +198,66 @@ void register_softmax_ops(OpRegistry& registry) {
     def.name = "log_softmax";
     def.formula = "y_i = x_i - max x - log Σ_j e^(x_j - max x) along axis";
     def.shape = softmax_rule;
-    // Saves the output: dx = g − e^y ⊙ Σ_axis g (e^y is the softmax).
+    // Saves the output: dx = g − e^y ⊙ Σ_axis g (e^y is the softmax), one log_softmax_grad.
     def.backward = [](const BackwardCall& c) -> std::vector<std::optional<Value>> {
-      const Value& y = c.outputs[0];
-      Value g = c.grad();
-      const std::int64_t axis = c.attrs().integer("axis");
-      return {sub(g, mul(exp(y), sum(g, {axis}, /*keepdims=*/true)))};
+      return {log_softmax_grad(c.grad(), c.outputs[0], c.attrs().integer("axis"))};
     };
     def.second_order = true;
     def.reference = softmax_reference(true);
     def.onednn = softmax_onednn<dnnl::logsoftmax_forward>();
     def.samples = softmax_samples;
     def.error_samples = softmax_errors;
+    registry.add(std::move(def));
+  }
+  {
+    OpDef def;
+    def.name = "log_softmax_grad";
+    def.formula = "dx = dy - e^y Σ_j dy_j along axis (log_softmax's backward from its output y)";
+    def.min_inputs = def.max_inputs = 2;
+    def.shape = [](const ShapeCall& call) -> std::vector<TensorDesc> {
+      require_floating(call, 0);
+      require_same_dtype(call);
+      if (call.inputs[0].shape != call.inputs[1].shape) {
+        call.fail("dy {} and y {} must have the same shape", call.inputs[0], call.inputs[1]);
+      }
+      return softmax_rule(call);
+    };
+    // With f = dy − e^y S, S = Σ dy: the gradient G flows to dy as G − Σ_axis(G ⊙ e^y) and to
+    // y as −G ⊙ e^y S.
+    def.backward = [](const BackwardCall& c) -> std::vector<std::optional<Value>> {
+      const Value& dy = c.inputs[0];
+      const Value& y = c.inputs[1];
+      const Value g = c.grad();
+      const std::int64_t axis = c.attrs().integer("axis");
+      std::vector<std::optional<Value>> grads(2);
+      const Value softmax_y = exp(y);
+      if (c.needs[0]) grads[0] = sub(g, sum(mul(g, softmax_y), {axis}, /*keepdims=*/true));
+      if (c.needs[1]) grads[1] = neg(mul(mul(g, softmax_y), sum(dy, {axis}, /*keepdims=*/true)));
+      return grads;
+    };
+    def.second_order = true;
+    def.reference = log_softmax_grad_reference;
+    def.onednn = log_softmax_grad_onednn;
+    def.samples = [] {
+      std::vector<Sample> samples;
+      for (const Sample& s : softmax_samples()) {
+        const Shape& shape = s.inputs[0].shape;
+        samples.push_back({s.label, {spec(shape), spec(shape, -3, 0)}, s.attrs});
+      }
+      return samples;
+    };
+    def.error_samples = [] {
+      return std::vector<ErrorSample>{
+          {"shapes differ",
+           {spec({3, 4}), spec({4, 3})},
+           {{"axis", std::int64_t{-1}}},
+           "must have the same shape"},
+          {"axis out of range",
+           {spec({3, 4}), spec({3, 4})},
+           {{"axis", std::int64_t{2}}},
+           "out of range"},
+      };
+    };
     registry.add(std::move(def));
   }
 }
