@@ -121,7 +121,7 @@ void log_softmax_grad_reference(const KernelCall& call) {
 // of outer × inner sums created with the kernel.
 class LogSoftmaxGradKernel final : public Kernel {
  public:
-  LogSoftmaxGradKernel(const KernelBuild& build)
+  explicit LogSoftmaxGradKernel(const KernelBuild& build)
       : view_(build.inputs[1].shape, build.node.attrs.integer("axis")),
         sums_(static_cast<std::size_t>(view_.outer * view_.inner)) {
     const auto md = plain_md(build.inputs[1]);
