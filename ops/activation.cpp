@@ -682,14 +682,7 @@ void register_gelu_grad(OpRegistry& registry) {
   def.name = "gelu_grad";
   def.formula = "dx = dy * (Phi(x) + x phi(x)) (gelu's backward)";
   def.min_inputs = def.max_inputs = 2;
-  def.shape = [](const ShapeCall& call) -> std::vector<TensorDesc> {
-    require_floating(call, 0);
-    require_same_dtype(call);
-    if (call.inputs[0].shape != call.inputs[1].shape) {
-      call.fail("dy {} and x {} must have the same shape", call.inputs[0], call.inputs[1]);
-    }
-    return {call.inputs[0]};
-  };
+  def.shape = activation_grad_rule;
   def.backward = [](const BackwardCall& c) -> Grads {
     const Value& dy = c.inputs[0];
     const Value& x = c.inputs[1];
@@ -706,22 +699,7 @@ void register_gelu_grad(OpRegistry& registry) {
     return dy * (cdf + x * pdf);
   });
   def.in_place = true;  // eltwise_backward writes diff_src over diff_dst
-  def.onednn = [](const KernelBuild& build) -> std::unique_ptr<Kernel> {
-    if (build.inputs[0].dtype != DType::f32) return nullptr;
-    auto md = plain_md(build.inputs[0]);
-    dnnl::eltwise_forward::primitive_desc hint(
-        dnnl::eltwise_forward::desc(dnnl::prop_kind::forward_training,
-                                    dnnl::algorithm::eltwise_gelu_erf, md, 0.f, 0.f),
-        build.engine);
-    dnnl::eltwise_backward::primitive_desc pd(
-        dnnl::eltwise_backward::desc(dnnl::algorithm::eltwise_gelu_erf, md, md, 0.f, 0.f),
-        build.engine, hint);
-    return std::make_unique<PrimitiveKernel>(
-        dnnl::eltwise_backward(pd),
-        std::vector<PrimitiveArg>{input_arg(DNNL_ARG_DIFF_DST, 0, md),
-                                  input_arg(DNNL_ARG_SRC, 1, md),
-                                  output_arg(DNNL_ARG_DIFF_SRC, 0, md)});
-  };
+  def.onednn = eltwise_backward_onednn(dnnl::algorithm::eltwise_gelu_erf);
   def.samples = [] {
     return std::vector<Sample>{{"matrix", {spec({4, 5}), spec({4, 5}, -3.0, 3.0)}},
                                {"rank 3", {spec({2, 3, 2}), spec({2, 3, 2}, -3.0, 3.0)}}};

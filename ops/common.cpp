@@ -55,6 +55,32 @@ KernelFactory eltwise_onednn(dnnl::algorithm algorithm, EltwiseParams params) {
   };
 }
 
+std::vector<TensorDesc> activation_grad_rule(const ShapeCall& call) {
+  require_floating(call, 0);
+  require_same_dtype(call);
+  if (call.inputs[0].shape != call.inputs[1].shape) {
+    call.fail("dy {} and x {} must have the same shape", call.inputs[0], call.inputs[1]);
+  }
+  return {call.inputs[0]};
+}
+
+KernelFactory eltwise_backward_onednn(dnnl::algorithm algorithm) {
+  return [=](const KernelBuild& build) -> std::unique_ptr<Kernel> {
+    if (build.inputs[0].dtype != DType::f32 || build.inputs[0].numel() == 0) return nullptr;
+    auto md = plain_md(build.inputs[0]);
+    dnnl::eltwise_forward::primitive_desc hint(
+        dnnl::eltwise_forward::desc(dnnl::prop_kind::forward_training, algorithm, md, 0.f, 0.f),
+        build.engine);
+    dnnl::eltwise_backward::primitive_desc pd(
+        dnnl::eltwise_backward::desc(algorithm, md, md, 0.f, 0.f), build.engine, hint);
+    return std::make_unique<PrimitiveKernel>(
+        dnnl::eltwise_backward(pd),
+        std::vector<PrimitiveArg>{input_arg(DNNL_ARG_DIFF_DST, 0, md),
+                                  input_arg(DNNL_ARG_SRC, 1, md),
+                                  output_arg(DNNL_ARG_DIFF_SRC, 0, md)});
+  };
+}
+
 EltwiseParams constant_params(float alpha, float beta) {
   return [=](const Attrs&) { return std::pair{alpha, beta}; };
 }

@@ -107,6 +107,11 @@ ReferenceFn unary_reference(Op op) {
 // oneDNN eltwise forward (f32, non-empty; nullptr otherwise) with alpha and beta from `params`.
 using EltwiseParams = std::function<std::pair<float, float>(const Attrs&)>;
 KernelFactory eltwise_onednn(dnnl::algorithm algorithm, EltwiseParams params = {});
+// Backward op of an activation, (dy, x) -> dx: its shape rule (both floating, one dtype, one
+// shape) and oneDNN eltwise_backward of `algorithm` reading x (f32, non-empty; nullptr
+// otherwise). The primitive may write dx over dy (OpDef::in_place).
+std::vector<TensorDesc> activation_grad_rule(const ShapeCall& call);
+KernelFactory eltwise_backward_onednn(dnnl::algorithm algorithm);
 // alpha and beta fixed, or read from the named attributes ("" for 0).
 EltwiseParams constant_params(float alpha, float beta);
 EltwiseParams attribute_params(std::string alpha_attr, std::string beta_attr = "");

@@ -234,35 +234,14 @@ void register_relu_grad(OpRegistry& registry) {
   def.name = "relu_grad";
   def.formula = "dx = dy if x > 0 else 0 (relu's backward)";
   def.min_inputs = def.max_inputs = 2;
-  def.shape = [](const ShapeCall& call) -> std::vector<TensorDesc> {
-    require_floating(call, 0);
-    require_same_dtype(call);
-    if (call.inputs[0].shape != call.inputs[1].shape) {
-      call.fail("dy {} and x {} must have the same shape", call.inputs[0], call.inputs[1]);
-    }
-    return {call.inputs[0]};
-  };
+  def.shape = activation_grad_rule;
   def.backward = [](const BackwardCall& c) -> std::vector<std::optional<Value>> {
     return {relu_grad(c.grad(), c.inputs[1]), std::nullopt};
   };
   def.second_order = true;
   def.reference = binary_reference([](auto dy, auto x) { return x > 0 ? dy : decltype(dy)(0); });
   def.in_place = true;  // eltwise_backward writes diff_src over diff_dst
-  def.onednn = [](const KernelBuild& build) -> std::unique_ptr<Kernel> {
-    auto md = plain_md(build.inputs[0]);
-    dnnl::eltwise_forward::primitive_desc hint(
-        dnnl::eltwise_forward::desc(dnnl::prop_kind::forward_training,
-                                    dnnl::algorithm::eltwise_relu, md, 0.f, 0.f),
-        build.engine);
-    dnnl::eltwise_backward::primitive_desc pd(
-        dnnl::eltwise_backward::desc(dnnl::algorithm::eltwise_relu, md, md, 0.f, 0.f), build.engine,
-        hint);
-    return std::make_unique<PrimitiveKernel>(
-        dnnl::eltwise_backward(pd),
-        std::vector<PrimitiveArg>{input_arg(DNNL_ARG_DIFF_DST, 0, md),
-                                  input_arg(DNNL_ARG_SRC, 1, md),
-                                  output_arg(DNNL_ARG_DIFF_SRC, 0, md)});
-  };
+  def.onednn = eltwise_backward_onednn(dnnl::algorithm::eltwise_relu);
   def.samples = [] {
     InputSpec x = spec({4, 5});
     x.min_magnitude = 0.1;
