@@ -107,42 +107,6 @@ void register_unary(OpRegistry& registry, UnaryOp u, Op op) {
 
 // ---- binary ops with broadcasting ---------------------------------------------------------
 
-// oneDNN binary needs src0 of dst's shape (src1 may broadcast). When only src1 has dst's shape,
-// the inputs are swapped and `swapped` is run instead (the same algorithm for symmetric ones,
-// the mirrored comparison for gt/lt/ge/le). Other cases fall back to the reference.
-KernelFactory binary_onednn(dnnl::algorithm algorithm, dnnl::algorithm swapped) {
-  return [=](const KernelBuild& build) -> std::unique_ptr<Kernel> {
-    const Shape& out = build.outputs[0].shape;
-    if (build.outputs[0].dtype != DType::f32 || build.outputs[0].numel() == 0) return nullptr;
-    int full = 0;
-    dnnl::algorithm chosen = algorithm;
-    if (build.inputs[0].shape == out) {
-      full = 0;
-    } else if (build.inputs[1].shape == out) {
-      full = 1;
-      chosen = swapped;
-    } else {
-      return nullptr;
-    }
-    const int other = 1 - full;
-    // src1 gets dst's rank by prepending size-1 axes.
-    const Shape& small = build.inputs[static_cast<std::size_t>(other)].shape;
-    std::vector<std::int64_t> dims(static_cast<std::size_t>(out.rank()), 1);
-    for (int i = 0; i < small.rank(); ++i) {
-      dims[static_cast<std::size_t>(out.rank() - small.rank() + i)] = small[i];
-    }
-    auto src0_md = plain_md(build.inputs[static_cast<std::size_t>(full)]);
-    auto src1_md = plain_md(Shape(dims), build.inputs[0].dtype);
-    auto dst_md = plain_md(build.outputs[0]);
-    dnnl::binary::primitive_desc pd(dnnl::binary::desc(chosen, src0_md, src1_md, dst_md),
-                                    build.engine);
-    return std::make_unique<PrimitiveKernel>(
-        dnnl::binary(pd), std::vector<PrimitiveArg>{input_arg(DNNL_ARG_SRC_0, full, src0_md),
-                                                    input_arg(DNNL_ARG_SRC_1, other, src1_md),
-                                                    output_arg(DNNL_ARG_DST, 0, dst_md)});
-  };
-}
-
 std::vector<ErrorSample> binary_errors() {
   return {
       ErrorSample{"incompatible shapes", {spec({3, 4}), spec({5})}, {}, "cannot broadcast"},
@@ -171,7 +135,7 @@ void register_comparison(OpRegistry& registry, std::string name, std::string rel
       "where a {} b switches, so no useful gradient flows through a comparison",
       name, relation);
   def.reference = binary_reference([op](auto a, auto b) { return op(a, b) ? 1.0 : 0.0; });
-  def.onednn = binary_onednn(algorithm, swapped);
+  def.onednn = binary_onednn(algorithm, {swapped});
   def.samples = [] {
     // Exact values with equal elements, so every relation is both true and false somewhere.
     return std::vector<Sample>{
@@ -589,7 +553,7 @@ void register_extremum(OpRegistry& registry, std::string name, std::string formu
   };
   def.second_order = true;
   def.reference = binary_reference(op);
-  def.onednn = binary_onednn(algorithm, algorithm);
+  def.onednn = binary_onednn(algorithm, {algorithm});
   def.samples = [] {
     InputSpec away_from_zero = spec({3, 4});
     away_from_zero.min_magnitude = 0.1;

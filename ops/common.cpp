@@ -55,6 +55,45 @@ KernelFactory eltwise_onednn(dnnl::algorithm algorithm, EltwiseParams params) {
   };
 }
 
+KernelFactory binary_onednn(dnnl::algorithm algorithm, SwappedBinary swapped) {
+  return [=](const KernelBuild& build) -> std::unique_ptr<Kernel> {
+    const Shape& out = build.outputs[0].shape;
+    if (build.outputs[0].dtype != DType::f32 || build.outputs[0].numel() == 0) return nullptr;
+    int full = 0;
+    dnnl::algorithm chosen = algorithm;
+    if (build.inputs[0].shape == out) {
+      full = 0;
+    } else if (swapped.algorithm && build.inputs[1].shape == out) {
+      full = 1;
+      chosen = *swapped.algorithm;
+    } else {
+      return nullptr;
+    }
+    const int other = 1 - full;
+    // src1 gets dst's rank by prepending size-1 axes.
+    const Shape& small = build.inputs[static_cast<std::size_t>(other)].shape;
+    std::vector<std::int64_t> dims(static_cast<std::size_t>(out.rank()), 1);
+    for (int i = 0; i < small.rank(); ++i) {
+      dims[static_cast<std::size_t>(out.rank() - small.rank() + i)] = small[i];
+    }
+    auto src0_md = plain_md(build.inputs[static_cast<std::size_t>(full)]);
+    auto src1_md = plain_md(Shape(dims), build.inputs[0].dtype);
+    auto dst_md = plain_md(build.outputs[0]);
+    dnnl::primitive_attr attr;
+    if (full == 1 && swapped.negate) {
+      dnnl::post_ops negate;
+      negate.append_eltwise(1.f, dnnl::algorithm::eltwise_linear, -1.f, 0.f);
+      attr.set_post_ops(negate);
+    }
+    dnnl::binary::primitive_desc pd(dnnl::binary::desc(chosen, src0_md, src1_md, dst_md), attr,
+                                    build.engine);
+    return std::make_unique<PrimitiveKernel>(
+        dnnl::binary(pd), std::vector<PrimitiveArg>{input_arg(DNNL_ARG_SRC_0, full, src0_md),
+                                                    input_arg(DNNL_ARG_SRC_1, other, src1_md),
+                                                    output_arg(DNNL_ARG_DST, 0, dst_md)});
+  };
+}
+
 std::vector<TensorDesc> activation_grad_rule(const ShapeCall& call) {
   require_floating(call, 0);
   require_same_dtype(call);

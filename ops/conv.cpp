@@ -1162,14 +1162,13 @@ std::unique_ptr<Kernel> direct_max_pool_forward(const PoolGeometry& g) {
         for (std::int64_t i = 0; i < g.OH; ++i) {
           const float* r0 = xp + 2 * i * g.W;
           const float* r1 = r0 + g.W;
-          std::int64_t j = 0;
 #ifdef DAGRAD_POOL_AVX2
           if (avx2) {
             pool2x2_forward_row_avx2(r0, r1, yp + i * g.OW, g.OW);
             continue;
           }
 #endif
-          for (; j < g.OW; ++j) {
+          for (std::int64_t j = 0; j < g.OW; ++j) {
             float best;
             first_max4(r0[2 * j], r0[2 * j + 1], r1[2 * j], r1[2 * j + 1], best);
             yp[i * g.OW + j] = best;
@@ -1211,7 +1210,7 @@ std::unique_ptr<Kernel> direct_max_pool_backward(const PoolGeometry& g, bool rel
           const float* r1 = r0 + g.W;
           float* d0 = dxp + 2 * i * g.W;
           float* d1 = d0 + g.W;
-          std::int64_t j = 0;
+          std::int64_t j = 0;  // windows done
 #ifdef DAGRAD_POOL_AVX2
           if (avx2) {
             pool2x2_backward_row_avx2(r0, r1, dyp + i * g.OW, d0, d1, g.OW, relu_mask);

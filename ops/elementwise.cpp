@@ -15,47 +15,6 @@ namespace {
 
 // ---- binary ops ---------------------------------------------------------------------------
 
-// oneDNN binary requires src0 to have dst's shape; src1 may broadcast (size 1 axes).
-// Commutative ops swap their inputs when only src0 broadcasts; other cases use the reference.
-// oneDNN's binary primitive broadcasts src1 only, so the input of the output's shape becomes
-// src0. When that is b in a − b, the primitive computes b − a and a linear post-op negates it
-// (exact): 1 − y, the sigmoid's backward, took 1.08 ms on [128,1024] in the reference kernel.
-KernelFactory binary_onednn(dnnl::algorithm algorithm, bool commutative) {
-  return [algorithm, commutative](const KernelBuild& build) -> std::unique_ptr<Kernel> {
-    const Shape& out = build.outputs[0].shape;
-    const bool negated_sub = algorithm == dnnl::algorithm::binary_sub;
-    int full = -1;
-    if (build.inputs[0].shape == out) {
-      full = 0;
-    } else if ((commutative || negated_sub) && build.inputs[1].shape == out) {
-      full = 1;
-    } else {
-      return nullptr;
-    }
-    const int other = 1 - full;
-    // Give src1 dst's rank by prepending 1s.
-    std::vector<std::int64_t> dims(static_cast<std::size_t>(out.rank()), 1);
-    const Shape& small = build.inputs[static_cast<std::size_t>(other)].shape;
-    for (int i = 0; i < small.rank(); ++i)
-      dims[static_cast<std::size_t>(out.rank() - small.rank() + i)] = small[i];
-    auto src0_md = plain_md(build.inputs[static_cast<std::size_t>(full)]);
-    auto src1_md = plain_md(Shape(dims), build.inputs[0].dtype);
-    auto dst_md = plain_md(build.outputs[0]);
-    dnnl::primitive_attr attr;
-    if (full == 1 && !commutative) {  // b − a, negated: a − b
-      dnnl::post_ops negate;
-      negate.append_eltwise(1.f, dnnl::algorithm::eltwise_linear, -1.f, 0.f);
-      attr.set_post_ops(negate);
-    }
-    dnnl::binary::primitive_desc pd(dnnl::binary::desc(algorithm, src0_md, src1_md, dst_md), attr,
-                                    build.engine);
-    return std::make_unique<PrimitiveKernel>(
-        dnnl::binary(pd), std::vector<PrimitiveArg>{input_arg(DNNL_ARG_SRC_0, full, src0_md),
-                                                    input_arg(DNNL_ARG_SRC_1, other, src1_md),
-                                                    output_arg(DNNL_ARG_DST, 0, dst_md)});
-  };
-}
-
 std::vector<Sample> binary_samples(double low_b = -1.0, double high_b = 1.0) {
   return {
       Sample{"same shape", {spec({3, 4}), spec({3, 4}, low_b, high_b)}},
@@ -77,7 +36,7 @@ std::vector<ErrorSample> binary_errors() {
 }
 
 void register_binary(OpRegistry& registry, std::string name, std::string formula,
-                     dnnl::algorithm algorithm, bool commutative, auto op, BackwardFn backward,
+                     dnnl::algorithm algorithm, SwappedBinary swapped, auto op, BackwardFn backward,
                      std::vector<Sample> samples) {
   OpDef def;
   def.name = std::move(name);
@@ -87,7 +46,7 @@ void register_binary(OpRegistry& registry, std::string name, std::string formula
   def.backward = std::move(backward);
   def.second_order = true;
   def.reference = binary_reference(op);
-  def.onednn = binary_onednn(algorithm, commutative);
+  def.onednn = binary_onednn(algorithm, swapped);
   def.in_place = true;  // oneDNN binary writes dst over src0; the reference reads before writing
   def.samples = [samples] { return samples; };
   def.error_samples = binary_errors;
@@ -259,14 +218,16 @@ void register_elementwise_ops(OpRegistry& registry) {
   using A = dnnl::algorithm;
   // add is the distributor: the same gradient to both inputs (summed over broadcast axes).
   register_binary(
-      registry, "add", "y = a + b", A::binary_add, true, [](auto a, auto b) { return a + b; },
+      registry, "add", "y = a + b", A::binary_add, {A::binary_add},
+      [](auto a, auto b) { return a + b; },
       [](const BackwardCall& c) -> std::vector<std::optional<Value>> {
         Value g = c.grad();
         return {unbroadcast(g, c.inputs[0].shape()), unbroadcast(g, c.inputs[1].shape())};
       },
       binary_samples());
   register_binary(
-      registry, "sub", "y = a - b", A::binary_sub, false, [](auto a, auto b) { return a - b; },
+      registry, "sub", "y = a - b", A::binary_sub, {A::binary_sub, /*negate=*/true},
+      [](auto a, auto b) { return a - b; },
       [](const BackwardCall& c) -> std::vector<std::optional<Value>> {
         Value g = c.grad();
         std::optional<Value> db;
@@ -276,7 +237,8 @@ void register_elementwise_ops(OpRegistry& registry) {
       binary_samples());
   // mul is the switch: each input's gradient is the gradient times the other input.
   register_binary(
-      registry, "mul", "y = a * b", A::binary_mul, true, [](auto a, auto b) { return a * b; },
+      registry, "mul", "y = a * b", A::binary_mul, {A::binary_mul},
+      [](auto a, auto b) { return a * b; },
       [](const BackwardCall& c) -> std::vector<std::optional<Value>> {
         Value g = c.grad();
         std::optional<Value> da, db;
@@ -286,7 +248,7 @@ void register_elementwise_ops(OpRegistry& registry) {
       },
       binary_samples());
   register_binary(
-      registry, "div", "y = a / b", A::binary_div, false, [](auto a, auto b) { return a / b; },
+      registry, "div", "y = a / b", A::binary_div, {}, [](auto a, auto b) { return a / b; },
       [](const BackwardCall& c) -> std::vector<std::optional<Value>> {
         Value g = c.grad();
         std::optional<Value> da, db;
