@@ -2,6 +2,14 @@
 
 namespace dagrad::testing {
 
+Tensor uniform_tensor(Shape shape, std::uint64_t seed, double low, double high, DType dtype) {
+  std::mt19937_64 rng(seed);
+  std::uniform_real_distribution<double> dist(low, high);
+  Tensor t(std::move(shape), dtype);
+  for (std::int64_t i = 0; i < t.numel(); ++i) t.set(i, dist(rng));
+  return t;
+}
+
 Tensor make_input(const InputSpec& spec, DType float_dtype, std::mt19937_64& rng) {
   const DType dtype = spec.dtype.value_or(float_dtype);
   Tensor t(spec.shape, dtype);

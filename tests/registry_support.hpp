@@ -1,4 +1,5 @@
-// Helpers shared by the registry-wide tests: turning a Sample into a graph and feeds.
+// Helpers shared by the tests: turning a Sample into a graph and feeds (registry-wide tests),
+// and seeded random tensors.
 #pragma once
 
 #include <random>
@@ -6,6 +7,10 @@
 #include "dagrad.hpp"
 
 namespace dagrad::testing {
+
+// Values uniform in [low, high), drawn in element order from mt19937_64(seed).
+Tensor uniform_tensor(Shape shape, std::uint64_t seed, double low = -1.0, double high = 1.0,
+                      DType dtype = DType::f32);
 
 // Random (or exact) values for one input spec, in `float_dtype` for floating inputs.
 Tensor make_input(const InputSpec& spec, DType float_dtype, std::mt19937_64& rng);

@@ -3,19 +3,15 @@
 #include <gtest/gtest.h>
 
 #include <algorithm>
-#include <random>
 
 #include "dagrad.hpp"
+#include "registry_support.hpp"
 
 namespace dagrad {
 namespace {
 
 Tensor random_tensor(Shape shape, std::uint64_t seed) {
-  std::mt19937_64 rng(seed);
-  std::uniform_real_distribution<double> dist(-1.0, 1.0);
-  Tensor t(std::move(shape), DType::f32);
-  for (std::int64_t i = 0; i < t.numel(); ++i) t.set(i, dist(rng));
-  return t;
+  return testing::uniform_tensor(std::move(shape), seed);
 }
 
 void expect_same_results(Graph& g, const std::vector<Value>& outputs, const Feeds& feeds,

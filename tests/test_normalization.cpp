@@ -9,6 +9,7 @@
 #include <random>
 
 #include "dagrad.hpp"
+#include "registry_support.hpp"
 
 namespace dagrad {
 namespace {
@@ -197,11 +198,7 @@ struct BatchNormGraph {
 
 Tensor random_tensor(Shape shape, std::uint64_t seed, double low, double high,
                      DType dtype = DType::f32) {
-  std::mt19937_64 rng(seed);
-  std::uniform_real_distribution<double> dist(low, high);
-  std::vector<double> values(static_cast<std::size_t>(shape.numel()));
-  for (auto& v : values) v = dist(rng);
-  return Tensor::from(values, std::move(shape), dtype);
+  return testing::uniform_tensor(std::move(shape), seed, low, high, dtype);
 }
 
 class BatchNormBackends : public ::testing::TestWithParam<Backend> {};

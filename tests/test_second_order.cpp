@@ -5,16 +5,13 @@
 #include <random>
 
 #include "dagrad.hpp"
+#include "registry_support.hpp"
 
 namespace dagrad {
 namespace {
 
 Tensor random_tensor(Shape shape, std::uint64_t seed, double scale = 0.5) {
-  std::mt19937_64 rng(seed);
-  std::uniform_real_distribution<double> dist(-scale, scale);
-  Tensor t(std::move(shape), DType::f64);
-  for (std::int64_t i = 0; i < t.numel(); ++i) t.set(i, dist(rng));
-  return t;
+  return testing::uniform_tensor(std::move(shape), seed, -scale, scale, DType::f64);
 }
 
 TEST(SecondOrder, HessianVectorProductOfAnMlpLossMatchesFiniteDifferencesOfTheGradient) {
