@@ -100,6 +100,7 @@ void register_unary(OpRegistry& registry, UnaryOp u, Op op) {
   def.second_order = static_cast<bool>(u.backward);
   def.reference = unary_reference(op);
   if (u.algorithm) def.onednn = eltwise_onednn(*u.algorithm, u.params);
+  def.in_place = true;  // element-wise: both kernels read x[i] before writing y[i]
   def.samples = [samples = u.samples] { return samples; };
   def.error_samples = [errors = u.errors] { return errors; };
   registry.add(std::move(def));
