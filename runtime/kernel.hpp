@@ -6,6 +6,7 @@
 #include <memory>
 #include <oneapi/dnnl/dnnl.hpp>
 #include <span>
+#include <string>
 
 #include "graph/graph.hpp"
 
@@ -61,6 +62,14 @@ std::unique_ptr<Kernel> make_kernel(F f) {
 // Threads used by oneDNN and dagrad's own loops (OpenMP). 0 means all cores.
 void set_num_threads(int threads);
 int num_threads();
+
+// How idle OpenMP threads wait, as libgomp read it at program start. Programs linked with the
+// static dagrad library (the default build) start with OMP_WAIT_POLICY=passive unless the
+// environment sets OMP_WAIT_POLICY: spinning threads make every parallel region wait for a
+// time slice when other programs use the cores (a 2-thread step measured 80 times slower).
+// Set OMP_WAIT_POLICY=active for libgomp's spinning, or configure with
+// -DDAGRAD_PASSIVE_OPENMP=OFF. Returns e.g. "passive (dagrad's default)".
+std::string openmp_wait_policy();
 
 // While alive, the calling thread's OpenMP regions (oneDNN primitives created or run, and
 // dagrad's loops) use `threads` threads; the previous setting comes back on destruction.

@@ -38,7 +38,8 @@ int main() {
   fmt::print("dagrad {}\n", dagrad::version);
   fmt::print("oneDNN {}.{}.{} (CPU runtime OpenMP)\n", v->major, v->minor, v->patch);
   fmt::print("CPU ISA: {}\n", isa_name(dnnl::get_effective_cpu_isa()));
-  fmt::print("threads: {}\n\n", dagrad::num_threads());
+  fmt::print("threads: {} (OpenMP wait policy: {})\n\n", dagrad::num_threads(),
+             dagrad::openmp_wait_policy());
 
   const auto ops = dagrad::op_registry().all();
   fmt::print("{:<28} {:<9} {:<17} {:<8} {}\n", "op", "gradient", "kernels", "2nd ord",
