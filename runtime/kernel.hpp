@@ -63,12 +63,12 @@ std::unique_ptr<Kernel> make_kernel(F f) {
 void set_num_threads(int threads);
 int num_threads();
 
-// How idle OpenMP threads wait, as libgomp read it at program start. Programs linked with the
-// static dagrad library (the default build) start with OMP_WAIT_POLICY=passive unless the
-// environment sets OMP_WAIT_POLICY: spinning threads make every parallel region wait for a
-// time slice when other programs use the cores (a 2-thread step measured 80 times slower).
-// Set OMP_WAIT_POLICY=active for libgomp's spinning, or configure with
-// -DDAGRAD_PASSIVE_OPENMP=OFF. Returns e.g. "passive (dagrad's default)".
+// How idle OpenMP threads wait, from the environment libgomp read at program start:
+// OMP_WAIT_POLICY and GOMP_SPINCOUNT, or libgomp's default (spin ~300,000 iterations, ~3 ms,
+// then sleep). libgomp has no call to change this after start. On a machine where other
+// programs use the cores, start with GOMP_SPINCOUNT=1000: spinning threads burn the time slice
+// their partner needs to reach the barrier, and a 2-thread training step measured up to 80
+// times slower (README, "Threads on a shared machine").
 std::string openmp_wait_policy();
 
 // While alive, the calling thread's OpenMP regions (oneDNN primitives created or run, and

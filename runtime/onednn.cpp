@@ -1,36 +1,8 @@
 #include <omp.h>
 
 #include <cstdlib>
-#include <string_view>
 
 #include "runtime/kernel.hpp"
-
-#if defined(DAGRAD_PASSIVE_OPENMP)
-// OpenMP threads that wait with OMP_WAIT_POLICY unset spin (libgomp: ~300,000 iterations) before
-// they sleep. On a machine where anything else runs, a spinning thread burns the time slice its
-// partner needs to reach the barrier, and every parallel region of a step can cost a scheduler
-// slice: a 2-thread MLP step at batch 32 measured 65 ms instead of 0.8 ms while two compilers
-// ran (bench_train, 495 instead of 40,000 samples/s; 1 thread: 46,500). libgomp reads its
-// settings once, in its constructor, and has no call to change them later, so the policy is set
-// before that: an executable's .preinit_array runs before the constructors of the shared
-// libraries it loads. An OMP_WAIT_POLICY the user set is kept (setenv does not overwrite).
-// Only in a static dagrad (a shared object cannot have a .preinit_array); see README.
-namespace {
-bool passive_set_by_dagrad = false;
-void prefer_passive_openmp(int, char**, char** envp) {
-  // Read the environment the program was started with: the C library is not fully set up yet
-  // (getenv() finds nothing here).
-  for (char** entry = envp; entry != nullptr && *entry != nullptr; ++entry) {
-    if (std::string_view(*entry).starts_with("OMP_WAIT_POLICY=")) return;
-  }
-  setenv("OMP_WAIT_POLICY", "passive", /*overwrite=*/0);
-  passive_set_by_dagrad = true;
-}
-}  // namespace
-__attribute__((section(".preinit_array"), used)) void (*dagrad_preinit_openmp)(int, char**,
-                                                                               char**) =
-    prefer_passive_openmp;
-#endif
 
 namespace dagrad {
 
@@ -78,11 +50,13 @@ int num_threads() {
 }
 
 std::string openmp_wait_policy() {
-#if defined(DAGRAD_PASSIVE_OPENMP)
-  if (passive_set_by_dagrad) return "passive (dagrad's default)";
-#endif
-  const char* policy = std::getenv("OMP_WAIT_POLICY");
-  return policy ? fmt::format("{} (OMP_WAIT_POLICY)", policy) : "unset: threads spin, then sleep";
+  std::string policy;
+  for (const char* name : {"OMP_WAIT_POLICY", "GOMP_SPINCOUNT"}) {
+    if (const char* value = std::getenv(name)) {
+      policy += fmt::format("{}{}={}", policy.empty() ? "" : ", ", name, value);
+    }
+  }
+  return policy.empty() ? "libgomp's default: spin ~300,000 iterations, then sleep" : policy;
 }
 
 ThreadScope::ThreadScope(int threads) {
