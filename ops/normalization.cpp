@@ -544,6 +544,10 @@ void batch_norm_grad_reference(const KernelCall& call) {
 // the running statistics; the running statistics' gradients follow from dγ and dβ on the host.
 // The gradients of the saved statistics (inputs 7 and 8, present only when they reach a loss)
 // are added on the host after the primitive. Layouts as in the forward kernel.
+// Precision: oneDNN accumulates the saved statistics in f32 (and their rounding depends on the
+// thread count); the forward's y already used them. Measured against dx with statistics in
+// double (the old recomputation), at [128,32,28,28] and [128,64,14,14]: |Δdx| / (1 + |dx|) up
+// to 3e-6 for data of mean ~0–5 and up to 3.5e-5 for mean ~100 and variance 1.
 class BatchNormBackwardKernel final : public Kernel {
  public:
   explicit BatchNormBackwardKernel(const KernelBuild& build)
