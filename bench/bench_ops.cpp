@@ -38,6 +38,16 @@ Value channel_parameter(Graph& g, const std::string& name, std::int64_t size, do
   return g.parameter(name, Tensor::full({size}, value));
 }
 
+// batch_norm over `channels` channels, γ = 1, β = 0, running statistics 0 and 1.
+std::function<Value(Graph&, const Value&)> batch_norm_case(std::int64_t channels) {
+  return [channels](Graph& g, const Value& x) {
+    return batch_norm(x, channel_parameter(g, "gamma", channels, 1.0),
+                      channel_parameter(g, "beta", channels, 0.0),
+                      g.parameter("mean", Tensor::full({channels}, 0.0), false),
+                      g.parameter("var", Tensor::full({channels}, 1.0), false));
+  };
+}
+
 std::vector<OpCase> op_cases() {
   const Shape dense{128, 1024}, image{64, 32, 28, 28};
   return {
@@ -57,13 +67,10 @@ std::vector<OpCase> op_cases() {
        [](Graph&, const Value& x) {
          return max_pool2d(x, {2, 2}, {2, 2});
        }},
-      {"batch_norm/64x32x28x28", image,
-       [](Graph& g, const Value& x) {
-         return batch_norm(x, channel_parameter(g, "gamma", 32, 1.0),
-                           channel_parameter(g, "beta", 32, 0.0),
-                           g.parameter("mean", Tensor::full({32}, 0.0), false),
-                           g.parameter("var", Tensor::full({32}, 1.0), false));
-       }},
+      {"batch_norm/64x32x28x28", image, batch_norm_case(32)},
+      // The CNN's two batch-norm layers at batch 128 (after conv1 and conv2).
+      {"batch_norm/128x32x28x28", Shape{128, 32, 28, 28}, batch_norm_case(32)},
+      {"batch_norm/128x64x14x14", Shape{128, 64, 14, 14}, batch_norm_case(64)},
   };
 }
 

@@ -2,12 +2,16 @@
 //   mlp_train_step/<batch>              784-256-128-10 with biases and ReLU
 //   cnn_train_step/<batch>              conv5x5x32(pad 2)-relu-maxpool2-conv5x5x64(pad 2)-relu-
 //                                       maxpool2-flatten-dense1024-relu-dense10
+//   cnn_bn_train_step/<batch>           the CNN with batch_norm (training mode, trainable γ and β,
+//                                       running statistics updated) after each convolution,
+//                                       before its relu
 //   mlp_train_step_threads/<batch>/<t>  the MLP step with t threads (ignores DAGRAD_THREADS)
 // One iteration = plan.run (forward + backward, loss sparse_cross_entropy) + an SGD update
 // (lr 0.01) of every parameter from the gradients the plan returned.
 //
 // Figures: items_per_second = samples/s; GFLOPs = analytic matmul/conv FLOPs per second
-// (forward 2·m·k·n per matmul, backward twice that; convolutions likewise); allocs_per_step =
+// (forward 2·m·k·n per matmul, backward twice that; convolutions likewise; batch norm, like relu
+// and pooling, is not counted); allocs_per_step =
 // calls of the global operator new inside the timed loop, per step (after a warm-up);
 // peak_bytes = the plan's planned arena + parameter bytes; measured_peak_bytes = how far the
 // process's peak resident memory (VmHWM) rose while the model was built and trained (see
@@ -195,6 +199,20 @@ Value conv_same5x5(TrainGraph& m, const Value& x, std::int64_t in_channels, std:
   return conv2d(x, w, b, {.padding = {2, 2}});
 }
 
+// batch_norm over the channels of x: trainable γ (ones) and β (zeros), running statistics as
+// non-trainable parameters (updated in place by every training step).
+Value batch_norm_layer(TrainGraph& m, const Value& x, std::int64_t channels,
+                       const std::string& name) {
+  Value gamma = m.graph.parameter(name + ".gamma", Tensor::full({channels}, 1.0));
+  Value beta = m.graph.parameter(name + ".beta", init::zeros({channels}));
+  m.params.push_back(gamma);
+  m.params.push_back(beta);
+  Value running_mean = m.graph.parameter(name + ".running_mean", init::zeros({channels}), false);
+  Value running_var =
+      m.graph.parameter(name + ".running_var", Tensor::full({channels}, 1.0), false);
+  return batch_norm(x, gamma, beta, running_mean, running_var);
+}
+
 void build_mlp(TrainGraph& m, std::int64_t batch) {
   m.x = m.graph.input("x", {batch, 784});
   m.labels = m.graph.input("labels", {batch}, DType::i32);
@@ -209,6 +227,19 @@ void build_cnn(TrainGraph& m, std::int64_t batch) {
   Value h = relu(conv_same5x5(m, m.x, 1, 32, batch, 28, "conv1", 1));
   h = max_pool2d(h, {2, 2}, {2, 2});  // 14x14
   h = relu(conv_same5x5(m, h, 32, 64, batch, 14, "conv2", 2));
+  h = flatten(max_pool2d(h, {2, 2}, {2, 2}));  // 64·7·7 = 3136
+  h = relu(dense(m, h, 64 * 7 * 7, 1024, batch, "fc1", 3));
+  m.loss = sparse_cross_entropy(dense(m, h, 1024, classes, batch, "fc2", 4), m.labels);
+}
+
+void build_cnn_bn(TrainGraph& m, std::int64_t batch) {
+  m.x = m.graph.input("x", {batch, 1, 28, 28});
+  m.labels = m.graph.input("labels", {batch}, DType::i32);
+  Value h = conv_same5x5(m, m.x, 1, 32, batch, 28, "conv1", 1);
+  h = relu(batch_norm_layer(m, h, 32, "bn1"));
+  h = max_pool2d(h, {2, 2}, {2, 2});  // 14x14
+  h = conv_same5x5(m, h, 32, 64, batch, 14, "conv2", 2);
+  h = relu(batch_norm_layer(m, h, 64, "bn2"));
   h = flatten(max_pool2d(h, {2, 2}, {2, 2}));  // 64·7·7 = 3136
   h = relu(dense(m, h, 64 * 7 * 7, 1024, batch, "fc1", 3));
   m.loss = sparse_cross_entropy(dense(m, h, 1024, classes, batch, "fc2", 4), m.labels);
@@ -294,6 +325,9 @@ void mlp_train_step(benchmark::State& state) {
 void cnn_train_step(benchmark::State& state) {
   run_train_step(state, build_cnn, threads_from_env());
 }
+void cnn_bn_train_step(benchmark::State& state) {
+  run_train_step(state, build_cnn_bn, threads_from_env());
+}
 void mlp_train_step_threads(benchmark::State& state) {
   run_train_step(state, build_mlp, static_cast<int>(state.range(1)));
 }
@@ -305,6 +339,7 @@ BENCHMARK(mlp_train_step)
     ->Unit(benchmark::kMillisecond)
     ->UseRealTime();
 BENCHMARK(cnn_train_step)->Arg(64)->Unit(benchmark::kMillisecond)->UseRealTime();
+BENCHMARK(cnn_bn_train_step)->Arg(64)->Unit(benchmark::kMillisecond)->UseRealTime();
 BENCHMARK(mlp_train_step_threads)
     ->Args({128, 1})
     ->Args({128, 2})

@@ -4,6 +4,7 @@
 // oneDNN 2.6 has no primitive for).
 #include "ops/normalization.hpp"
 
+#include <algorithm>
 #include <cmath>
 
 #include "ops/common.hpp"
@@ -152,7 +153,8 @@ std::vector<TensorDesc> batch_norm_rule(const ShapeCall& call) {
   const double momentum = call.attrs.real("momentum");
   if (!(momentum >= 0.0 && momentum <= 1.0)) call.fail("momentum {} is outside [0, 1]", momentum);
   require_epsilon(call);
-  return {call.inputs[0]};
+  const TensorDesc channel = call.inputs[1];
+  return {call.inputs[0], channel, channel};  // y, saved mean, saved variance
 }
 
 void require_batch_statistics(const KernelCall& call, const ChannelGeometry& geometry) {
@@ -184,10 +186,9 @@ void update_running_statistics(const KernelCall& call, const ChannelGeometry& ge
 }
 
 // Per-channel mean and biased variance of x, accumulated in double (two passes: the mean, then
-// the squared deviations). Channels are split over the OpenMP threads and each row of S values
-// is summed as a vector reduction, so the result does not depend on the thread count. (One
-// thread with scalar loops took ~4 ms of batch_norm_grad's 10 ms on [88,32,28,28].) `mean` and
-// `variance` keep their capacity: no allocation after the first call.
+// the squared deviations), for the reference forward. Channels are split over the OpenMP
+// threads and each row of S values is summed as a vector reduction, so the result does not
+// depend on the thread count.
 template <class T>
 void batch_statistics(const T* x, const ChannelGeometry& geometry, std::vector<double>& mean,
                       std::vector<double>& variance) {
@@ -236,6 +237,8 @@ void batch_norm_reference(const KernelCall& call) {
     const T* running_mean = call.inputs[3].data<T>();
     const T* running_var = call.inputs[4].data<T>();
     T* dst = call.outputs[0].data<T>();
+    T* saved_mean = call.outputs[1].data<T>();
+    T* saved_variance = call.outputs[2].data<T>();
     std::vector<double> mean, variance;
     if (training) {
       batch_statistics(src, geometry, mean, variance);
@@ -247,6 +250,8 @@ void batch_norm_reference(const KernelCall& call) {
     }
     for (std::int64_t c = 0; c < geometry.channels; ++c) {
       const auto k = static_cast<std::size_t>(c);
+      saved_mean[c] = static_cast<T>(mean[k]);
+      saved_variance[c] = static_cast<T>(variance[k]);
       const double inverse_std = 1.0 / std::sqrt(variance[k] + epsilon);
       for (std::int64_t n = 0; n < geometry.batch; ++n) {
         for (std::int64_t s = 0; s < geometry.spatial; ++s) {
@@ -273,9 +278,11 @@ void* handle(const Tensor& tensor) {
 }
 
 // oneDNN batch_normalization_forward, f32. Both primitives (batch statistics for training,
-// running statistics for inference) are created once; the run's mode picks one. Images whose
-// channels fill whole blocks are reordered to the channel-blocked layout, where oneDNN runs a
-// JIT kernel instead of its generic NCHW one. Measured (raw oneDNN, [128,32,28,28], 2 threads):
+// running statistics for inference) are created once; the run's mode picks one. Training
+// writes the batch statistics straight into outputs 1 and 2 (the saved statistics the backward
+// reads); inference copies the running statistics there. Images whose channels fill whole
+// blocks are reordered to the channel-blocked layout, where oneDNN runs a JIT kernel instead
+// of its generic NCHW one. Measured (raw oneDNN, [128,32,28,28], 2 threads):
 // forward 7.8 ms on NCHW, 3.8 ms reorder + blocked + reorder back; backward 8.4 against 5.0.
 class BatchNormForwardKernel final : public Kernel {
  public:
@@ -294,17 +301,16 @@ class BatchNormForwardKernel final : public Kernel {
     for (auto* m : {&scale_, &shift_, &running_mean_, &running_var_}) {
       *m = dnnl::memory(channel_md, build.engine, nullptr);
     }
-    batch_mean_.resize(static_cast<std::size_t>(geometry_.channels));
-    batch_variance_.resize(static_cast<std::size_t>(geometry_.channels));
-    batch_mean_memory_ = dnnl::memory(channel_md, build.engine, batch_mean_.data());
-    batch_variance_memory_ = dnnl::memory(channel_md, build.engine, batch_variance_.data());
+    for (auto* m : {&saved_mean_, &saved_variance_}) {
+      *m = dnnl::memory(channel_md, build.engine, nullptr);
+    }
     training_ = PreparedPrimitive(make(dnnl::prop_kind::forward_training, scale_and_shift()),
                                   {{DNNL_ARG_SRC, src_.used()},
                                    {DNNL_ARG_DST, dst_.used()},
                                    {DNNL_ARG_SCALE, scale_},
                                    {DNNL_ARG_SHIFT, shift_},
-                                   {DNNL_ARG_MEAN, batch_mean_memory_},
-                                   {DNNL_ARG_VARIANCE, batch_variance_memory_}});
+                                   {DNNL_ARG_MEAN, saved_mean_},
+                                   {DNNL_ARG_VARIANCE, saved_variance_}});
     inference_ =
         PreparedPrimitive(make(dnnl::prop_kind::forward_inference, global_scale_and_shift()),
                           {{DNNL_ARG_SRC, src_.used()},
@@ -324,23 +330,29 @@ class BatchNormForwardKernel final : public Kernel {
     if (call.context.training) require_batch_statistics(call, geometry_);
     src_.load(stream, call.inputs[0].raw());
     dst_.bind(call.outputs[0].raw());
+    float* saved_mean = call.outputs[1].data<float>();
+    float* saved_variance = call.outputs[2].data<float>();
     if (call.context.training) {
+      saved_mean_.set_data_handle(saved_mean);
+      saved_variance_.set_data_handle(saved_variance);
       training_.execute(stream, "batch_norm");
       dst_.store(stream);
       stream.wait();  // the statistics are read on the host below
-      update_running_statistics<float>(call, geometry_, batch_mean_, batch_variance_);
+      update_running_statistics<float>(call, geometry_, saved_mean, saved_variance);
     } else {
       inference_.execute(stream, "batch_norm");
       dst_.store(stream);
+      const float* running_mean = call.inputs[3].data<float>();
+      const float* running_var = call.inputs[4].data<float>();
+      std::copy(running_mean, running_mean + geometry_.channels, saved_mean);
+      std::copy(running_var, running_var + geometry_.channels, saved_variance);
     }
   }
 
  private:
   ChannelGeometry geometry_;
   StagedMemory src_, dst_;
-  dnnl::memory scale_, shift_, running_mean_, running_var_;
-  std::vector<float> batch_mean_, batch_variance_;
-  dnnl::memory batch_mean_memory_, batch_variance_memory_;
+  dnnl::memory scale_, shift_, running_mean_, running_var_, saved_mean_, saved_variance_;
   PreparedPrimitive training_, inference_;
 };
 
@@ -351,15 +363,29 @@ KernelFactory batch_norm_onednn() {
   };
 }
 
-std::vector<InputSpec> batch_norm_inputs(Shape x_shape, bool with_dy) {
+// x, gamma, beta, running_mean, running_var.
+std::vector<InputSpec> batch_norm_inputs(const Shape& x_shape) {
   const std::int64_t channels = x_shape[1];
-  std::vector<InputSpec> inputs;
-  if (with_dy) inputs.push_back(spec(x_shape));
-  inputs.push_back(spec(x_shape, -2.0, 2.0));        // x
-  inputs.push_back(spec({channels}, 0.5, 1.5));      // gamma
-  if (!with_dy) inputs.push_back(spec({channels}));  // beta
-  inputs.push_back(spec({channels}));                // running_mean
-  inputs.push_back(spec({channels}, 0.5, 1.5));      // running_var (positive)
+  return {spec(x_shape, -2.0, 2.0), spec({channels}, 0.5, 1.5), spec({channels}), spec({channels}),
+          spec({channels}, 0.5, 1.5) /* running_var: positive */};
+}
+
+// dy, x, gamma, running_mean, running_var, saved_mean, saved_variance and, when
+// `with_statistics_grads`, the gradients of the two saved statistics. The saved statistics are
+// random, not those of x: the kernels must use what they are given.
+std::vector<InputSpec> batch_norm_grad_inputs(const Shape& x_shape, bool with_statistics_grads) {
+  const std::int64_t channels = x_shape[1];
+  std::vector<InputSpec> inputs{spec(x_shape),
+                                spec(x_shape, -2.0, 2.0),
+                                spec({channels}, 0.5, 1.5),
+                                spec({channels}),
+                                spec({channels}, 0.5, 1.5),
+                                spec({channels}, -0.5, 0.5),
+                                spec({channels}, 0.5, 1.5)};
+  if (with_statistics_grads) {
+    inputs.push_back(spec({channels}));
+    inputs.push_back(spec({channels}));
+  }
   return inputs;
 }
 
@@ -378,8 +404,18 @@ void register_batch_norm(OpRegistry& registry) {
   def.shape = batch_norm_rule;
   def.backward = [](const BackwardCall& c) -> std::vector<std::optional<Value>> {
     const auto& in = c.inputs;
-    std::vector<Value> grads =
-        batch_norm_grad(c.grad(), in[0], in[1], in[3], in[4], c.attrs().real("epsilon"));
+    // The backward reads the statistics the forward saved (outputs 1 and 2) instead of
+    // computing them again.
+    std::vector<Value> operands{c.grad(0), in[0], in[1], in[3], in[4], c.outputs[1], c.outputs[2]};
+    // When the saved statistics themselves reach the loss (the registry's gradcheck combines
+    // every output), their gradients go to batch_norm_grad too: only it knows the run's mode,
+    // which decides whether they depend on x or on the running statistics.
+    if (c.output_grads[1] || c.output_grads[2]) {
+      operands.push_back(c.grad(1));
+      operands.push_back(c.grad(2));
+    }
+    std::vector<Value> grads = c.graph.add_node("batch_norm_grad", std::move(operands),
+                                                {{"epsilon", c.attrs().real("epsilon")}});
     // grads: dx, dgamma, dbeta, drunning_mean, drunning_var; inputs: x, gamma, beta, mean, var.
     std::vector<std::optional<Value>> result(5);
     for (std::size_t i = 0; i < 5; ++i) {
@@ -392,13 +428,13 @@ void register_batch_norm(OpRegistry& registry) {
   def.onednn = batch_norm_onednn();
   def.samples = [] {
     return std::vector<Sample>{
-        {"[N, C]", batch_norm_inputs({6, 3}, false), batch_norm_attrs()},
-        {"[N, C, H, W]", batch_norm_inputs({2, 3, 2, 2}, false), batch_norm_attrs(0.2, 1e-3)},
-        {"one image, 3x3", batch_norm_inputs({1, 2, 3, 3}, false), batch_norm_attrs()},
+        {"[N, C]", batch_norm_inputs({6, 3}), batch_norm_attrs()},
+        {"[N, C, H, W]", batch_norm_inputs({2, 3, 2, 2}), batch_norm_attrs(0.2, 1e-3)},
+        {"one image, 3x3", batch_norm_inputs({1, 2, 3, 3}), batch_norm_attrs()},
     };
   };
   def.error_samples = [] {
-    auto inputs = batch_norm_inputs({4, 3}, false);
+    auto inputs = batch_norm_inputs({4, 3});
     auto rank3 = inputs;
     rank3[0] = spec({4, 3, 2});
     auto wrong_gamma = inputs;
@@ -421,9 +457,20 @@ void register_batch_norm(OpRegistry& registry) {
 std::vector<TensorDesc> batch_norm_grad_rule(const ShapeCall& call) {
   require_floating(call, 0);
   require_same_dtype(call);
+  if (call.inputs.size() != 7 && call.inputs.size() != 9) {
+    call.fail(
+        "takes 7 inputs (dy, x, gamma, running_mean, running_var, saved_mean, saved_variance) "
+        "or 9 (and the gradients of the two saved statistics), got {}",
+        call.inputs.size());
+  }
   const TensorDesc& x = call.inputs[1];
   if (call.inputs[0] != x) call.fail("dy {} must have the desc of x {}", call.inputs[0], x);
-  check_channel_inputs(call, x, 2, {"gamma", "running_mean", "running_var"});
+  check_channel_inputs(call, x, 2,
+                       {"gamma", "running_mean", "running_var", "saved_mean", "saved_variance"});
+  if (call.inputs.size() == 9) {
+    check_channel_inputs(call, x, 7,
+                         {"the gradient of saved_mean", "the gradient of saved_variance"});
+  }
   require_epsilon(call);
   const TensorDesc channel = call.inputs[2];
   return {x, channel, channel, channel, channel};
@@ -447,24 +494,23 @@ void batch_norm_grad_reference(const KernelCall& call) {
     T* diff_beta = call.outputs[2].data<T>();
     T* diff_running_mean = call.outputs[3].data<T>();
     T* diff_running_var = call.outputs[4].data<T>();
-    std::vector<double> mean, variance;
-    if (training) {
-      batch_statistics(src, geometry, mean, variance);
-    } else {
-      for (std::int64_t c = 0; c < geometry.channels; ++c) {
-        mean.push_back(static_cast<double>(running_mean[c]));
-        variance.push_back(static_cast<double>(running_var[c]));
-      }
-    }
+    // The statistics y was normalised with: saved by the forward (training) or the running ones.
+    const T* mean = training ? call.inputs[5].data<T>() : running_mean;
+    const T* variance = training ? call.inputs[6].data<T>() : running_var;
+    const bool with_statistics_grads = call.inputs.size() == 9;
     for (std::int64_t c = 0; c < geometry.channels; ++c) {
-      const auto k = static_cast<std::size_t>(c);
-      const double inverse_std = 1.0 / std::sqrt(variance[k] + epsilon);
+      const double mu = static_cast<double>(mean[c]);
+      const double inverse_std = 1.0 / std::sqrt(static_cast<double>(variance[c]) + epsilon);
       const double g = static_cast<double>(gamma[c]);
+      const double diff_mean =
+          with_statistics_grads ? static_cast<double>(call.inputs[7].data<T>()[c]) : 0.0;
+      const double diff_variance =
+          with_statistics_grads ? static_cast<double>(call.inputs[8].data<T>()[c]) : 0.0;
       double sum_dy = 0.0, sum_dy_xhat = 0.0;
       for (std::int64_t n = 0; n < geometry.batch; ++n) {
         for (std::int64_t s = 0; s < geometry.spatial; ++s) {
           const std::int64_t i = geometry.index(n, c, s);
-          const double xhat = (static_cast<double>(src[i]) - mean[k]) * inverse_std;
+          const double xhat = (static_cast<double>(src[i]) - mu) * inverse_std;
           sum_dy += static_cast<double>(diff_dst[i]);
           sum_dy_xhat += static_cast<double>(diff_dst[i]) * xhat;
         }
@@ -476,25 +522,32 @@ void batch_norm_grad_reference(const KernelCall& call) {
           const std::int64_t i = geometry.index(n, c, s);
           const double dy = static_cast<double>(diff_dst[i]);
           if (training) {
-            const double xhat = (static_cast<double>(src[i]) - mean[k]) * inverse_std;
+            const double centred = static_cast<double>(src[i]) - mu;
+            const double xhat = centred * inverse_std;
             diff_src[i] = static_cast<T>(g * inverse_std / count *
-                                         (count * dy - sum_dy - xhat * sum_dy_xhat));
+                                             (count * dy - sum_dy - xhat * sum_dy_xhat) +
+                                         (diff_mean + 2.0 * diff_variance * centred) / count);
           } else {
             diff_src[i] = static_cast<T>(g * inverse_std * dy);
           }
         }
       }
-      diff_running_mean[c] = static_cast<T>(training ? 0.0 : -g * inverse_std * sum_dy);
-      diff_running_var[c] =
-          static_cast<T>(training ? 0.0 : -0.5 * g * inverse_std * inverse_std * sum_dy_xhat);
+      diff_running_mean[c] = static_cast<T>(training ? 0.0 : -g * inverse_std * sum_dy + diff_mean);
+      diff_running_var[c] = static_cast<T>(
+          training ? 0.0 : -0.5 * g * inverse_std * inverse_std * sum_dy_xhat + diff_variance);
     }
   });
 }
 
-// oneDNN batch_normalization_backward, f32. Training: the batch statistics are recomputed
-// from x (batch_statistics, in double; the forward node saves nothing) and passed as
-// MEAN/VARIANCE. Inference: use_global_stats with the running statistics; the running
-// statistics' gradients follow from dγ and dβ on the host. Layouts as in the forward kernel.
+// oneDNN batch_normalization_backward, f32. Training: MEAN/VARIANCE are the statistics the
+// forward saved (inputs 5 and 6), so nothing is computed again. Inference: use_global_stats with
+// the running statistics; the running statistics' gradients follow from dγ and dβ on the host.
+// The gradients of the saved statistics (inputs 7 and 8, present only when they reach a loss)
+// are added on the host after the primitive. Layouts as in the forward kernel.
+// Precision: oneDNN accumulates the saved statistics in f32 (and their rounding depends on the
+// thread count); the forward's y already used them. Measured against dx with statistics in
+// double (the old recomputation), at [128,32,28,28] and [128,64,14,14]: |Δdx| / (1 + |dx|) up
+// to 3e-6 for data of mean ~0–5 and up to 3.5e-5 for mean ~100 and variance 1.
 class BatchNormBackwardKernel final : public Kernel {
  public:
   explicit BatchNormBackwardKernel(const KernelBuild& build)
@@ -518,13 +571,10 @@ class BatchNormBackwardKernel final : public Kernel {
     diff_dst_ = StagedMemory(data_md, layout, build.engine);
     src_ = StagedMemory(data_md, layout, build.engine);
     diff_src_ = StagedMemory(data_md, layout, build.engine);
-    for (auto* m : {&scale_, &running_mean_, &running_var_, &diff_scale_, &diff_shift_}) {
+    for (auto* m : {&scale_, &running_mean_, &running_var_, &saved_mean_, &saved_variance_,
+                    &diff_scale_, &diff_shift_}) {
       *m = dnnl::memory(channel_md, build.engine, nullptr);
     }
-    batch_mean_.resize(static_cast<std::size_t>(geometry_.channels));
-    batch_variance_.resize(static_cast<std::size_t>(geometry_.channels));
-    batch_mean_memory_ = dnnl::memory(channel_md, build.engine, batch_mean_.data());
-    batch_variance_memory_ = dnnl::memory(channel_md, build.engine, batch_variance_.data());
     unused_shift_.assign(static_cast<std::size_t>(geometry_.channels), 0.f);
     unused_shift_memory_ = dnnl::memory(channel_md, build.engine, unused_shift_.data());
     // oneDNN 2.6 requires SHIFT to be bound on backward with use_shift, though the gradients do
@@ -540,8 +590,7 @@ class BatchNormBackwardKernel final : public Kernel {
                                                        {DNNL_ARG_MEAN, mean},
                                                        {DNNL_ARG_VARIANCE, variance}};
     };
-    training_ = PreparedPrimitive(make(scale_and_shift()),
-                                  args(batch_mean_memory_, batch_variance_memory_));
+    training_ = PreparedPrimitive(make(scale_and_shift()), args(saved_mean_, saved_variance_));
     inference_ =
         PreparedPrimitive(make(global_scale_and_shift()), args(running_mean_, running_var_));
   }
@@ -551,6 +600,8 @@ class BatchNormBackwardKernel final : public Kernel {
     scale_.set_data_handle(handle(call.inputs[2]));
     running_mean_.set_data_handle(handle(call.inputs[3]));
     running_var_.set_data_handle(handle(call.inputs[4]));
+    saved_mean_.set_data_handle(handle(call.inputs[5]));
+    saved_variance_.set_data_handle(handle(call.inputs[6]));
     diff_scale_.set_data_handle(call.outputs[1].raw());
     diff_shift_.set_data_handle(call.outputs[2].raw());
     float* diff_running_mean = call.outputs[3].data<float>();
@@ -558,17 +609,16 @@ class BatchNormBackwardKernel final : public Kernel {
     diff_dst_.load(stream, call.inputs[0].raw());
     src_.load(stream, call.inputs[1].raw());
     diff_src_.bind(call.outputs[0].raw());
+    const bool with_statistics_grads = call.inputs.size() == 9;
+    const std::int64_t channels = geometry_.channels;
     if (call.context.training) {
-      batch_statistics(call.inputs[1].data<float>(), geometry_, mean_, variance_);
-      for (std::size_t c = 0; c < mean_.size(); ++c) {
-        batch_mean_[c] = static_cast<float>(mean_[c]);
-        batch_variance_[c] = static_cast<float>(variance_[c]);
-      }
       training_.execute(stream, "batch_norm_grad");
       diff_src_.store(stream);
-      for (std::int64_t c = 0; c < geometry_.channels; ++c) {
-        diff_running_mean[c] = 0.f;
-        diff_running_var[c] = 0.f;
+      std::fill(diff_running_mean, diff_running_mean + channels, 0.f);
+      std::fill(diff_running_var, diff_running_var + channels, 0.f);
+      if (with_statistics_grads) {
+        stream.wait();  // dx is updated on the host below
+        add_statistics_gradients(call);
       }
     } else {
       inference_.execute(stream, "batch_norm_grad");
@@ -578,7 +628,7 @@ class BatchNormBackwardKernel final : public Kernel {
       const float* running_var = call.inputs[4].data<float>();
       const float* diff_gamma = call.outputs[1].data<float>();
       const float* diff_beta = call.outputs[2].data<float>();
-      for (std::int64_t c = 0; c < geometry_.channels; ++c) {
+      for (std::int64_t c = 0; c < channels; ++c) {
         const double inverse_std = 1.0 / std::sqrt(static_cast<double>(running_var[c]) + epsilon_);
         const double g = static_cast<double>(gamma[c]);
         diff_running_mean[c] =
@@ -586,17 +636,42 @@ class BatchNormBackwardKernel final : public Kernel {
         diff_running_var[c] = static_cast<float>(-0.5 * g * inverse_std * inverse_std *
                                                  static_cast<double>(diff_gamma[c]));
       }
+      if (with_statistics_grads) {  // the saved statistics are the running ones
+        for (std::int64_t c = 0; c < channels; ++c) {
+          diff_running_mean[c] += call.inputs[7].data<float>()[c];
+          diff_running_var[c] += call.inputs[8].data<float>()[c];
+        }
+      }
     }
   }
 
  private:
+  // Training: dx += (dμ + 2 dσ² (x − μ)) / M, on the plain (NCHW) dx.
+  void add_statistics_gradients(const KernelCall& call) const {
+    const float* src = call.inputs[1].data<float>();
+    const float* mean = call.inputs[5].data<float>();
+    const float* diff_mean = call.inputs[7].data<float>();
+    const float* diff_variance = call.inputs[8].data<float>();
+    float* diff_src = call.outputs[0].data<float>();
+    const float inverse_count = 1.0f / static_cast<float>(geometry_.per_channel());
+    for (std::int64_t n = 0; n < geometry_.batch; ++n) {
+      for (std::int64_t c = 0; c < geometry_.channels; ++c) {
+        for (std::int64_t s = 0; s < geometry_.spatial; ++s) {
+          const std::int64_t i = geometry_.index(n, c, s);
+          diff_src[i] +=
+              (diff_mean[c] + 2.0f * diff_variance[c] * (src[i] - mean[c])) * inverse_count;
+        }
+      }
+    }
+  }
+
   ChannelGeometry geometry_;
   double epsilon_;
   StagedMemory diff_dst_, src_, diff_src_;
-  dnnl::memory scale_, running_mean_, running_var_, diff_scale_, diff_shift_;
-  std::vector<float> batch_mean_, batch_variance_, unused_shift_;
-  std::vector<double> mean_, variance_;  // batch statistics in double, reused each run
-  dnnl::memory batch_mean_memory_, batch_variance_memory_, unused_shift_memory_;
+  dnnl::memory scale_, running_mean_, running_var_, saved_mean_, saved_variance_, diff_scale_,
+      diff_shift_;
+  std::vector<float> unused_shift_;
+  dnnl::memory unused_shift_memory_;
   PreparedPrimitive training_, inference_;
 };
 
@@ -604,10 +679,13 @@ void register_batch_norm_grad(OpRegistry& registry) {
   OpDef def;
   def.name = "batch_norm_grad";
   def.formula =
-      "batch_norm's backward: {dx, dγ, dβ, drunning_mean, drunning_var}; training: dβ = Σ dy, "
-      "dγ = Σ dy x̂, dx = γ/(M σ̂) (M dy − dβ − x̂ dγ); inference: dx = γ dy / σ̂, drunning_mean "
-      "= −γ dβ / σ̂, drunning_var = −γ dγ / (2 σ̂²)";
-  def.min_inputs = def.max_inputs = 5;
+      "batch_norm's backward: {dx, dγ, dβ, drunning_mean, drunning_var} from dy, x, γ, the "
+      "running and the saved statistics (and optionally dμ, dσ² of the saved ones); training "
+      "(x̂ from the saved μ, σ²): dβ = Σ dy, dγ = Σ dy x̂, dx = γ/(M σ̂) (M dy − dβ − x̂ dγ) "
+      "[+ (dμ + 2 dσ² (x − μ))/M]; inference: dx = γ dy / σ̂, drunning_mean = −γ dβ / σ̂ "
+      "[+ dμ], drunning_var = −γ dγ / (2 σ̂²) [+ dσ²]";
+  def.min_inputs = 7;
+  def.max_inputs = 9;
   def.shape = batch_norm_grad_rule;
   def.no_gradient = "second-order gradients of batch_norm are not implemented";
   def.reference = batch_norm_grad_reference;
@@ -618,15 +696,23 @@ void register_batch_norm_grad(OpRegistry& registry) {
   def.samples = [] {
     Attrs attrs{{"epsilon", 1e-5}};
     return std::vector<Sample>{
-        {"[N, C]", batch_norm_inputs({6, 3}, true), attrs},
-        {"[N, C, H, W]", batch_norm_inputs({2, 3, 2, 2}, true), attrs},
+        {"[N, C]", batch_norm_grad_inputs({6, 3}, false), attrs},
+        {"[N, C, H, W]", batch_norm_grad_inputs({2, 3, 2, 2}, false), attrs},
+        {"with the saved statistics' gradients", batch_norm_grad_inputs({2, 3, 2, 2}, true), attrs},
     };
   };
   def.error_samples = [] {
-    auto inputs = batch_norm_inputs({4, 3}, true);
-    inputs[0] = spec({4, 2});
+    const Attrs attrs{{"epsilon", 1e-5}};
+    auto wrong_dy = batch_norm_grad_inputs({4, 3}, false);
+    wrong_dy[0] = spec({4, 2});
+    auto wrong_saved = batch_norm_grad_inputs({4, 3}, false);
+    wrong_saved[6] = spec({2});
+    auto eight = batch_norm_grad_inputs({4, 3}, true);
+    eight.pop_back();
     return std::vector<ErrorSample>{
-        {"dy of another shape", inputs, Attrs{{"epsilon", 1e-5}}, "must have the desc of x"}};
+        {"dy of another shape", wrong_dy, attrs, "must have the desc of x"},
+        {"saved_variance of 2 channels", wrong_saved, attrs, "saved_variance must be [3]"},
+        {"one saved statistic's gradient", eight, attrs, "takes 7 inputs"}};
   };
   registry.add(std::move(def));
 }
@@ -850,19 +936,29 @@ Value dropconnect(const Value& w, double rate, std::int64_t seed, bool vary_with
                             where)[0];
 }
 
+std::vector<Value> batch_norm_with_statistics(const Value& x, const Value& gamma, const Value& beta,
+                                              const Value& running_mean, const Value& running_var,
+                                              double momentum, double epsilon,
+                                              std::source_location where) {
+  if (!x.valid()) throw GraphError("batch_norm: the input is an empty Value");
+  return x.graph().add_node("batch_norm", {x, gamma, beta, running_mean, running_var},
+                            {{"momentum", momentum}, {"epsilon", epsilon}}, where);
+}
+
 Value batch_norm(const Value& x, const Value& gamma, const Value& beta, const Value& running_mean,
                  const Value& running_var, double momentum, double epsilon,
                  std::source_location where) {
-  if (!x.valid()) throw GraphError("batch_norm: the input is an empty Value");
-  return x.graph().apply("batch_norm", {x, gamma, beta, running_mean, running_var},
-                         {{"momentum", momentum}, {"epsilon", epsilon}}, where);
+  return batch_norm_with_statistics(x, gamma, beta, running_mean, running_var, momentum, epsilon,
+                                    where)[0];
 }
 
 std::vector<Value> batch_norm_grad(const Value& dy, const Value& x, const Value& gamma,
                                    const Value& running_mean, const Value& running_var,
+                                   const Value& saved_mean, const Value& saved_variance,
                                    double epsilon, std::source_location where) {
   if (!dy.valid()) throw GraphError("batch_norm_grad: the input is an empty Value");
-  return dy.graph().add_node("batch_norm_grad", {dy, x, gamma, running_mean, running_var},
+  return dy.graph().add_node("batch_norm_grad",
+                             {dy, x, gamma, running_mean, running_var, saved_mean, saved_variance},
                              {{"epsilon", epsilon}}, where);
 }
 

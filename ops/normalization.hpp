@@ -66,19 +66,36 @@ Value dropconnect(const Value& w, double rate, std::int64_t seed = 0, bool vary_
 // (inference is fine).
 // Gradients flow to x, gamma, beta in both modes and, in inference mode, to running_mean and
 // running_var as well (in training mode y does not depend on them: their gradient is 0).
-// The backward is one batch_norm_grad node; second-order gradients are not implemented.
+//
+// The node has three outputs: y, and the statistics y was normalised with, saved for the
+// backward (like dropout's mask): training: the batch mean μ and biased variance σ² per
+// channel (what oneDNN's forward computes, in f32 for f32); inference: copies of running_mean
+// and running_var. The backward is one batch_norm_grad node reading them, so it does not
+// compute the batch statistics again. Second-order gradients are not implemented.
 Value batch_norm(const Value& x, const Value& gamma, const Value& beta, const Value& running_mean,
                  const Value& running_var, double momentum = 0.1, double epsilon = 1e-5,
                  std::source_location where = std::source_location::current());
+// All three outputs of batch_norm: {y, saved mean [C], saved variance [C]}. The saved
+// statistics are differentiable like y (training: ∂μ/∂x = 1/M, ∂σ²/∂x = 2 (x − μ)/M;
+// inference: they are the running statistics).
+std::vector<Value> batch_norm_with_statistics(
+    const Value& x, const Value& gamma, const Value& beta, const Value& running_mean,
+    const Value& running_var, double momentum = 0.1, double epsilon = 1e-5,
+    std::source_location where = std::source_location::current());
 
 // batch_norm's backward: {dx, dgamma, dbeta, drunning_mean, drunning_var} for the incoming
-// gradient dy. In training it recomputes the batch statistics μ, σ² from x (x̂ = (x − μ)/σ̂,
-// σ̂ = √(σ²+ε)):
+// gradient dy, given the statistics batch_norm saved (saved_mean, saved_variance: its outputs 1
+// and 2). With x̂ = (x − μ)/σ̂, σ̂ = √(σ²+ε), training (μ, σ² = the saved statistics):
 //   dβ = Σ dy,  dγ = Σ dy x̂,  dx = γ / (M σ̂) (M dy − dβ − x̂ dγ),  drunning_* = 0;
-// in inference (x̂ from the running statistics):
+// inference (μ, σ² = the running statistics; the saved ones are not read):
 //   dx = γ dy / σ̂,  drunning_mean = −γ dβ / σ̂,  drunning_var = −γ dγ / (2 σ̂²).
+// The node takes two more inputs, the gradients dμ, dσ² of the saved statistics, when those
+// reach the loss (batch_norm's backward rule adds them only then):
+//   training: dx += (dμ + 2 dσ² (x − μ)) / M;  inference: drunning_mean += dμ,
+//   drunning_var += dσ².
 std::vector<Value> batch_norm_grad(const Value& dy, const Value& x, const Value& gamma,
                                    const Value& running_mean, const Value& running_var,
+                                   const Value& saved_mean, const Value& saved_variance,
                                    double epsilon = 1e-5,
                                    std::source_location where = std::source_location::current());
 

@@ -19,7 +19,7 @@ BUILD_DIR=${BUILD_DIR:-build}
 OUT_DIR=${OUT_DIR:-$BUILD_DIR/bench-results}
 mkdir -p "$OUT_DIR"
 WORKLOADS=${WORKLOADS:-"mlp_train_step/32 mlp_train_step/128 mlp_train_step/512 cnn_train_step/64
-  mlp_train_step_threads/128/1 mlp_train_step_threads/128/2"}
+  cnn_bn_train_step/64 mlp_train_step_threads/128/1 mlp_train_step_threads/128/2"}
 
 with_torch=OFF
 if dpkg -s libtorch-dev >/dev/null 2>&1; then

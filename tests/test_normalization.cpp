@@ -376,6 +376,161 @@ TEST(BatchNorm, OneDnnMatchesReferenceOnPlainAndChannelBlockedLayouts) {
   }
 }
 
+// The backward reads the statistics the forward saved: batch_norm_grad's inputs 5 and 6 are
+// batch_norm's outputs 1 and 2, and no node of the gradient computes a mean of x.
+TEST(BatchNorm, BackwardReadsTheStatisticsTheForwardSaved) {
+  BatchNormGraph bn({4, 3, 2, 2}, {0, 0, 0}, {1, 1, 1});
+  Value loss = sum(mul(bn.y, bn.y));
+  const std::size_t before = bn.g.size();
+  auto grads = grad(loss, {bn.x, bn.gamma, bn.beta});
+  const Node& forward = bn.g.node(bn.y.node_id());
+  ASSERT_EQ(forward.outputs.size(), 3u);  // y, saved mean, saved variance
+  const Node* backward = nullptr;
+  for (NodeId id = before; id < bn.g.size(); ++id) {
+    const Node& n = bn.g.node(id);
+    EXPECT_NE(n.op, "mean") << "a gradient node computes a mean";
+    if (n.op == "batch_norm_grad") backward = &n;
+  }
+  ASSERT_NE(backward, nullptr);
+  ASSERT_EQ(backward->inputs.size(), 7u);  // the saved statistics do not reach the loss
+  EXPECT_EQ(backward->inputs[5], bn.g.output(forward.id, 1));
+  EXPECT_EQ(backward->inputs[6], bn.g.output(forward.id, 2));
+}
+
+class BatchNormGradBackends : public ::testing::TestWithParam<Backend> {};
+
+// batch_norm_grad given statistics that are NOT those of x must use them: a kernel that
+// recomputed μ, σ² from x would give other values. Expected values from the formula in double.
+TEST_P(BatchNormGradBackends, TrainingUsesTheSavedStatisticsItIsGiven) {
+  for (const Shape& shape : {Shape{6, 3}, Shape{3, 16, 3, 5}}) {
+    SCOPED_TRACE(shape.str());
+    const std::int64_t channels = shape[1];
+    Graph g;
+    Value dy = g.input("dy", shape), x = g.input("x", shape);
+    Value gamma = g.input("gamma", {channels});
+    Value running_mean = g.input("running_mean", {channels});
+    Value running_var = g.input("running_var", {channels});
+    Value saved_mean = g.input("saved_mean", {channels});
+    Value saved_variance = g.input("saved_variance", {channels});
+    auto grads =
+        batch_norm_grad(dy, x, gamma, running_mean, running_var, saved_mean, saved_variance);
+    const Tensor dy_value = random_tensor(shape, 1, -1, 1), x_value = random_tensor(shape, 2, 1, 5);
+    const Tensor gamma_value = random_tensor({channels}, 3, 0.5, 1.5);
+    // Far from x's statistics (mean ~3, variance ~1.3).
+    const Tensor mean_value = random_tensor({channels}, 4, -1, 0);
+    const Tensor variance_value = random_tensor({channels}, 5, 4, 6);
+    Plan plan = compile(g, grads, {.backend = GetParam()});
+    auto out = plan.run({{dy, dy_value},
+                         {x, x_value},
+                         {gamma, gamma_value},
+                         {running_mean, Tensor::full({channels}, 0.0)},
+                         {running_var, Tensor::full({channels}, 1.0)},
+                         {saved_mean, mean_value},
+                         {saved_variance, variance_value}},
+                        training());
+    const std::int64_t spatial = shape.rank() == 4 ? shape[2] * shape[3] : 1;
+    const double count = static_cast<double>(shape[0] * spatial);
+    for (std::int64_t c = 0; c < channels; ++c) {
+      const double mu = mean_value.at(c);
+      const double inverse_std = 1.0 / std::sqrt(variance_value.at(c) + 1e-5);
+      auto index = [&](std::int64_t n, std::int64_t s) { return (n * channels + c) * spatial + s; };
+      double sum_dy = 0.0, sum_dy_xhat = 0.0;
+      for (std::int64_t n = 0; n < shape[0]; ++n) {
+        for (std::int64_t s = 0; s < spatial; ++s) {
+          sum_dy += dy_value.at(index(n, s));
+          sum_dy_xhat += dy_value.at(index(n, s)) * (x_value.at(index(n, s)) - mu) * inverse_std;
+        }
+      }
+      EXPECT_NEAR(out[2].at(c), sum_dy, 1e-4 * (1 + std::abs(sum_dy))) << "dbeta " << c;
+      EXPECT_NEAR(out[1].at(c), sum_dy_xhat, 1e-4 * (1 + std::abs(sum_dy_xhat))) << "dgamma " << c;
+      for (std::int64_t n = 0; n < shape[0]; ++n) {
+        for (std::int64_t s = 0; s < spatial; ++s) {
+          const double xhat = (x_value.at(index(n, s)) - mu) * inverse_std;
+          const double expected = gamma_value.at(c) * inverse_std / count *
+                                  (count * dy_value.at(index(n, s)) - sum_dy - xhat * sum_dy_xhat);
+          EXPECT_NEAR(out[0].at(index(n, s)), expected, 1e-4 * (1 + std::abs(expected)))
+              << "dx at n " << n << " c " << c << " s " << s;
+        }
+      }
+      EXPECT_EQ(out[3].at(c), 0.0);
+      EXPECT_EQ(out[4].at(c), 0.0);
+    }
+  }
+}
+
+INSTANTIATE_TEST_SUITE_P(Backends, BatchNormGradBackends,
+                         ::testing::Values(Backend::onednn, Backend::reference),
+                         [](const auto& info) {
+                           return info.param == Backend::onednn ? "onednn" : "reference";
+                         });
+
+// Training on inputs far from zero mean and unit variance (mean ~6, variance ~12 per channel,
+// 16 channels: the channel-blocked layout), forward and backward: the oneDNN kernels (f32
+// statistics from oneDNN's forward) against the reference ones (statistics in double), and the
+// saved statistics against the mean and biased variance of x computed here in double.
+TEST(BatchNorm, OneDnnMatchesReferenceWithFarFromStandardStatistics) {
+  const Shape shape{8, 16, 6, 5};
+  const std::int64_t c = shape[1];
+  Graph g;
+  Value x = g.input("x", shape);
+  Value gamma = g.input("gamma", {c});
+  Value beta = g.input("beta", {c});
+  Value mean = g.input("mean", {c});
+  Value var = g.input("var", {c});
+  auto outputs = batch_norm_with_statistics(x, gamma, beta, mean, var);
+  Value loss = sum(mul(outputs[0], g.constant(random_tensor(shape, 5, -1, 1))));
+  for (const Value& v : grad(loss, {x, gamma, beta})) outputs.push_back(v);
+  const Tensor x_value = random_tensor(shape, 1, 0, 12);
+  auto feeds = [&] {
+    return Feeds{{x, x_value},
+                 {gamma, random_tensor({c}, 2, 0.5, 1.5)},
+                 {beta, random_tensor({c}, 3, -1, 1)},
+                 {mean, Tensor::full({c}, 0.0)},
+                 {var, Tensor::full({c}, 1.0)}};
+  };
+  Plan onednn = compile(g, outputs);
+  Plan reference = compile(g, outputs, {.backend = Backend::reference});
+  auto actual = onednn.run(feeds(), training());
+  auto expected = reference.run(feeds(), training());
+  EXPECT_GE(onednn.num_onednn_steps(), 2u);  // forward and backward batch norm
+  const char* names[] = {"y", "saved mean", "saved variance", "dx", "dgamma", "dbeta"};
+  for (std::size_t k = 0; k < expected.size(); ++k) {
+    for (std::int64_t i = 0; i < expected[k].numel(); ++i) {
+      ASSERT_NEAR(actual[k].at(i), expected[k].at(i), 1e-4 * (1 + std::abs(expected[k].at(i))))
+          << names[k] << " element " << i;
+    }
+  }
+  const std::int64_t spatial = shape[2] * shape[3];
+  const double count = static_cast<double>(shape[0] * spatial);
+  for (std::int64_t ch = 0; ch < c; ++ch) {
+    double total = 0.0, squares = 0.0;
+    for (std::int64_t n = 0; n < shape[0]; ++n) {
+      for (std::int64_t s = 0; s < spatial; ++s) total += x_value.at((n * c + ch) * spatial + s);
+    }
+    const double mu = total / count;
+    for (std::int64_t n = 0; n < shape[0]; ++n) {
+      for (std::int64_t s = 0; s < spatial; ++s) {
+        const double d = x_value.at((n * c + ch) * spatial + s) - mu;
+        squares += d * d;
+      }
+    }
+    EXPECT_NEAR(actual[1].at(ch), mu, 1e-5 * mu) << "channel " << ch;
+    EXPECT_NEAR(actual[2].at(ch), squares / count, 1e-5 * squares / count) << "channel " << ch;
+  }
+}
+
+TEST_P(BatchNormBackends, InferenceSavesCopiesOfTheRunningStatistics) {
+  Graph g;
+  Value x = g.input("x", {2, 2});
+  auto outputs = batch_norm_with_statistics(
+      x, g.constant(Tensor::full({2}, 1.0)), g.constant(Tensor::full({2}, 0.0)),
+      g.constant(Tensor::from({1.0, -2.0}, {2})), g.constant(Tensor::from({3.0, 0.25}, {2})));
+  Plan plan = compile(g, outputs, {.backend = GetParam()});
+  auto out = plan.run({{x, Tensor::from({1, 0, 5, 2}, {2, 2})}}, inference());
+  EXPECT_EQ(out[1].to_doubles(), (std::vector<double>{1.0, -2.0}));
+  EXPECT_EQ(out[2].to_doubles(), (std::vector<double>{3.0, 0.25}));
+}
+
 TEST(BatchNorm, RefusesMismatchedShapesNamingTheInput) {
   Graph g;
   Value x = g.input("x", {4, 3});

@@ -1,7 +1,8 @@
 // The training steps of bench_train.cpp in libtorch, for comparison (same models, batch sizes,
 // loss, SGD with lr 0.01 and thread count), named like dagrad's with a `torch_` prefix:
 //   torch_mlp_train_step/<batch>, torch_cnn_train_step/<batch>,
-//   torch_mlp_train_step_threads/<batch>/<threads>
+//   torch_cnn_bn_train_step/<batch> (the CNN with BatchNorm2d after each convolution, before
+//   its relu), torch_mlp_train_step_threads/<batch>/<threads>
 // One iteration = zero_grad + forward + cross_entropy + backward + SGD step: the idiomatic
 // libtorch step. items_per_second = samples/s; GFLOPs uses the same analytic count as dagrad's.
 // Threads: DAGRAD_THREADS (0 or unset = all cores), applied with at::set_num_threads.
@@ -75,6 +76,32 @@ struct CnnImpl : torch::nn::Module {
 };
 TORCH_MODULE(Cnn);
 
+// The CNN with batch normalisation (torch::nn::BatchNorm2d: affine γ, β; momentum 0.1; ε 1e-5,
+// as dagrad's defaults) after each convolution, before its relu. Trained in training mode.
+struct CnnBnImpl : torch::nn::Module {
+  torch::nn::Conv2d conv1{nullptr}, conv2{nullptr};
+  torch::nn::BatchNorm2d bn1{nullptr}, bn2{nullptr};
+  torch::nn::Linear fc1{nullptr}, fc2{nullptr};
+  CnnBnImpl() {
+    conv1 =
+        register_module("conv1", torch::nn::Conv2d(torch::nn::Conv2dOptions(1, 32, 5).padding(2)));
+    bn1 = register_module("bn1", torch::nn::BatchNorm2d(32));
+    conv2 =
+        register_module("conv2", torch::nn::Conv2d(torch::nn::Conv2dOptions(32, 64, 5).padding(2)));
+    bn2 = register_module("bn2", torch::nn::BatchNorm2d(64));
+    fc1 = register_module("fc1", torch::nn::Linear(64 * 7 * 7, 1024));
+    fc2 = register_module("fc2", torch::nn::Linear(1024, classes));
+  }
+  torch::Tensor forward(const torch::Tensor& x) {
+    auto h = torch::max_pool2d(torch::relu(bn1(conv1(x))), 2, 2);  // 14x14
+    h = torch::max_pool2d(torch::relu(bn2(conv2(h))), 2, 2);       // 7x7
+    return fc2(torch::relu(fc1(h.flatten(1))));
+  }
+  static double flops(std::int64_t batch) { return CnnImpl::flops(batch); }  // BN not counted
+  static std::vector<std::int64_t> input_shape(std::int64_t batch) { return {batch, 1, 28, 28}; }
+};
+TORCH_MODULE(CnnBn);
+
 template <class Model>
 void run_train_step(benchmark::State& state, int threads) {
   at::set_num_threads(threads);
@@ -113,6 +140,9 @@ void torch_mlp_train_step(benchmark::State& state) {
 void torch_cnn_train_step(benchmark::State& state) {
   run_train_step<Cnn>(state, threads_from_env());
 }
+void torch_cnn_bn_train_step(benchmark::State& state) {
+  run_train_step<CnnBn>(state, threads_from_env());
+}
 void torch_mlp_train_step_threads(benchmark::State& state) {
   run_train_step<Mlp>(state, static_cast<int>(state.range(1)));
 }
@@ -124,6 +154,7 @@ BENCHMARK(torch_mlp_train_step)
     ->Unit(benchmark::kMillisecond)
     ->UseRealTime();
 BENCHMARK(torch_cnn_train_step)->Arg(64)->Unit(benchmark::kMillisecond)->UseRealTime();
+BENCHMARK(torch_cnn_bn_train_step)->Arg(64)->Unit(benchmark::kMillisecond)->UseRealTime();
 BENCHMARK(torch_mlp_train_step_threads)
     ->Args({128, 1})
     ->Args({128, 2})
