@@ -18,6 +18,18 @@ std::shared_ptr<void> allocate(std::size_t bytes) {
   return std::shared_ptr<void>(memory, [](void* p) { std::free(p); });
 }
 
+// oneDNN 2.6's SGEMM (AVX2, no-copy path) runs x·W at about 60 % of its speed when W's rows are
+// a multiple of 4 KiB apart and W starts on a 64-byte boundary. Measured with a raw oneDNN
+// matmul, [64,3136]·[3136,1024], one thread: 38 GFLOP/s at offsets 0 and 64, 29 at 32, 63–64 at
+// 16 bytes past a 64-byte boundary; shapes with other row lengths ([128,784]·[784,256], ...)
+// are the same at every offset. Such f32 matrices (a dense layer with 1024 outputs) therefore
+// start 16 bytes past a 64-byte boundary.
+std::size_t storage_offset(const TensorDesc& desc) {
+  if (desc.dtype != DType::f32 || desc.shape.rank() < 2) return 0;
+  const std::size_t row_bytes = static_cast<std::size_t>(desc.shape.dims().back()) * sizeof(float);
+  return row_bytes > 0 && row_bytes % 4096 == 0 ? Tensor::row_offset_4k : 0;
+}
+
 template <class F>
 decltype(auto) visit_dtype(DType dtype, F&& f) {
   switch (dtype) {
@@ -37,8 +49,9 @@ Tensor::Tensor(TensorDesc desc) : desc_(std::move(desc)) {
   for (auto d : desc_.shape.dims()) {
     if (d < 0) throw ShapeError(fmt::format("tensor: negative dimension in shape {}", desc_.shape));
   }
-  owner_ = allocate(desc_.bytes());
-  data_ = owner_.get();
+  const std::size_t offset = storage_offset(desc_);
+  owner_ = allocate(desc_.bytes() + offset);
+  data_ = static_cast<char*>(owner_.get()) + offset;
 }
 
 Tensor Tensor::from(std::span<const double> values, Shape shape, DType dtype) {

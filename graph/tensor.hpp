@@ -1,4 +1,6 @@
-// Tensor: dense row-major storage, 64-byte aligned, shared by reference.
+// Tensor: dense row-major storage, 64-byte aligned (f32 matrices whose rows are a multiple of
+// 4 KiB long start row_offset_4k bytes later: oneDNN's SGEMM is slow on them otherwise, see
+// tensor.cpp), shared by reference.
 // Lives in graph/ (not runtime/) because parameters and constants keep their data in the graph.
 #pragma once
 
@@ -15,6 +17,7 @@ namespace dagrad {
 class Tensor {
  public:
   static constexpr std::size_t alignment = 64;
+  static constexpr std::size_t row_offset_4k = 16;
 
   Tensor() = default;
   // Allocates zero-filled storage for `desc`.

@@ -139,5 +139,21 @@ TEST(Tensor, FromChecksTheCountAndConverts) {
   EXPECT_EQ(reinterpret_cast<std::uintptr_t>(t.raw()) % 64, 0u);
 }
 
+// f32 matrices whose rows are a multiple of 4 KiB start 16 bytes past a 64-byte boundary (oneDNN
+// SGEMM speed, graph/tensor.cpp); everything else is 64-byte aligned, and the data is intact.
+TEST(Tensor, FourKibRowsStartSixteenBytesIn) {
+  auto address = [](const Tensor& t) { return reinterpret_cast<std::uintptr_t>(t.raw()); };
+  Tensor w = Tensor::full({3, 1024}, 2.5);
+  EXPECT_EQ(address(w) % 64, Tensor::row_offset_4k);
+  EXPECT_EQ(address(Tensor(Shape{2, 2048}, DType::f32)) % 64, Tensor::row_offset_4k);
+  EXPECT_EQ(address(w.clone()) % 64, Tensor::row_offset_4k);
+  EXPECT_EQ(w.at(3 * 1024 - 1), 2.5);  // the last element is inside the allocation
+  for (const Tensor& t : {Tensor(Shape{1024}, DType::f32), Tensor(Shape{3, 1000}, DType::f32),
+                          Tensor(Shape{3, 1024}, DType::f64), Tensor(Shape{3, 512}, DType::f64),
+                          Tensor(Shape{3, 1024}, DType::i32)}) {
+    EXPECT_EQ(address(t) % 64, 0u) << fmt::format("{}", t.desc());
+  }
+}
+
 }  // namespace
 }  // namespace dagrad
