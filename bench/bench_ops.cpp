@@ -71,6 +71,9 @@ std::vector<OpCase> op_cases() {
       // The CNN's two batch-norm layers at batch 128 (after conv1 and conv2).
       {"batch_norm/128x32x28x28", Shape{128, 32, 28, 28}, batch_norm_case(32)},
       {"batch_norm/128x64x14x14", Shape{128, 64, 14, 14}, batch_norm_case(64)},
+      // The CNN's second batch-norm layer at batch 64, and a dense layer's [N, C].
+      {"batch_norm/64x64x14x14", Shape{64, 64, 14, 14}, batch_norm_case(64)},
+      {"batch_norm/128x1024", dense, batch_norm_case(1024)},
   };
 }
 
