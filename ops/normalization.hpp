@@ -69,8 +69,8 @@ Value dropconnect(const Value& w, double rate, std::int64_t seed = 0, bool vary_
 //
 // The node has three outputs: y, and the statistics y was normalised with, saved for the
 // backward (like dropout's mask): training: the batch mean μ and biased variance σ² per
-// channel (what oneDNN's forward computes, in f32 for f32); inference: copies of running_mean
-// and running_var. The backward is one batch_norm_grad node reading them, so it does not
+// channel (accumulated in double, stored in x's dtype); inference: copies of running_mean and
+// running_var. The backward is one batch_norm_grad node reading them, so it does not
 // compute the batch statistics again. Second-order gradients are not implemented.
 Value batch_norm(const Value& x, const Value& gamma, const Value& beta, const Value& running_mean,
                  const Value& running_var, double momentum = 0.1, double epsilon = 1e-5,

@@ -321,9 +321,9 @@ TEST(BatchNorm, GradientsMatchCentralDifferencesInTrainingAndInference) {
   }
 }
 
-// The registry compares kernels on small channel counts; this covers inference (use_global_stats)
-// and images whose channels fill whole blocks (16: the oneDNN kernels reorder to nChw8c or
-// nChw16c and back), in both modes, forward and backward.
+// The registry compares kernels on small channel counts; this covers inference and images whose
+// channels fill whole blocks of 8 and 16 (the layouts oneDNN's kernels used to reorder to; the
+// onednn slot now holds dagrad's own loops), in both modes, forward and backward.
 TEST(BatchNorm, OneDnnMatchesReferenceOnPlainAndChannelBlockedLayouts) {
   for (const Shape& shape : {Shape{3, 4, 2, 2}, Shape{3, 16, 3, 5}}) {
     for (bool training : {false, true}) {
@@ -465,9 +465,8 @@ INSTANTIATE_TEST_SUITE_P(Backends, BatchNormGradBackends,
                          });
 
 // Training on inputs far from zero mean and unit variance (mean ~6, variance ~12 per channel,
-// 16 channels: the channel-blocked layout), forward and backward: the oneDNN kernels (f32
-// statistics from oneDNN's forward) against the reference ones (statistics in double), and the
-// saved statistics against the mean and biased variance of x computed here in double.
+// 16 channels), forward and backward: the onednn slot's kernels against the reference ones, and
+// the saved statistics against the mean and biased variance of x computed here in double.
 TEST(BatchNorm, OneDnnMatchesReferenceWithFarFromStandardStatistics) {
   const Shape shape{8, 16, 6, 5};
   const std::int64_t c = shape[1];
@@ -529,6 +528,103 @@ TEST_P(BatchNormBackends, InferenceSavesCopiesOfTheRunningStatistics) {
   auto out = plan.run({{x, Tensor::from({1, 0, 5, 2}, {2, 2})}}, inference());
   EXPECT_EQ(out[1].to_doubles(), (std::vector<double>{1.0, -2.0}));
   EXPECT_EQ(out[2].to_doubles(), (std::vector<double>{3.0, 0.25}));
+}
+
+// batch_norm and batch_norm_grad's own f32 loops (the onednn slot) against the reference kernels,
+// on shapes that leave every vector remainder (planes of 63 and 784 floats, 67 channels of
+// [N, C]: a full block of 64 and 3 more) and on data far from standard (mean ~5, variance ~10),
+// with the gradients of all three outputs (so batch_norm_grad gets inputs 7 and 8), in training
+// and inference; then the same plan on 1 and 2 threads gives the same bits.
+struct BatchNormLoopCase {
+  Graph g;
+  Value x, gamma, beta, mean, var;
+  std::vector<Value> outputs;  // y, saved mean, saved variance, dx, dγ, dβ, drunning_*
+  explicit BatchNormLoopCase(const Shape& shape) {
+    const std::int64_t c = shape[1];
+    x = g.input("x", shape);
+    gamma = g.input("gamma", {c});
+    beta = g.input("beta", {c});
+    mean = g.input("mean", {c});
+    var = g.input("var", {c});
+    outputs = batch_norm_with_statistics(x, gamma, beta, mean, var, 0.1, 1e-5);
+    Value loss = add(add(sum(mul(outputs[0], g.constant(random_tensor(shape, 7, -1, 1)))),
+                         sum(mul(outputs[1], g.constant(random_tensor({c}, 8, -1, 1))))),
+                     sum(mul(outputs[2], g.constant(random_tensor({c}, 9, -1, 1)))));
+    for (const Value& v : grad(loss, {x, gamma, beta, mean, var})) outputs.push_back(v);
+  }
+  // Fresh tensors on each call: training updates the running statistics in place.
+  Feeds feeds() const {
+    const std::int64_t c = x.shape()[1];
+    return Feeds{{x, random_tensor(x.shape(), 1, -0.5, 10.5)},  // mean 5, variance ~10
+                 {gamma, random_tensor({c}, 2, 0.5, 1.5)},
+                 {beta, random_tensor({c}, 3, -1, 1)},
+                 {mean, random_tensor({c}, 4, 3, 7)},
+                 {var, random_tensor({c}, 6, 5, 15)}};
+  }
+};
+
+std::vector<std::uint8_t> bytes_of(const Tensor& t) {
+  const auto* p = static_cast<const std::uint8_t*>(t.raw());
+  return std::vector<std::uint8_t>(p, p + t.desc().bytes());
+}
+
+TEST(BatchNorm, OwnLoopsMatchReferenceOnEveryRemainderWithLargeStatistics) {
+  const int saved_threads = num_threads();
+  for (const Shape& shape : {Shape{3, 5, 7, 9}, Shape{2, 16, 28, 28}, Shape{7, 67}, Shape{2, 3}}) {
+    for (bool is_training : {true, false}) {
+      SCOPED_TRACE(fmt::format("{} training={}", shape, is_training));
+      BatchNormLoopCase bn(shape);
+      // No single-thread cut-off: the 2-thread run must really split the channels.
+      Plan loops = compile(bn.g, bn.outputs, {.single_thread_below_bytes = 0});
+      Plan reference = compile(bn.g, bn.outputs, {.backend = Backend::reference});
+      const RunOptions options{.training = is_training};
+      const Feeds loop_feeds = bn.feeds(), reference_feeds = bn.feeds();
+      set_num_threads(1);
+      std::vector<Tensor> actual;  // clones: the plan's next run reuses its output tensors
+      for (const Tensor& t : loops.run(loop_feeds, options)) actual.push_back(t.clone());
+      auto expected = reference.run(reference_feeds, options);
+      int batch_norm_steps = 0;  // batch_norm and batch_norm_grad, on the onednn slot's loops
+      for (const StepProfile& step : loops.profile()) {
+        if (!step.op.starts_with("batch_norm")) continue;
+        ++batch_norm_steps;
+        EXPECT_EQ(step.kernel, "oneDNN") << step.op;
+      }
+      EXPECT_EQ(batch_norm_steps, 2);
+      const char* names[] = {"y",      "saved mean", "saved variance", "dx",
+                             "dgamma", "dbeta",      "drunning_mean",  "drunning_var"};
+      ASSERT_EQ(actual.size(), 8u);
+      for (std::size_t k = 0; k < expected.size(); ++k) {
+        double scale = 0.0;  // dx sums terms that cancel: compare to the output's magnitude
+        for (std::int64_t i = 0; i < expected[k].numel(); ++i) {
+          scale = std::max(scale, std::abs(expected[k].at(i)));
+        }
+        for (std::int64_t i = 0; i < expected[k].numel(); ++i) {
+          ASSERT_NEAR(actual[k].at(i), expected[k].at(i),
+                      2e-6 * scale + 2e-6 * std::abs(expected[k].at(i)))
+              << names[k] << " element " << i;
+        }
+      }
+      for (std::size_t k : {3u, 4u}) {  // running statistics (updated in training only)
+        for (std::int64_t i = 0; i < shape[1]; ++i) {
+          ASSERT_NEAR(loop_feeds[k].second.at(i), reference_feeds[k].second.at(i),
+                      1e-6 * std::abs(reference_feeds[k].second.at(i)))
+              << "running statistic " << k << " channel " << i;
+        }
+      }
+      // 2 threads: the same bits as 1, outputs and running statistics.
+      const Feeds parallel_feeds = bn.feeds();
+      set_num_threads(2);
+      auto parallel = loops.run(parallel_feeds, options);
+      set_num_threads(saved_threads);
+      for (std::size_t k = 0; k < actual.size(); ++k) {
+        EXPECT_EQ(bytes_of(parallel[k]), bytes_of(actual[k])) << names[k] << " on 2 threads";
+      }
+      for (std::size_t k : {3u, 4u}) {
+        EXPECT_EQ(bytes_of(parallel_feeds[k].second), bytes_of(loop_feeds[k].second))
+            << "running statistic " << k << " on 2 threads";
+      }
+    }
+  }
 }
 
 TEST(BatchNorm, RefusesMismatchedShapesNamingTheInput) {
