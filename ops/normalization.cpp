@@ -273,12 +273,13 @@ dnnl::normalization_flags scale_and_shift() {
 // channel back to back: a channel of [64,32,28,28] is 200 KB, so only the first pass reads memory
 // and the later ones find the data in L2.
 // They replace oneDNN 2.6's batch_normalization, which needed reorders to and from nChw8c around
-// its kernels (its NCHW kernel was slower still) and ran [N, C] slowly. Measured with bench_ops
-// (1 thread, medians of 10; forward / backward step incl. the loss ops, ms), oneDNN -> loops:
-// [64,32,28,28] 2.96 -> 1.16 / 10.1 -> 6.5; [64,64,14,14] 1.45 -> 0.54 / 6.3 -> 3.1;
-// [128,32,28,28] 7.3 -> 3.4 / 21.3 -> 12.5; [128,64,14,14] 3.7 -> 1.7 / 11.5 -> 7.9;
-// [128,1024] 1.89 -> 0.095 / 4.0 -> 0.49. On 2 threads of a loaded machine oneDNN's kernels
-// took up to 135 ms (many barriers per call), the loops 0.2–13 ms.
+// its kernels (its NCHW kernel was slower still) and ran [N, C] slowly. Measured on 1 thread
+// (AVX2, a loaded 2-core VM, medians; oneDNN -> loops, ms): the CNN-with-batch-norm step's
+// profile at batch 64: batch_norm [64,32,28,28] 2.87 -> 1.46, [64,64,14,14] 1.72 -> 0.94;
+// batch_norm_grad 4.20 -> 1.71 and 2.28 -> 1.00. bench_ops forward: [128,32,28,28] 5.8 -> 2.9,
+// [128,64,14,14] 3.3 -> 1.3, [128,1024] 1.71 -> 0.095. On 2 threads of the loaded machine
+// oneDNN's kernels took 2.5-200 ms (why was not investigated), the loops about their 1-thread
+// time.
 // [N, C] (S = 1) is handled a block of channels at a time, vectorised across the channels of a
 // row: the per-channel sums are double, added in row order.
 //
@@ -287,8 +288,8 @@ dnnl::normalization_flags scale_and_shift() {
 // rounded to f32, with Σ(x − shift) correcting that rounding, so the first pass's accuracy does
 // not matter): no one-pass cancellation. The saved statistics are these double ones rounded to
 // f32 (oneDNN accumulated them in f32).
-// y is computed as (x − shift) scale + offset with offset = β + (shift − μ) scale in double, so a
-// large mean cancels exactly in x − shift.
+// y is computed as (x − shift) scale + offset with offset = β + (shift − μ) scale in double: a
+// large mean is subtracted before the scaling, not cancelled between two large products.
 //
 // The loop bodies are compiled twice, for AVX2 and for the baseline x86-64 (SSE2), and picked
 // at run time, as the max-pool loops in ops/conv.cpp are.
