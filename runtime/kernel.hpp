@@ -63,9 +63,9 @@ std::unique_ptr<Kernel> make_kernel(F f) {
 void set_num_threads(int threads);
 int num_threads();
 
-// How idle OpenMP threads wait, from the environment libgomp read at program start:
-// OMP_WAIT_POLICY and GOMP_SPINCOUNT, or libgomp's default (spin ~300,000 iterations, ~3 ms,
-// then sleep). libgomp has no call to change this after start. On a machine where other
+// How idle OpenMP threads wait: the OMP_WAIT_POLICY and GOMP_SPINCOUNT variables of this
+// process's environment (libgomp reads them once, at program start), or, when neither is set,
+// libgomp's default (spin ~300,000 iterations, ~3 ms, then sleep). libgomp has no call to change this after start. On a machine where other
 // programs use the cores, start with GOMP_SPINCOUNT=1000: spinning threads burn the time slice
 // their partner needs to reach the barrier, and a 2-thread training step measured up to 80
 // times slower (README, "Threads on a shared machine").
