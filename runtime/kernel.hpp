@@ -65,10 +65,11 @@ int num_threads();
 
 // How idle OpenMP threads wait: the OMP_WAIT_POLICY and GOMP_SPINCOUNT variables of this
 // process's environment (libgomp reads them once, at program start), or, when neither is set,
-// libgomp's default (spin ~300,000 iterations, ~3 ms, then sleep). libgomp has no call to change this after start. On a machine where other
-// programs use the cores, start with GOMP_SPINCOUNT=1000: spinning threads burn the time slice
-// their partner needs to reach the barrier, and a 2-thread training step measured up to 80
-// times slower (README, "Threads on a shared machine").
+// libgomp's default (spin ~300,000 iterations, ~3 ms, then sleep). libgomp has no call to change
+// this after start. On a machine where other programs use the cores, start with
+// GOMP_SPINCOUNT=1000: spinning threads burn the time slice their partner needs to reach the
+// barrier, and a 2-thread training step measured up to 80 times slower (README, "Threads on a
+// shared machine").
 std::string openmp_wait_policy();
 
 // While alive, the calling thread's OpenMP regions (oneDNN primitives created or run, and
