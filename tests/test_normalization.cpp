@@ -324,7 +324,7 @@ TEST(BatchNorm, GradientsMatchCentralDifferencesInTrainingAndInference) {
 // The registry compares kernels on small channel counts; this covers inference and images whose
 // channels fill whole blocks of 8 and 16 (the layouts oneDNN's kernels used to reorder to; the
 // onednn slot now holds dagrad's own loops), in both modes, forward and backward.
-TEST(BatchNorm, OneDnnMatchesReferenceOnPlainAndChannelBlockedLayouts) {
+TEST(BatchNorm, FastKernelsMatchReferenceWithFewAndManyChannels) {
   for (const Shape& shape : {Shape{3, 4, 2, 2}, Shape{3, 16, 3, 5}}) {
     for (bool training : {false, true}) {
       const std::int64_t c = shape[1];
@@ -467,7 +467,7 @@ INSTANTIATE_TEST_SUITE_P(Backends, BatchNormGradBackends,
 // Training on inputs far from zero mean and unit variance (mean ~6, variance ~12 per channel,
 // 16 channels), forward and backward: the onednn slot's kernels against the reference ones, and
 // the saved statistics against the mean and biased variance of x computed here in double.
-TEST(BatchNorm, OneDnnMatchesReferenceWithFarFromStandardStatistics) {
+TEST(BatchNorm, FastKernelsMatchReferenceWithFarFromStandardStatistics) {
   const Shape shape{8, 16, 6, 5};
   const std::int64_t c = shape[1];
   Graph g;
