@@ -423,33 +423,39 @@ TEST(Conv2d, BlockedLayoutsMatchTheReference) {
 }
 
 TEST(Conv2d, FirstLayerBlockMatchesTheReference) {
-  // The CNN's first block at a small scale: one input channel (the weights gradient runs on
-  // NHWC layouts), relu, and 2x2 stride 2 max pooling of an odd-sized image (the direct pooling
-  // kernels; the last row and column are read by no window, so their gradient is zero).
-  Graph g;
-  Value x = g.input("x", {3, 1, 13, 11});
-  Value w = g.input("w", {8, 1, 5, 5});
-  Value b = g.input("b", {8});
-  Value pooled = max_pool2d(relu(conv2d(x, w, b, {.padding = {2, 2}})), {2, 2}, {2, 2});
-  EXPECT_EQ(pooled.shape(), (Shape{3, 8, 6, 5}));
-  Value loss = sum(pooled * pooled);
-  std::vector<Value> outputs = grad(loss, {x, w, b});
-  outputs.push_back(pooled);
-  std::mt19937_64 rng(33);
-  Feeds feeds{{x, random_tensor({3, 1, 13, 11}, rng).to(DType::f32)},
-              {w, random_tensor({8, 1, 5, 5}, rng).to(DType::f32)},
-              {b, random_tensor({8}, rng).to(DType::f32)}};
-  Plan fast = compile(g, outputs);
-  Plan reference = compile(g, outputs, {.backend = Backend::reference});
-  EXPECT_GE(fast.num_onednn_steps(), 4u);
-  auto expected = reference.run(feeds);
-  auto actual = fast.run(feeds);
-  for (std::size_t k = 0; k < outputs.size(); ++k) {
-    auto e = expected[k].to_doubles();
-    auto a = actual[k].to_doubles();
-    ASSERT_EQ(e.size(), a.size());
-    for (std::size_t i = 0; i < e.size(); ++i) {
-      ASSERT_NEAR(a[i], e[i], 1e-4 * (1 + std::abs(e[i]))) << "output " << k << " element " << i;
+  // The CNN's first block at a small scale: one input channel, relu, and 2x2 stride 2 max
+  // pooling of an odd-sized image (the direct pooling kernels; the last row and column are read
+  // by no window, so their gradient is zero). The weights gradient runs on NHWC layouts: without
+  // dx (an input image, as in the CNN) as its own step with dy reordered from NCHW, with dx
+  // fused with the data gradient.
+  for (bool with_dx : {false, true}) {
+    SCOPED_TRACE(with_dx);
+    Graph g;
+    Value x = g.input("x", {3, 1, 13, 11});
+    Value w = g.input("w", {20, 1, 5, 5});
+    Value b = g.input("b", {20});
+    Value pooled = max_pool2d(relu(conv2d(x, w, b, {.padding = {2, 2}})), {2, 2}, {2, 2});
+    EXPECT_EQ(pooled.shape(), (Shape{3, 20, 6, 5}));
+    Value loss = sum(pooled * pooled);
+    std::vector<Value> outputs =
+        with_dx ? grad(loss, {x, w, b}) : grad(loss, std::vector<Value>{w, b});
+    outputs.push_back(pooled);
+    std::mt19937_64 rng(33);
+    Feeds feeds{{x, random_tensor({3, 1, 13, 11}, rng).to(DType::f32)},
+                {w, random_tensor({20, 1, 5, 5}, rng).to(DType::f32)},
+                {b, random_tensor({20}, rng).to(DType::f32)}};
+    Plan fast = compile(g, outputs);
+    Plan reference = compile(g, outputs, {.backend = Backend::reference});
+    EXPECT_GE(fast.num_onednn_steps(), 4u);
+    auto expected = reference.run(feeds);
+    auto actual = fast.run(feeds);
+    for (std::size_t k = 0; k < outputs.size(); ++k) {
+      auto e = expected[k].to_doubles();
+      auto a = actual[k].to_doubles();
+      ASSERT_EQ(e.size(), a.size());
+      for (std::size_t i = 0; i < e.size(); ++i) {
+        ASSERT_NEAR(a[i], e[i], 1e-4 * (1 + std::abs(e[i]))) << "output " << k << " element " << i;
+      }
     }
   }
 }
