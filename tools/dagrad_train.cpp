@@ -356,6 +356,13 @@ int main(int argc, char** argv) {
   app.add_flag("--check-finite", s.check_finite, "name the first op producing NaN or infinity");
   app.add_flag("--quiet", s.quiet);
   app.add_flag("--profile", s.profile, "print the time of every op of the training step");
+  // A single-value option given twice takes the last value, so that defaults can be overridden
+  // (scripts/demo.sh passes --epochs 15, then the user's arguments).
+  for (CLI::Option* option : app.get_options()) {
+    if (option->get_items_expected_max() == 1) {
+      option->multi_option_policy(CLI::MultiOptionPolicy::TakeLast);
+    }
+  }
   CLI11_PARSE(app, argc, argv);
 
   try {
