@@ -28,6 +28,20 @@ void expect_values(const std::vector<double>& actual, const std::vector<double>&
   }
 }
 
+// Every output of the oneDNN plan within 1e-4 (relative) of the reference plan's.
+void expect_close_to_reference(const std::vector<Tensor>& actual,
+                               const std::vector<Tensor>& expected) {
+  ASSERT_EQ(actual.size(), expected.size());
+  for (std::size_t k = 0; k < expected.size(); ++k) {
+    auto e = expected[k].to_doubles();
+    auto a = actual[k].to_doubles();
+    ASSERT_EQ(e.size(), a.size());
+    for (std::size_t i = 0; i < e.size(); ++i) {
+      ASSERT_NEAR(a[i], e[i], 1e-4 * (1 + std::abs(e[i]))) << "output " << k << " element " << i;
+    }
+  }
+}
+
 const Backend backends[] = {Backend::onednn, Backend::reference};
 
 TEST(Conv2d, OneChannel3x3By2x2MatchesHandComputation) {
@@ -378,16 +392,7 @@ TEST(Conv2d, OneDnnGradientsMatchReferenceGradients) {
   Plan fast = compile(g, grads);
   Plan reference = compile(g, grads, {.backend = Backend::reference});
   EXPECT_GE(fast.num_onednn_steps(), 3u);
-  auto expected = reference.run(feeds);
-  auto actual = fast.run(feeds);
-  for (std::size_t k = 0; k < grads.size(); ++k) {
-    auto e = expected[k].to_doubles();
-    auto a = actual[k].to_doubles();
-    ASSERT_EQ(e.size(), a.size());
-    for (std::size_t i = 0; i < e.size(); ++i) {
-      ASSERT_NEAR(a[i], e[i], 1e-4 * (1 + std::abs(e[i]))) << "gradient " << k << " element " << i;
-    }
-  }
+  expect_close_to_reference(fast.run(feeds), reference.run(feeds));
 }
 
 TEST(Conv2d, BlockedLayoutsMatchTheReference) {
@@ -409,16 +414,7 @@ TEST(Conv2d, BlockedLayoutsMatchTheReference) {
                 {b, random_tensor({32}, rng).to(DType::f32)}};
     Plan fast = compile(g, outputs);
     Plan reference = compile(g, outputs, {.backend = Backend::reference});
-    auto expected = reference.run(feeds);
-    auto actual = fast.run(feeds);
-    for (std::size_t k = 0; k < outputs.size(); ++k) {
-      auto e = expected[k].to_doubles();
-      auto a = actual[k].to_doubles();
-      ASSERT_EQ(e.size(), a.size());
-      for (std::size_t i = 0; i < e.size(); ++i) {
-        ASSERT_NEAR(a[i], e[i], 1e-4 * (1 + std::abs(e[i]))) << "output " << k << " element " << i;
-      }
-    }
+    expect_close_to_reference(fast.run(feeds), reference.run(feeds));
   }
 }
 
@@ -447,16 +443,7 @@ TEST(Conv2d, FirstLayerBlockMatchesTheReference) {
     Plan fast = compile(g, outputs);
     Plan reference = compile(g, outputs, {.backend = Backend::reference});
     EXPECT_GE(fast.num_onednn_steps(), 4u);
-    auto expected = reference.run(feeds);
-    auto actual = fast.run(feeds);
-    for (std::size_t k = 0; k < outputs.size(); ++k) {
-      auto e = expected[k].to_doubles();
-      auto a = actual[k].to_doubles();
-      ASSERT_EQ(e.size(), a.size());
-      for (std::size_t i = 0; i < e.size(); ++i) {
-        ASSERT_NEAR(a[i], e[i], 1e-4 * (1 + std::abs(e[i]))) << "output " << k << " element " << i;
-      }
-    }
+    expect_close_to_reference(fast.run(feeds), reference.run(feeds));
   }
 }
 
