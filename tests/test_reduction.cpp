@@ -4,7 +4,6 @@
 // thread count.
 #include <gtest/gtest.h>
 
-
 #include "dagrad.hpp"
 #include "registry_support.hpp"
 
