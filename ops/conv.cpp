@@ -5,8 +5,12 @@
 // ReorderingKernel, pool_md). Reference kernels accumulate in double.
 #include "ops/conv.hpp"
 
+#include <omp.h>
+
 #include <algorithm>
+#include <limits>
 #include <random>
+#include <tuple>
 #include <unordered_map>
 
 #include "ops/conv_kernels.hpp"
@@ -1136,8 +1140,125 @@ struct Windows8 {
   }
 }
 
+// Left-packing permutations for _mm256_permutevar8x32: row m lists the set bits of m in order.
+struct PackTable {
+  std::int32_t lanes[256][8];
+};
+constexpr PackTable make_pack_table() {
+  PackTable t{};
+  for (int m = 0; m < 256; ++m) {
+    int n = 0;
+    for (int bit = 0; bit < 8; ++bit) {
+      if ((m >> bit) & 1) t.lanes[m][n++] = bit;
+    }
+  }
+  return t;
+}
+constexpr PackTable pack_table = make_pack_table();
+
+// The hits of one row of 2x2 windows (input rows r0, r1; gradients dp; `ow` windows): for
+// each window whose maximum is positive, in window order, the offset row_offset + (k / 2) · wp
+// + 2j + k % 2 of its first maximum k (0..3 for a, b, c, d) goes to `at` and dp[j] to `gs`.
+// Writes up to 7 slots past the hits; returns their number and adds their gradients to `sum`.
+[[gnu::target("avx2")]] std::int64_t pool2x2_hits_row_avx2(const float* r0, const float* r1,
+                                                           const float* dp, std::int64_t ow,
+                                                           std::int32_t row_offset, std::int32_t wp,
+                                                           std::int32_t* at, float* gs,
+                                                           __m256& sum) {
+  std::int64_t count = 0;
+  const __m256i even = _mm256_setr_epi32(0, 2, 4, 6, 8, 10, 12, 14);
+  for (std::int64_t j = 0; j < ow; j += 8) {
+    const std::int64_t n = std::min<std::int64_t>(8, ow - j);
+    const Windows8 w = windows8(r0 + 2 * j, r1 + 2 * j, n);
+    const __m256i right = _mm256_castps_si256(_mm256_or_ps(w.win_b, w.win_d));
+    const __m256i lower = _mm256_castps_si256(_mm256_or_ps(w.win_c, w.win_d));
+    __m256i offset = _mm256_add_epi32(_mm256_and_si256(right, _mm256_set1_epi32(1)),
+                                      _mm256_and_si256(lower, _mm256_set1_epi32(wp)));
+    offset = _mm256_castps_si256(swap_middle_quarters(_mm256_castsi256_ps(offset)));
+    offset = _mm256_add_epi32(
+        offset, _mm256_add_epi32(even, _mm256_set1_epi32(row_offset + 2 * static_cast<int>(j))));
+    const __m256 positive =
+        swap_middle_quarters(_mm256_cmp_ps(w.best, _mm256_setzero_ps(), _CMP_GT_OQ));
+    const __m256 g = n == 8 ? _mm256_loadu_ps(dp + j) : _mm256_maskload_ps(dp + j, first_lanes(n));
+    sum = _mm256_add_ps(sum, _mm256_and_ps(g, positive));
+    const int mask = _mm256_movemask_ps(positive);
+    const __m256i pack =
+        _mm256_loadu_si256(reinterpret_cast<const __m256i*>(pack_table.lanes[mask]));
+    _mm256_storeu_si256(reinterpret_cast<__m256i*>(at + count),
+                        _mm256_permutevar8x32_epi32(offset, pack));
+    _mm256_storeu_ps(gs + count, _mm256_permutevar8x32_ps(g, pack));
+    count += __builtin_popcount(static_cast<unsigned>(mask));
+  }
+  return count;
+}
+
+// pool2x2_hits_row_avx2 over every row of one plane; `sum` gets the hits' gradient sum.
+[[gnu::target("avx2")]] std::int64_t pool2x2_hits_plane_avx2(const float* r, const float* dp,
+                                                             const PoolGeometry& p, std::int64_t wp,
+                                                             std::int32_t* at, float* gs,
+                                                             double& sum) {
+  std::int64_t count = 0;
+  __m256 sums = _mm256_setzero_ps();
+  for (std::int64_t i = 0; i < p.OH; ++i) {
+    const float* r0 = r + 2 * i * p.W;
+    count += pool2x2_hits_row_avx2(r0, r0 + p.W, dp + i * p.OW, p.OW,
+                                   static_cast<std::int32_t>(2 * i * wp),
+                                   static_cast<std::int32_t>(wp), at + count, gs + count, sums);
+  }
+  alignas(32) float lanes[8];
+  _mm256_store_ps(lanes, sums);
+  sum = 0.0;
+  for (float v : lanes) sum += static_cast<double>(v);
+  return count;
+}
+
+// acc[c][kh][0..8) += g[e] · image[c · plane + at[e] + kh · wp + 0..8) for every hit e and
+// the CB input channels c of one block.
+template <int KH, int CB>
+[[gnu::target("avx2,fma")]] void add_hits_block(float* acc, const float* image, std::int64_t plane,
+                                                std::int64_t wp, const std::int32_t* at,
+                                                const float* g, std::int64_t count) {
+  __m256 a[CB * KH];
+#pragma GCC unroll 16
+  for (int k = 0; k < CB * KH; ++k) a[k] = _mm256_loadu_ps(acc + 8 * k);
+  for (std::int64_t e = 0; e < count; ++e) {
+    const float* base = image + at[e];
+    const __m256 gv = _mm256_set1_ps(g[e]);
+#pragma GCC unroll 2
+    for (int c = 0; c < CB; ++c) {
+#pragma GCC unroll 8
+      for (int k = 0; k < KH; ++k) {
+        a[c * KH + k] =
+            _mm256_fmadd_ps(gv, _mm256_loadu_ps(base + c * plane + k * wp), a[c * KH + k]);
+      }
+    }
+  }
+#pragma GCC unroll 16
+  for (int k = 0; k < CB * KH; ++k) _mm256_storeu_ps(acc + 8 * k, a[k]);
+}
+
+using AddHits = void (*)(float*, const float*, std::int64_t, std::int64_t, const std::int32_t*,
+                         const float*, std::int64_t);
+
+// add_hits_block for kh rows and blocks of `block` channels (1, or 2 when kh <= 6 so that
+// the accumulators fit in the 16 vector registers).
+AddHits add_hits_avx2(std::int64_t kh, int block) {
+  static constexpr AddHits one[] = {
+      add_hits_block<1, 1>, add_hits_block<2, 1>, add_hits_block<3, 1>, add_hits_block<4, 1>,
+      add_hits_block<5, 1>, add_hits_block<6, 1>, add_hits_block<7, 1>, add_hits_block<8, 1>};
+  static constexpr AddHits two[] = {add_hits_block<1, 2>, add_hits_block<2, 2>,
+                                    add_hits_block<3, 2>, add_hits_block<4, 2>,
+                                    add_hits_block<5, 2>, add_hits_block<6, 2>};
+  return block == 2 ? two[kh - 1] : one[kh - 1];
+}
+
 bool cpu_has_avx2() {
   static const bool has = __builtin_cpu_supports("avx2");
+  return has;
+}
+
+bool cpu_has_avx2_fma() {
+  static const bool has = cpu_has_avx2() && __builtin_cpu_supports("fma");
   return has;
 }
 #endif
@@ -1241,6 +1362,169 @@ std::unique_ptr<Kernel> direct_max_pool_backward(const PoolGeometry& g, bool rel
     }
   });
 }
+
+// ---- weights gradient through relu -> 2x2 max pooling -------------------------------------
+
+// The weights (and bias) gradient of a convolution followed by relu and 2x2, stride 2 max
+// pooling, reading the pooling's input gradient dp instead of the convolution's dy: dy =
+// relu_grad(max_pool2d_backward(dp, r), r) is zero except at the first maximum of each window
+// whose maximum is positive, so at least three quarters of dy are zeros the dense primitive
+// multiplies through. Pass 1 lists those "hits" (position and gradient) per (image, channel)
+// plane and copies x into a zero-padded buffer; pass 2 adds g · (the x patch under the hit) to
+// dW[o] for every hit, 8 kernel columns at a time. Each output channel is summed by one thread
+// in a fixed order (images, then input channels, then hits), so results do not depend on the
+// thread count; the bias gradient sums per-plane sums in double. dy is never built. Positions
+// where dy is structurally zero are skipped, so an infinite x there does not make dW NaN as
+// 0 · ∞ would in the dense computation. Requirements (checked by
+// pooled_relu_weights_gradient_kernel): f32, stride 1, dilation 1, one group, KH, KW <= 8.
+class PooledReluWeightsGradient final : public Kernel {
+ public:
+  PooledReluWeightsGradient(const ConvGeometry& g, const PoolGeometry& p, bool bias)
+      : g_(g), p_(p), bias_(bias) {
+    hp_ = g.H + 2 * g.padding[0];
+    wp_ = g.W + 2 * g.padding[1] + 8;  // an 8-wide load at the last hit column stays inside
+    x_pad_.assign(static_cast<std::size_t>(g.N * g.C * hp_ * wp_), 0.0f);
+    slots_ = p.OH * p.OW + 8;  // the AVX2 row pass writes up to 7 slots past the hits
+    hit_at_.resize(static_cast<std::size_t>(p.planes * slots_));
+    hit_g_.resize(static_cast<std::size_t>(p.planes * slots_));
+    hits_.resize(static_cast<std::size_t>(p.planes));
+    plane_sums_.resize(static_cast<std::size_t>(p.planes));
+    acc_.resize(static_cast<std::size_t>(g.O * g.C * g.KH * 8));
+  }
+
+  // Inputs dp, r, x; outputs dW [, db].
+  void run(const KernelCall& call) override {
+    const float* dp = call.inputs[0].data<float>();
+    const float* r = call.inputs[1].data<float>();
+    const float* x = call.inputs[2].data<float>();
+#ifdef DAGRAD_POOL_AVX2
+    const bool avx2 = cpu_has_avx2_fma();
+#else
+    const bool avx2 = false;
+#endif
+    const std::int64_t plane = g_.H * g_.W, padded_plane = hp_ * wp_;
+#pragma omp parallel
+    {
+#pragma omp for schedule(static) nowait
+      for (std::int64_t q = 0; q < g_.N * g_.C; ++q) {
+        float* dst = x_pad_.data() + q * padded_plane + g_.padding[0] * wp_ + g_.padding[1];
+        for (std::int64_t h = 0; h < g_.H; ++h) {
+          std::copy_n(x + q * plane + h * g_.W, g_.W, dst + h * wp_);
+        }
+      }
+#pragma omp for schedule(static)
+      for (std::int64_t q = 0; q < p_.planes; ++q) find_hits(q, dp, r, avx2);
+      // Output channels [first, last) for this thread; images outer so that one image's
+      // padded x serves all of them from cache.
+      const std::int64_t threads = omp_get_num_threads(), t = omp_get_thread_num();
+      const std::int64_t first = g_.O * t / threads, last = g_.O * (t + 1) / threads;
+      std::fill(acc_.data() + first * g_.C * g_.KH * 8, acc_.data() + last * g_.C * g_.KH * 8,
+                0.0f);
+      for (std::int64_t n = 0; n < g_.N; ++n) accumulate(n, first, last, avx2);
+    }
+    float* dw = call.outputs[0].data<float>();
+    for (std::int64_t row = 0; row < g_.O * g_.C * g_.KH; ++row) {
+      std::copy_n(acc_.data() + row * 8, g_.KW, dw + row * g_.KW);
+    }
+    if (bias_) {
+      float* db = call.outputs[1].data<float>();
+      for (std::int64_t o = 0; o < g_.O; ++o) {
+        double sum = 0.0;
+        for (std::int64_t n = 0; n < g_.N; ++n) sum += plane_sums_[std::size_t(n * g_.O + o)];
+        db[o] = static_cast<float>(sum);
+      }
+    }
+  }
+
+ private:
+  // Hits of plane q = (n, o) of r: their offsets in image n's padded channel plane and dp.
+  void find_hits(std::int64_t q, const float* dp, const float* r, [[maybe_unused]] bool avx2) {
+    const std::int64_t in_plane = p_.H * p_.W, out_plane = p_.OH * p_.OW;
+    std::int32_t* at = hit_at_.data() + q * slots_;
+    float* gs = hit_g_.data() + q * slots_;
+    const auto plane = static_cast<std::size_t>(q);
+#ifdef DAGRAD_POOL_AVX2
+    if (avx2) {
+      hits_[plane] = pool2x2_hits_plane_avx2(r + q * in_plane, dp + q * out_plane, p_, wp_, at, gs,
+                                             plane_sums_[plane]);
+      return;
+    }
+#endif
+    std::int64_t count = 0;
+    double sum = 0.0;
+    for (std::int64_t i = 0; i < p_.OH; ++i) {
+      const float* r0 = r + q * in_plane + 2 * i * p_.W;
+      const float* r1 = r0 + p_.W;
+      for (std::int64_t j = 0; j < p_.OW; ++j) {
+        float best;
+        const int k = first_max4(r0[2 * j], r0[2 * j + 1], r1[2 * j], r1[2 * j + 1], best);
+        if (!(best > 0.0f)) continue;
+        const float g = dp[q * out_plane + i * p_.OW + j];
+        at[count] = static_cast<std::int32_t>((2 * i + k / 2) * wp_ + 2 * j + k % 2);
+        gs[count++] = g;
+        sum += static_cast<double>(g);
+      }
+    }
+    hits_[plane] = count;
+    plane_sums_[plane] = sum;
+  }
+
+  // Adds image n's hits of output channels [first, last) to their accumulators: blocks of
+  // input channels outer, so that the block's padded planes stay in L1 across the channels.
+  void accumulate(std::int64_t n, std::int64_t first, std::int64_t last,
+                  [[maybe_unused]] bool avx2) {
+    const std::int64_t padded_plane = hp_ * wp_;
+    const float* image = x_pad_.data() + n * g_.C * padded_plane;
+    auto hits = [&](std::int64_t o) {
+      const std::int64_t q = n * g_.O + o;
+      return std::tuple(hit_at_.data() + q * slots_, hit_g_.data() + q * slots_,
+                        hits_[static_cast<std::size_t>(q)]);
+    };
+    auto acc = [&](std::int64_t o, std::int64_t c) {
+      return acc_.data() + (o * g_.C + c) * g_.KH * 8;
+    };
+    std::int64_t c = 0;
+#ifdef DAGRAD_POOL_AVX2
+    if (avx2) {
+      const int block = g_.KH <= 6 ? 2 : 1;
+      for (; c < g_.C; c += block) {
+        const int size = c + block <= g_.C ? block : 1;
+        const AddHits add = add_hits_avx2(g_.KH, size);
+        for (std::int64_t o = first; o < last; ++o) {
+          const auto [at, gs, count] = hits(o);
+          add(acc(o, c), image + c * padded_plane, padded_plane, wp_, at, gs, count);
+        }
+      }
+      return;
+    }
+#endif
+    for (; c < g_.C; ++c) {
+      for (std::int64_t o = first; o < last; ++o) {
+        const auto [at, gs, count] = hits(o);
+        float* a = acc(o, c);
+        for (std::int64_t e = 0; e < count; ++e) {
+          for (std::int64_t kh = 0; kh < g_.KH; ++kh) {
+            for (std::int64_t kw = 0; kw < g_.KW; ++kw) {
+              a[kh * 8 + kw] += gs[e] * image[c * padded_plane + at[e] + kh * wp_ + kw];
+            }
+          }
+        }
+      }
+    }
+  }
+
+  ConvGeometry g_;
+  PoolGeometry p_;
+  bool bias_;
+  std::int64_t hp_ = 0, wp_ = 0;      // padded x planes: hp_ rows of wp_ floats
+  std::int64_t slots_ = 0;            // hit slots per plane of r
+  std::vector<float> x_pad_;          // [N, C, hp_, wp_], zero outside the copied image
+  std::vector<std::int32_t> hit_at_;  // per plane of r: slots_ offsets into a padded plane
+  std::vector<float> hit_g_;          // and the gradients there
+  std::vector<std::int64_t> hits_;    // per plane: slots used
+  std::vector<double> plane_sums_;    // per plane: sum of its hits' gradients
+  std::vector<float> acc_;            // [O, C, KH, 8]: dW rows, 8 columns of which KW are real
+};
 
 // ---- pooling samples ----------------------------------------------------------------------
 
@@ -1598,6 +1882,21 @@ void require_valid(const Value& v, std::string_view op, std::string_view what) {
 }
 
 }  // namespace
+
+std::unique_ptr<Kernel> pooled_relu_weights_gradient_kernel(const KernelBuild& build,
+                                                            const Node& pool) {
+  if (!all_f32(build) || build.inputs.size() != 3 || build.outputs.size() > 2) return nullptr;
+  const ConvGeometry g =
+      conv_geometry(build.node.attrs, build.inputs[2].shape, build.outputs[0].shape);
+  const PoolGeometry p = pool_geometry(pool.attrs, build.inputs[1].shape);
+  const bool fits = g.G == 1 && g.stride == Size2{1, 1} && g.dilation == Size2{1, 1} && g.KH <= 8 &&
+                    g.KW <= 8 && is_pool2x2(p) && p.planes == g.N * g.O && p.H == g.OH &&
+                    p.W == g.OW &&
+                    (g.H + 2 * g.padding[0]) * (g.W + 2 * g.padding[1] + 8) <
+                        std::numeric_limits<std::int32_t>::max();
+  if (!fits) return nullptr;
+  return std::make_unique<PooledReluWeightsGradient>(g, p, build.outputs.size() == 2);
+}
 
 std::unique_ptr<Kernel> conv_backward_fused_kernel(const KernelBuild& build) {
   if (!all_f32(build)) return nullptr;

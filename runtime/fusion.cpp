@@ -69,6 +69,18 @@ std::size_t step_bytes(const FusionContext& c, const std::vector<ValueKey>& inpu
   return bytes;
 }
 
+// Whether n is sum(dy) over axes 0, 2 and 3 of a 4-D dy (a convolution's bias gradient).
+bool is_channel_sum(const FusionContext& c, const Node& n, const ValueKey& dy) {
+  if (n.op != "sum" || n.inputs.size() != 1 || n.inputs[0].node_id() != dy.first ||
+      n.inputs[0].index() != dy.second || c.descs.at(dy).shape.rank() != 4) {
+    return false;
+  }
+  std::vector<std::int64_t> axes;
+  for (std::int64_t axis : n.attrs.integers("axes")) axes.push_back(axis < 0 ? axis + 4 : axis);
+  std::sort(axes.begin(), axes.end());
+  return axes == std::vector<std::int64_t>{0, 2, 3};
+}
+
 }  // namespace
 
 std::vector<FusedStep> plan_fusions(const FusionContext& c, std::vector<NodeId>& dropped) {
@@ -157,6 +169,86 @@ std::vector<FusedStep> plan_fusions(const FusionContext& c, std::vector<NodeId>&
     taken.insert(id);
     fused.push_back(std::move(step));
   }
+  std::map<NodeId, std::size_t> position;
+  for (std::size_t i = 0; i < c.order.size(); ++i) position[c.order[i]] = i;
+  auto key_of = [](const Value& v) { return ValueKey{v.node_id(), v.index()}; };
+  // Everything a step placed at `first` reads must exist by then.
+  auto ready_at = [&](std::size_t first, const std::vector<ValueKey>& inputs) {
+    return std::all_of(inputs.begin(), inputs.end(), [&](const ValueKey& key) {
+      return c.graph.node(key.first).kind != NodeKind::op || position.at(key.first) < first;
+    });
+  };
+
+  // conv -> relu -> 2x2 max pooling: the convolution's weights gradient, and its bias gradient
+  // sum(dy, {0, 2, 3}) when there is one, read the pooling's gradient dp instead of dy =
+  // relu_grad(max_pool2d_backward(dp, r), r), skipping dy's zeros. When nothing else reads dy
+  // (a first layer, whose input needs no gradient), dy is not computed at all.
+  for (NodeId id : c.order) {
+    const Node& weights = c.graph.node(id);
+    if (weights.kind != NodeKind::op || weights.op != "conv2d_backward_weights" ||
+        taken.count(id)) {
+      continue;
+    }
+    const ValueKey dy = key_of(weights.inputs[1]);
+    const Node& mask = c.graph.node(dy.first);
+    if (mask.kind != NodeKind::op || mask.op != "relu_grad" || mask.inputs.size() != 2 ||
+        taken.count(mask.id) || c.is_output(dy)) {
+      continue;
+    }
+    const Node& pool = c.graph.node(mask.inputs[0].node_id());
+    if (pool.kind != NodeKind::op || pool.op != "max_pool2d_backward" || taken.count(pool.id) ||
+        key_of(pool.inputs[1]) != key_of(mask.inputs[1])) {
+      continue;
+    }
+    const Node* bias = nullptr;
+    for (NodeId other : c.order) {
+      const Node& n = c.graph.node(other);
+      if (n.kind == NodeKind::op && !taken.count(other) && is_channel_sum(c, n, dy)) {
+        bias = &n;
+        break;
+      }
+    }
+    std::vector<ValueKey> inputs{key_of(pool.inputs[0]), key_of(pool.inputs[1]),
+                                 key_of(weights.inputs[0])};
+    std::vector<ValueKey> outputs{{id, 0}};
+    if (bias) outputs.emplace_back(bias->id, 0);
+    const std::size_t first =
+        bias ? std::min(position.at(id), position.at(bias->id)) : position.at(id);
+    if (!ready_at(first, inputs)) continue;
+    std::vector<TensorDesc> in, out;
+    for (const auto& key : inputs) in.push_back(c.descs.at(key));
+    for (const auto& key : outputs) out.push_back(c.descs.at(key));
+    FusedStep step;
+    step.threads = step_threads(step_bytes(c, inputs, id), c.single_thread_below_bytes);
+    const ThreadScope threads(step.threads);
+    step.kernel =
+        pooled_relu_weights_gradient_kernel(KernelBuild{weights, in, out, cpu_engine()}, pool);
+    if (!step.kernel) continue;
+    step.anchor = c.order[first];
+    step.inputs = std::move(inputs);
+    step.outputs = std::move(outputs);
+    step.pattern = "max_pool2d_backward+relu_grad+conv2d_backward_weights";
+    if (bias) {
+      step.pattern += "+sum";
+      step.absorbed.push_back(step.anchor == id ? bias->id : id);
+      taken.insert(bias->id);
+    }
+    taken.insert(id);
+    // dy's readers were this node and the bias sum only: relu_grad and max_pool2d_backward
+    // (when relu_grad is its only reader) are not needed any more.
+    const int dy_readers = c.consumers.at(dy);
+    if (dy_readers == (bias ? 2 : 1)) {
+      dropped.push_back(mask.id);
+      taken.insert(mask.id);
+      const ValueKey pooled{pool.id, 0};
+      if (c.consumers.at(pooled) == 1 && !c.is_output(pooled)) {
+        dropped.push_back(pool.id);
+        taken.insert(pool.id);
+      }
+    }
+    fused.push_back(std::move(step));
+  }
+
   // An op that absorbs its only reader through its OpDef::fuse_consumer hook (conv2d + relu,
   // max_pool2d_backward + relu_grad, ...).
   for (NodeId id : c.order) {
@@ -195,9 +287,6 @@ std::vector<FusedStep> plan_fusions(const FusionContext& c, std::vector<NodeId>&
   }
   // A convolution's backward: conv2d_backward_weights(x, dy) and conv2d_backward_data(dy, w)
   // of the same convolution as one kernel that reorders dy once.
-  std::map<NodeId, std::size_t> position;
-  for (std::size_t i = 0; i < c.order.size(); ++i) position[c.order[i]] = i;
-  auto key_of = [](const Value& v) { return ValueKey{v.node_id(), v.index()}; };
   auto same_convolution = [](const Node& a, const Node& b) {
     for (const char* key : {"stride", "padding", "dilation"}) {
       if (a.attrs.integers(key) != b.attrs.integers(key)) return false;
@@ -226,10 +315,7 @@ std::vector<FusedStep> plan_fusions(const FusionContext& c, std::vector<NodeId>&
     // The step runs where the first of the two ran; everything it reads must exist by then.
     const std::size_t first = std::min(position.at(id), position.at(data->id));
     std::vector<ValueKey> inputs{x, dy, key_of(data->inputs[1])};
-    const bool ready = std::all_of(inputs.begin(), inputs.end(), [&](const ValueKey& key) {
-      return c.graph.node(key.first).kind != NodeKind::op || position.at(key.first) < first;
-    });
-    if (!ready) continue;
+    if (!ready_at(first, inputs)) continue;
     std::vector<ValueKey> outputs{{id, 0}, {data->id, 0}};
     std::vector<TensorDesc> in, out;
     for (const auto& key : inputs) in.push_back(c.descs.at(key));

@@ -2,6 +2,11 @@
 
 namespace dagrad::testing {
 
+std::vector<std::uint8_t> bytes_of(const Tensor& t) {
+  const auto* p = static_cast<const std::uint8_t*>(t.raw());
+  return std::vector<std::uint8_t>(p, p + t.desc().bytes());
+}
+
 Tensor uniform_tensor(Shape shape, std::uint64_t seed, double low, double high, DType dtype) {
   std::mt19937_64 rng(seed);
   std::uniform_real_distribution<double> dist(low, high);

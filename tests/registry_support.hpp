@@ -9,6 +9,9 @@
 namespace dagrad::testing {
 
 // Values uniform in [low, high), drawn in element order from mt19937_64(seed).
+// The bytes of t's elements, to compare results bit for bit.
+std::vector<std::uint8_t> bytes_of(const Tensor& t);
+
 Tensor uniform_tensor(Shape shape, std::uint64_t seed, double low = -1.0, double high = 1.0,
                       DType dtype = DType::f32);
 

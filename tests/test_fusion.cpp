@@ -14,6 +14,8 @@ Tensor random_tensor(Shape shape, std::uint64_t seed) {
   return testing::uniform_tensor(std::move(shape), seed);
 }
 
+using testing::bytes_of;
+
 void expect_same_results(Graph& g, const std::vector<Value>& outputs, const Feeds& feeds,
                          const std::string& expected_pattern) {
   Plan fused = compile(g, outputs);
@@ -119,8 +121,160 @@ TEST(Fusion, ConvReluMaxPoolTrainingGradients) {
     expect_same_results(g, {loss, grads[0], grads[1], grads[2]}, feeds,
                         "max_pool2d_backward+relu_grad");
     expect_same_results(g, {loss, grads[0], grads[1], grads[2]}, feeds, "conv2d+relu");
+    // x needs a gradient, so dy is still built (for the data gradient); the weights and bias
+    // gradients read the pooling's gradient instead.
     expect_same_results(g, {loss, grads[0], grads[1], grads[2]}, feeds,
-                        "conv2d_backward_weights+data");
+                        "max_pool2d_backward+relu_grad+conv2d_backward_weights+sum");
+  }
+}
+
+// conv -> relu -> 2x2 max pooling whose input needs no gradient (a first layer): the weights
+// and bias gradients come from the pooling's gradient in one step, and neither
+// max_pool2d_backward nor relu_grad runs. Cases: the CNN's first layer, an odd channel count
+// (the AVX2 loop's blocks of two channels and a single remainder), kernels of 1, 3, 5, 7 and 8
+// rows and columns, unequal paddings, odd sizes whose last row and column no window reads,
+// with and without bias. Compared with the reference backend (sums in double) and with 1
+// against 2 threads (the same bits).
+struct PooledConvCase {
+  std::int64_t channels, outputs, size;
+  Size2 kernel, padding;
+  bool bias;
+};
+
+TEST(Fusion, WeightsGradientThroughReluAndPoolingSkipsDy) {
+  const int saved_threads = num_threads();
+  const std::vector<PooledConvCase> cases{
+      {1, 8, 28, {5, 5}, {2, 2}, true},  {3, 5, 9, {3, 3}, {1, 1}, true},
+      {2, 4, 10, {7, 7}, {3, 3}, false}, {2, 3, 11, {8, 8}, {3, 4}, true},
+      {4, 6, 8, {1, 1}, {0, 0}, true},   {2, 4, 9, {5, 3}, {2, 0}, true},
+  };
+  std::uint64_t seed = 30;
+  for (const PooledConvCase& k : cases) {
+    SCOPED_TRACE(fmt::format("C {} O {} size {} kernel {}x{} padding {}x{} bias {}", k.channels,
+                             k.outputs, k.size, k.kernel[0], k.kernel[1], k.padding[0],
+                             k.padding[1], k.bias));
+    Graph g;
+    const Shape x_shape{3, k.channels, k.size, k.size};
+    Value x = g.input("x", x_shape);
+    Value w =
+        g.parameter("w", random_tensor({k.outputs, k.channels, k.kernel[0], k.kernel[1]}, seed++));
+    std::optional<Value> b;
+    if (k.bias) b = g.parameter("b", random_tensor({k.outputs}, seed++));
+    Value h = max_pool2d(relu(conv2d(x, w, b, {.padding = k.padding})), {2, 2}, {2, 2});
+    Value loss = sum(h * g.constant(random_tensor(h.shape(), seed++), "m"));
+    std::vector<Value> wrt{w};
+    if (b) wrt.push_back(*b);
+    std::vector<Value> outputs{loss};
+    for (const Value& d : grad(loss, wrt)) outputs.push_back(d);
+    const Feeds feeds{{x, random_tensor(x_shape, seed++)}};
+
+    Plan fused = compile(g, outputs, {.single_thread_below_bytes = 0});
+    Plan plain = compile(g, outputs, {.fuse = false});
+    Plan reference = compile(g, outputs, {.backend = Backend::reference});
+    const std::string pattern =
+        std::string("max_pool2d_backward+relu_grad+conv2d_backward_weights") +
+        (k.bias ? "+sum" : "");
+    auto patterns = fused.fused_patterns();
+    EXPECT_NE(std::find(patterns.begin(), patterns.end(), pattern), patterns.end());
+    EXPECT_EQ(std::find(patterns.begin(), patterns.end(), "max_pool2d_backward+relu_grad"),
+              patterns.end());
+
+    set_num_threads(1);
+    std::vector<Tensor> one;
+    for (const Tensor& t : fused.run(feeds)) one.push_back(t.clone());
+    set_num_threads(2);
+    auto two = fused.run(feeds);
+    set_num_threads(saved_threads);
+    auto expected = reference.run(feeds);
+    for (const StepProfile& step : fused.profile()) {  // dy is not built
+      EXPECT_NE(step.op, "max_pool2d_backward");
+      EXPECT_NE(step.op, "relu_grad");
+    }
+    ASSERT_EQ(one.size(), expected.size());
+    for (std::size_t i = 1; i < one.size(); ++i) {
+      EXPECT_EQ(bytes_of(two[i]), bytes_of(one[i])) << "gradient " << i << " on 2 threads";
+      double scale = 0.0;  // the sums cancel: compare to the gradient's magnitude
+      for (std::int64_t j = 0; j < expected[i].numel(); ++j) {
+        scale = std::max(scale, std::abs(expected[i].at(j)));
+      }
+      ASSERT_GT(scale, 0.0);
+      for (std::int64_t j = 0; j < expected[i].numel(); ++j) {
+        ASSERT_NEAR(one[i].at(j), expected[i].at(j), 1e-5 * scale)
+            << "gradient " << i << " [" << j << "]";
+      }
+    }
+  }
+}
+
+// Windows with tied maxima (integer pixels and weights, biases in quarters, so every sum is
+// exact in f32 in any order): the gradient must land on the first maximum, as
+// max_pool2d_backward's does, and windows whose maximum is 0 get none.
+TEST(Fusion, WeightsGradientThroughPoolingTakesTheFirstOfTiedMaxima) {
+  Graph g;
+  const Shape x_shape{2, 2, 8, 8};
+  Tensor x_value(x_shape, DType::f32), w_value(Shape{4, 2, 3, 3}, DType::f32);
+  for (std::int64_t i = 0; i < x_value.numel(); ++i) x_value.set(i, double((i * 7) % 3));
+  for (std::int64_t i = 0; i < w_value.numel(); ++i) w_value.set(i, double((i * 5) % 3) - 1.0);
+  Value x = g.input("x", x_shape);
+  Value w = g.parameter("w", w_value);
+  Tensor b_value(Shape{4}, DType::f32);
+  for (std::int64_t i = 0; i < 4; ++i) b_value.set(i, 0.25 * double(i) - 0.5);
+  Value b = g.parameter("b", b_value);
+  Value h = max_pool2d(relu(conv2d(x, w, b, {.padding = {1, 1}})), {2, 2}, {2, 2});
+  Value loss = sum(h * g.constant(random_tensor(h.shape(), 41), "m"));
+  auto grads = grad(loss, {w, b});
+  const Feeds feeds{{x, x_value}};
+  Plan fused = compile(g, {grads[0], grads[1]});
+  Plan reference = compile(g, {grads[0], grads[1]}, {.backend = Backend::reference});
+  auto patterns = fused.fused_patterns();
+  ASSERT_NE(std::find(patterns.begin(), patterns.end(),
+                      "max_pool2d_backward+relu_grad+conv2d_backward_weights+sum"),
+            patterns.end());
+  auto actual = fused.run(feeds);
+  auto expected = reference.run(feeds);
+  for (std::size_t i = 0; i < 2; ++i) {
+    for (std::int64_t j = 0; j < expected[i].numel(); ++j) {
+      ASSERT_NEAR(actual[i].at(j), expected[i].at(j), 1e-5 * (1 + std::abs(expected[i].at(j))))
+          << "gradient " << i << " [" << j << "]";
+    }
+  }
+}
+
+// Configurations the kernel does not take (strided, dilated or grouped convolutions, 3x3
+// pooling) keep the unfused steps and give the same results.
+TEST(Fusion, WeightsGradientThroughPoolingOnlyForStrideOneConvolutions) {
+  struct Case {
+    Conv2dOptions conv;
+    Size2 pool_kernel, pool_stride;
+  };
+  const std::vector<Case> cases{
+      {{.stride = {2, 2}, .padding = {1, 1}}, {2, 2}, {2, 2}},
+      {{.padding = {2, 2}, .dilation = {2, 2}}, {2, 2}, {2, 2}},
+      {{.padding = {1, 1}, .groups = 2}, {2, 2}, {2, 2}},
+      {{.padding = {1, 1}}, {3, 3}, {3, 3}},
+  };
+  std::uint64_t seed = 50;
+  for (const Case& k : cases) {
+    Graph g;
+    Value x = g.input("x", {2, 4, 12, 12});
+    Value w = g.parameter("w", random_tensor({6, 4 / k.conv.groups, 3, 3}, seed++));
+    Value b = g.parameter("b", random_tensor({6}, seed++));
+    Value h = max_pool2d(relu(conv2d(x, w, b, k.conv)), k.pool_kernel, k.pool_stride);
+    Value loss = sum(h * h);
+    auto grads = grad(loss, {w, b});
+    Plan fused = compile(g, {grads[0], grads[1]});
+    for (const std::string& pattern : fused.fused_patterns()) {
+      EXPECT_EQ(pattern.find("conv2d_backward_weights+sum"), std::string::npos) << pattern;
+    }
+    Plan plain = compile(g, {grads[0], grads[1]}, {.fuse = false});
+    const Feeds feeds{{x, random_tensor({2, 4, 12, 12}, seed++)}};
+    auto a = fused.run(feeds);
+    auto e = plain.run(feeds);
+    for (std::size_t i = 0; i < 2; ++i) {
+      for (std::int64_t j = 0; j < e[i].numel(); ++j) {
+        ASSERT_NEAR(a[i].at(j), e[i].at(j), 1e-4 * (1 + std::abs(e[i].at(j))));
+      }
+    }
   }
 }
 

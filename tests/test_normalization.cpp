@@ -563,10 +563,7 @@ struct BatchNormLoopCase {
   }
 };
 
-std::vector<std::uint8_t> bytes_of(const Tensor& t) {
-  const auto* p = static_cast<const std::uint8_t*>(t.raw());
-  return std::vector<std::uint8_t>(p, p + t.desc().bytes());
-}
+using testing::bytes_of;
 
 TEST(BatchNorm, OwnLoopsMatchReferenceOnEveryRemainderWithLargeStatistics) {
   const int saved_threads = num_threads();
