@@ -6,11 +6,18 @@
 //                             (the CNN's first pooling layer)
 //   BM_FirstLayerWeightsGradient/N  dagrad plan: conv2d_backward_weights of [N,1,28,28] by 32
 //                             5x5 filters, pad 2 (the CNN's first convolution)
+//   BM_PooledWeightsGradient/pooled  the weights and bias gradients of conv -> relu -> 2x2 max
+//                             pool (the CNN's second layer: [64,32,14,14] by 64 5x5 filters, pad
+//                             2) from the pooling's gradient dp: pooled = 1 the plan's fused step
+//                             that skips dy's zeros; pooled = 0 the same graph with dy also
+//                             requested, so the plan builds dy (max_pool2d_backward+relu_grad) and
+//                             runs oneDNN's weights gradient and the bias sum on it
 //   BM_RawOneDnnConv/N/any    raw oneDNN primitive; any = 1: layouts chosen by oneDNN (data
 //                             reordered once, outside the timing), any = 0: plain NCHW/OIHW
 // Counters: GFLOP/s of the convolution (2·N·O·OH·OW·C·KH·KW per forward).
 #include <benchmark/benchmark.h>
 
+#include <algorithm>
 #include <random>
 
 #include "dagrad.hpp"
@@ -97,6 +104,35 @@ void BM_FirstLayerWeightsGradient(benchmark::State& state) {
                          benchmark::Counter::kIsIterationInvariantRate);
 }
 
+void BM_PooledWeightsGradient(benchmark::State& state) {
+  const bool pooled = state.range(0) != 0;
+  const std::int64_t batch = 64, in = 32, out = 64, side = 14;
+  Graph g;
+  Value x = g.input("x", {batch, in, side, side});
+  Value r = g.input("r", {batch, out, side, side});  // the convolution's relu output
+  Value dp = g.input("dp", {batch, out, side / 2, side / 2});
+  Value dy = relu_grad(max_pool2d_backward(dp, r, {2, 2}, {2, 2}), r);
+  Value dw = conv2d_backward_weights(x, dy, {5, 5}, {.padding = {2, 2}});
+  Value db = sum(dy, {0, 2, 3});
+  std::vector<Value> outputs{dw, db};
+  if (!pooled) outputs.push_back(dy);
+  Plan plan = compile(g, outputs);
+  // r = relu(u), u uniform in [-1.5, 0.5): ~68 % of the windows have a positive maximum (55 %
+  // in bench_train's CNN).
+  Tensor r_value = random_tensor(r.shape(), 2);
+  for (std::int64_t i = 0; i < r_value.numel(); ++i) {
+    r_value.set(i, std::max(0.0, r_value.at(i) - 0.5));
+  }
+  Feeds feeds{{x, random_tensor(x.shape(), 1)}, {r, r_value}, {dp, random_tensor(dp.shape(), 3)}};
+  for (auto _ : state) benchmark::DoNotOptimize(plan.run(feeds));
+  const auto patterns = plan.fused_patterns();
+  state.SetLabel(patterns.empty() ? "" : patterns.front());
+  // The dense weights gradient's count, also for the pooled kernel (which does less).
+  state.counters["GFLOP/s"] =
+      benchmark::Counter(2.0 * static_cast<double>(batch * out * side * side * in * 25) * 1e-9,
+                         benchmark::Counter::kIsIterationInvariantRate);
+}
+
 void BM_RawOneDnnConv(benchmark::State& state) {
   using tag = dnnl::memory::format_tag;
   using dt = dnnl::memory::data_type;
@@ -138,6 +174,11 @@ BENCHMARK(BM_Conv2dForward)->Arg(1)->Arg(16)->Arg(64)->Unit(benchmark::kMillisec
 BENCHMARK(BM_Conv2dTrainingStep)->Arg(16)->Arg(64)->Unit(benchmark::kMillisecond);
 BENCHMARK(BM_MaxPool2dBackward)->Arg(128)->Unit(benchmark::kMillisecond);
 BENCHMARK(BM_FirstLayerWeightsGradient)->Arg(128)->Unit(benchmark::kMillisecond);
+BENCHMARK(BM_PooledWeightsGradient)
+    ->ArgName("pooled")
+    ->Arg(0)
+    ->Arg(1)
+    ->Unit(benchmark::kMillisecond);
 BENCHMARK(BM_RawOneDnnConv)
     ->Args({1, 0})
     ->Args({1, 1})
