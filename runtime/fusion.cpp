@@ -1,7 +1,9 @@
 #include "runtime/fusion.hpp"
 
 #include <algorithm>
+#include <optional>
 #include <set>
+#include <span>
 
 #include "ops/conv_kernels.hpp"
 #include "runtime/primitive_kernel.hpp"
@@ -179,6 +181,28 @@ std::vector<FusedStep> plan_fusions(const FusionContext& c, std::vector<NodeId>&
     });
   };
 
+  // A step writing several nodes' outputs, run at position `first` of the order: its kernel
+  // comes from make(input descs, output descs), created under the step's thread count (sized
+  // by `inputs` and `sized_by`'s outputs). nullopt when an input does not exist yet at `first`
+  // or make refuses (nullptr).
+  auto multi_output_step = [&](std::size_t first, std::vector<ValueKey> inputs,
+                               std::vector<ValueKey> outputs, NodeId sized_by,
+                               const auto& make) -> std::optional<FusedStep> {
+    if (!ready_at(first, inputs)) return std::nullopt;
+    std::vector<TensorDesc> in, out;
+    for (const auto& key : inputs) in.push_back(c.descs.at(key));
+    for (const auto& key : outputs) out.push_back(c.descs.at(key));
+    FusedStep step;
+    step.threads = step_threads(step_bytes(c, inputs, sized_by), c.single_thread_below_bytes);
+    const ThreadScope threads(step.threads);
+    step.kernel = make(std::span<const TensorDesc>(in), std::span<const TensorDesc>(out));
+    if (!step.kernel) return std::nullopt;
+    step.anchor = c.order[first];
+    step.inputs = std::move(inputs);
+    step.outputs = std::move(outputs);
+    return step;
+  };
+
   // conv -> relu -> 2x2 max pooling: the convolution's weights gradient, and its bias gradient
   // sum(dy, {0, 2, 3}) when there is one, read the pooling's gradient dp instead of dy =
   // relu_grad(max_pool2d_backward(dp, r), r), skipping dy's zeros. When nothing else reads dy
@@ -214,19 +238,13 @@ std::vector<FusedStep> plan_fusions(const FusionContext& c, std::vector<NodeId>&
     if (bias) outputs.emplace_back(bias->id, 0);
     const std::size_t first =
         bias ? std::min(position.at(id), position.at(bias->id)) : position.at(id);
-    if (!ready_at(first, inputs)) continue;
-    std::vector<TensorDesc> in, out;
-    for (const auto& key : inputs) in.push_back(c.descs.at(key));
-    for (const auto& key : outputs) out.push_back(c.descs.at(key));
-    FusedStep step;
-    step.threads = step_threads(step_bytes(c, inputs, id), c.single_thread_below_bytes);
-    const ThreadScope threads(step.threads);
-    step.kernel =
-        pooled_relu_weights_gradient_kernel(KernelBuild{weights, in, out, cpu_engine()}, pool);
-    if (!step.kernel) continue;
-    step.anchor = c.order[first];
-    step.inputs = std::move(inputs);
-    step.outputs = std::move(outputs);
+    std::optional<FusedStep> made =
+        multi_output_step(first, std::move(inputs), std::move(outputs), id, [&](auto in, auto out) {
+          return pooled_relu_weights_gradient_kernel(KernelBuild{weights, in, out, cpu_engine()},
+                                                     pool);
+        });
+    if (!made) continue;
+    FusedStep& step = *made;
     step.pattern = "max_pool2d_backward+relu_grad+conv2d_backward_weights";
     if (bias) {
       step.pattern += "+sum";
@@ -314,20 +332,13 @@ std::vector<FusedStep> plan_fusions(const FusionContext& c, std::vector<NodeId>&
     if (data == nullptr) continue;
     // The step runs where the first of the two ran; everything it reads must exist by then.
     const std::size_t first = std::min(position.at(id), position.at(data->id));
-    std::vector<ValueKey> inputs{x, dy, key_of(data->inputs[1])};
-    if (!ready_at(first, inputs)) continue;
-    std::vector<ValueKey> outputs{{id, 0}, {data->id, 0}};
-    std::vector<TensorDesc> in, out;
-    for (const auto& key : inputs) in.push_back(c.descs.at(key));
-    for (const auto& key : outputs) out.push_back(c.descs.at(key));
-    FusedStep step;
-    step.threads = step_threads(step_bytes(c, inputs, id), c.single_thread_below_bytes);
-    const ThreadScope threads(step.threads);
-    step.kernel = conv_backward_fused_kernel(KernelBuild{weights, in, out, cpu_engine()});
-    if (!step.kernel) continue;
-    step.anchor = c.order[first];
-    step.inputs = std::move(inputs);
-    step.outputs = std::move(outputs);
+    std::optional<FusedStep> made = multi_output_step(
+        first, {x, dy, key_of(data->inputs[1])}, {{id, 0}, {data->id, 0}}, id,
+        [&](auto in, auto out) {
+          return conv_backward_fused_kernel(KernelBuild{weights, in, out, cpu_engine()});
+        });
+    if (!made) continue;
+    FusedStep& step = *made;
     step.pattern = "conv2d_backward_weights+data";
     step.absorbed.push_back(step.anchor == id ? data->id : id);
     taken.insert(id);
