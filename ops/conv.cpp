@@ -1252,6 +1252,29 @@ AddHits add_hits_avx2(std::int64_t kh, int block) {
   return block == 2 ? two[kh - 1] : one[kh - 1];
 }
 
+// The data gradient's share of each hit: pad[(h + a) · row + (w + b) · cp + c] += g · w[a][b][c]
+// for a < kh, b < kw, c < cp (pad: one image's padded dx, channels innermost, cp a multiple of
+// 8; w: one output channel's weights as [KH][KW][cp]). Hit offsets are h · wp + w.
+[[gnu::target("avx2,fma")]] void scatter_hits_avx2(float* pad, std::int64_t row, std::int64_t cp,
+                                                   const float* w, std::int64_t kh, std::int64_t kw,
+                                                   std::int64_t wp, const std::int32_t* at,
+                                                   const float* g, std::int64_t count) {
+  for (std::int64_t e = 0; e < count; ++e) {
+    float* base = pad + (at[e] / wp) * row + (at[e] % wp) * cp;
+    const __m256 gv = _mm256_set1_ps(g[e]);
+    const float* tap = w;
+    for (std::int64_t a = 0; a < kh; ++a) {
+      float* p = base + a * row;
+#pragma GCC unroll 4
+      for (std::int64_t b = 0; b < kw * cp; b += 8) {
+        _mm256_storeu_ps(p + b,
+                         _mm256_fmadd_ps(gv, _mm256_loadu_ps(tap + b), _mm256_loadu_ps(p + b)));
+      }
+      tap += kw * cp;
+    }
+  }
+}
+
 bool cpu_has_avx2() {
   static const bool has = __builtin_cpu_supports("avx2");
   return has;
@@ -1363,20 +1386,23 @@ std::unique_ptr<Kernel> direct_max_pool_backward(const PoolGeometry& g, bool rel
   });
 }
 
-// ---- weights gradient through relu -> 2x2 max pooling -------------------------------------
+// ---- gradients through relu -> 2x2 max pooling --------------------------------------------
 
-// The weights (and bias) gradient of a convolution followed by relu and 2x2, stride 2 max
+// The weights, bias and data gradients of a convolution followed by relu and 2x2, stride 2 max
 // pooling, reading the pooling's input gradient dp instead of the convolution's dy: dy =
 // relu_grad(max_pool2d_backward(dp, r), r) is zero except at the first maximum of each window
-// whose maximum is positive, so at least three quarters of dy are zeros the dense primitive
-// multiplies through. Pass 1 lists those "hits" (position and gradient) per (image, channel)
-// plane and copies x into a zero-padded buffer; pass 2 adds g · (the x patch under the hit) to
-// dW[o] for every hit, 8 kernel columns at a time. Each output channel is summed by one thread
-// in a fixed order (images, then input channels, then hits), so results do not depend on the
-// thread count; the bias gradient sums per-plane sums in double. dy is never built. Positions
-// where dy is structurally zero are skipped, so an infinite x there does not make dW NaN as
-// 0 · ∞ would in the dense computation. Requirements (checked by
-// pooled_relu_weights_gradient_kernel): f32, stride 1, dilation 1, one group, KH, KW <= 8.
+// whose maximum is positive, so at least three quarters of dy are zeros the dense primitives
+// multiply through. Pass 1 lists those "hits" (position and gradient) per (image, channel)
+// plane and copies x into a zero-padded buffer. Pass 2: the weights gradient adds g · (the x
+// patch under the hit) to dW[o] for every hit, 8 kernel columns at a time; each output channel
+// is summed by one thread in a fixed order (images, then input channels, then hits). The bias
+// gradient sums per-plane sums in double. The data gradient (optional) adds g · w[o] under
+// every hit's patch of a zero-padded copy of dx with the channels innermost (rows of KW · C
+// contiguous floats, read-modify-write), one thread per image, hits in a fixed order, then
+// crops it into NCHW. So results do not depend on the thread count, and dy is never built.
+// Positions where dy is structurally zero are skipped, so an infinite x or w there does not
+// make a gradient NaN as 0 · ∞ would in the dense computation. Requirements (checked by
+// pooled_relu_gradients_kernel): f32, stride 1, dilation 1, one group, KH, KW <= 8.
 // Measured in the CNN training step (batch 64, DAGRAD_PROFILE=1 bench_train, 2 threads): the
 // second layer's weights and bias gradients took ~11 ms (oneDNN's weights primitive with its
 // reorders, 125 GFLOP/s, plus the bias sum) and take 5.2–6.1 ms here (111k hits in 200k
@@ -1385,10 +1411,10 @@ std::unique_ptr<Kernel> direct_max_pool_backward(const PoolGeometry& g, bool rel
 // per cycle (each FMA has its own unaligned load). The same idea for the data gradient
 // (dx += g · w under every hit) was prototyped and rejected: each hit is a read-modify-write of
 // x rows, which ran at one FMA per 3–6 cycles, slower than oneDNN's dense primitive.
-class PooledReluWeightsGradient final : public Kernel {
+class PooledReluGradients final : public Kernel {
  public:
-  PooledReluWeightsGradient(const ConvGeometry& g, const PoolGeometry& p, bool bias)
-      : g_(g), p_(p), bias_(bias) {
+  PooledReluGradients(const ConvGeometry& g, const PoolGeometry& p, bool bias, bool data)
+      : g_(g), p_(p), bias_(bias), data_(data) {
     hp_ = g.H + 2 * g.padding[0];
     wp_ = g.W + 2 * g.padding[1] + 8;  // an 8-wide load at the last hit column stays inside
     x_pad_.assign(static_cast<std::size_t>(g.N * g.C * hp_ * wp_), 0.0f);
@@ -1398,9 +1424,17 @@ class PooledReluWeightsGradient final : public Kernel {
     hits_.resize(static_cast<std::size_t>(p.planes));
     plane_sums_.resize(static_cast<std::size_t>(p.planes));
     acc_.resize(static_cast<std::size_t>(g.O * g.C * g.KH * 8));
+    if (data_) {
+      cp_ = (g.C + 7) / 8 * 8;
+      dx_row_ = (g.W + 2 * g.padding[1]) * cp_;
+      dx_image_ = (g.H + 2 * g.padding[0]) * dx_row_;
+      w_taps_ = Tensor(Shape{g.O * g.KH * g.KW * cp_}, DType::f32);
+      std::fill_n(w_taps_.data<float>(), w_taps_.numel(), 0.0f);  // channels past C stay 0
+      dx_pad_ = Tensor(Shape{g.N * dx_image_}, DType::f32);
+    }
   }
 
-  // Inputs dp, r, x; outputs dW [, db].
+  // Inputs dp, r, x [, w]; outputs dW [, db] [, dx].
   void run(const KernelCall& call) override {
     const float* dp = call.inputs[0].data<float>();
     const float* r = call.inputs[1].data<float>();
@@ -1411,6 +1445,17 @@ class PooledReluWeightsGradient final : public Kernel {
     const bool avx2 = false;
 #endif
     const std::int64_t plane = g_.H * g_.W, padded_plane = hp_ * wp_;
+    if (data_) {  // w [O, C, KH, KW] as [O][KH][KW][cp_]
+      const float* w = call.inputs[3].data<float>();
+      float* taps = w_taps_.data<float>();
+      for (std::int64_t o = 0; o < g_.O; ++o) {
+        for (std::int64_t c = 0; c < g_.C; ++c) {
+          for (std::int64_t k = 0; k < g_.KH * g_.KW; ++k) {
+            taps[(o * g_.KH * g_.KW + k) * cp_ + c] = w[(o * g_.C + c) * g_.KH * g_.KW + k];
+          }
+        }
+      }
+    }
 #pragma omp parallel
     {
 #pragma omp for schedule(static) nowait
@@ -1422,6 +1467,11 @@ class PooledReluWeightsGradient final : public Kernel {
       }
 #pragma omp for schedule(static)
       for (std::int64_t q = 0; q < p_.planes; ++q) find_hits(q, dp, r, avx2);
+      if (data_) {
+        float* dx = call.outputs[bias_ ? 2 : 1].data<float>();
+#pragma omp for schedule(static) nowait
+        for (std::int64_t n = 0; n < g_.N; ++n) data_gradient(n, dx, avx2);
+      }
       // Output channels [first, last) for this thread; images outer so that one image's
       // padded x serves all of them from cache.
       const std::int64_t threads = omp_get_num_threads(), t = omp_get_thread_num();
@@ -1477,6 +1527,43 @@ class PooledReluWeightsGradient final : public Kernel {
     plane_sums_[plane] = sum;
   }
 
+  // dx of image n: every hit adds g · w[o] under its patch of a zero-padded, channels-innermost
+  // copy of the image (rows of KW · cp_ contiguous floats), which is then cropped into NCHW.
+  void data_gradient(std::int64_t n, float* dx, [[maybe_unused]] bool avx2) {
+    float* pad = dx_pad_.data<float>() + n * dx_image_;
+    std::fill_n(pad, dx_image_, 0.0f);
+    const float* taps = w_taps_.data<float>();
+    const std::int64_t taps_per_output = g_.KH * g_.KW * cp_;
+    for (std::int64_t o = 0; o < g_.O; ++o) {
+      const std::int64_t q = n * g_.O + o;
+      const std::int32_t* at = hit_at_.data() + q * slots_;
+      const float* gs = hit_g_.data() + q * slots_;
+      const std::int64_t count = hits_[static_cast<std::size_t>(q)];
+      const float* w = taps + o * taps_per_output;
+#ifdef DAGRAD_POOL_AVX2
+      if (avx2) {
+        scatter_hits_avx2(pad, dx_row_, cp_, w, g_.KH, g_.KW, wp_, at, gs, count);
+        continue;
+      }
+#endif
+      for (std::int64_t e = 0; e < count; ++e) {
+        float* base = pad + (at[e] / wp_) * dx_row_ + (at[e] % wp_) * cp_;
+        for (std::int64_t a = 0; a < g_.KH; ++a) {
+          for (std::int64_t b = 0; b < g_.KW * cp_; ++b) {
+            base[a * dx_row_ + b] += gs[e] * w[a * g_.KW * cp_ + b];
+          }
+        }
+      }
+    }
+    for (std::int64_t c = 0; c < g_.C; ++c) {
+      float* out = dx + (n * g_.C + c) * g_.H * g_.W;
+      for (std::int64_t y = 0; y < g_.H; ++y) {
+        const float* in = pad + (y + g_.padding[0]) * dx_row_ + g_.padding[1] * cp_ + c;
+        for (std::int64_t x = 0; x < g_.W; ++x) out[y * g_.W + x] = in[x * cp_];
+      }
+    }
+  }
+
   // Adds image n's hits of output channels [first, last) to their accumulators: blocks of
   // input channels outer, so that the block's padded planes stay in L1 across the channels.
   void accumulate(std::int64_t n, std::int64_t first, std::int64_t last,
@@ -1523,15 +1610,19 @@ class PooledReluWeightsGradient final : public Kernel {
 
   ConvGeometry g_;
   PoolGeometry p_;
-  bool bias_;
-  std::int64_t hp_ = 0, wp_ = 0;      // padded x planes: hp_ rows of wp_ floats
-  std::int64_t slots_ = 0;            // hit slots per plane of r
-  std::vector<float> x_pad_;          // [N, C, hp_, wp_], zero outside the copied image
-  std::vector<std::int32_t> hit_at_;  // per plane of r: slots_ offsets into a padded plane
-  std::vector<float> hit_g_;          // and the gradients there
-  std::vector<std::int64_t> hits_;    // per plane: slots used
-  std::vector<double> plane_sums_;    // per plane: sum of its hits' gradients
-  std::vector<float> acc_;            // [O, C, KH, 8]: dW rows, 8 columns of which KW are real
+  bool bias_, data_;
+  std::int64_t hp_ = 0, wp_ = 0;            // padded x planes: hp_ rows of wp_ floats
+  std::int64_t cp_ = 0;                     // data gradient: channels rounded up to 8
+  std::int64_t dx_row_ = 0, dx_image_ = 0;  // floats per padded dx row and image
+  Tensor w_taps_;                           // [O][KH][KW][cp_]
+  Tensor dx_pad_;                           // [N][H + 2ph][W + 2pw][cp_]
+  std::int64_t slots_ = 0;                  // hit slots per plane of r
+  std::vector<float> x_pad_;                // [N, C, hp_, wp_], zero outside the copied image
+  std::vector<std::int32_t> hit_at_;        // per plane of r: slots_ offsets into a padded plane
+  std::vector<float> hit_g_;                // and the gradients there
+  std::vector<std::int64_t> hits_;          // per plane: slots used
+  std::vector<double> plane_sums_;          // per plane: sum of its hits' gradients
+  std::vector<float> acc_;  // [O, C, KH, 8]: dW rows, 8 columns of which KW are real
 };
 
 // ---- pooling samples ----------------------------------------------------------------------
@@ -1891,9 +1982,12 @@ void require_valid(const Value& v, std::string_view op, std::string_view what) {
 
 }  // namespace
 
-std::unique_ptr<Kernel> pooled_relu_weights_gradient_kernel(const KernelBuild& build,
-                                                            const Node& pool) {
-  if (!all_f32(build) || build.inputs.size() != 3 || build.outputs.size() > 2) return nullptr;
+std::unique_ptr<Kernel> pooled_relu_gradients_kernel(const KernelBuild& build, const Node& pool,
+                                                     bool bias, bool data) {
+  const std::size_t inputs = data ? 4 : 3, outputs = 1 + (bias ? 1 : 0) + (data ? 1 : 0);
+  if (!all_f32(build) || build.inputs.size() != inputs || build.outputs.size() != outputs) {
+    return nullptr;
+  }
   const ConvGeometry g =
       conv_geometry(build.node.attrs, build.inputs[2].shape, build.outputs[0].shape);
   const PoolGeometry p = pool_geometry(pool.attrs, build.inputs[1].shape);
@@ -1901,9 +1995,11 @@ std::unique_ptr<Kernel> pooled_relu_weights_gradient_kernel(const KernelBuild& b
                     g.KW <= 8 && is_pool2x2(p) && p.planes == g.N * g.O && p.H == g.OH &&
                     p.W == g.OW &&
                     (g.H + 2 * g.padding[0]) * (g.W + 2 * g.padding[1] + 8) <
-                        std::numeric_limits<std::int32_t>::max();
+                        std::numeric_limits<std::int32_t>::max() &&
+                    (!data || (build.inputs[3].shape == build.outputs[0].shape &&
+                               build.outputs.back().shape == build.inputs[2].shape));
   if (!fits) return nullptr;
-  return std::make_unique<PooledReluWeightsGradient>(g, p, build.outputs.size() == 2);
+  return std::make_unique<PooledReluGradients>(g, p, bias, data);
 }
 
 std::unique_ptr<Kernel> conv_backward_fused_kernel(const KernelBuild& build) {

@@ -181,6 +181,12 @@ std::vector<FusedStep> plan_fusions(const FusionContext& c, std::vector<NodeId>&
     });
   };
 
+  auto same_convolution = [](const Node& a, const Node& b) {
+    for (const char* key : {"stride", "padding", "dilation"}) {
+      if (a.attrs.integers(key) != b.attrs.integers(key)) return false;
+    }
+    return a.attrs.integer("groups") == b.attrs.integer("groups");
+  };
   // A step writing several nodes' outputs, run at position `first` of the order: its kernel
   // comes from make(input descs, output descs), created under the step's thread count (sized
   // by `inputs` and `sized_by`'s outputs). nullopt when an input does not exist yet at `first`
@@ -204,9 +210,9 @@ std::vector<FusedStep> plan_fusions(const FusionContext& c, std::vector<NodeId>&
   };
 
   // conv -> relu -> 2x2 max pooling: the convolution's weights gradient, and its bias gradient
-  // sum(dy, {0, 2, 3}) when there is one, read the pooling's gradient dp instead of dy =
-  // relu_grad(max_pool2d_backward(dp, r), r), skipping dy's zeros. When nothing else reads dy
-  // (a first layer, whose input needs no gradient), dy is not computed at all.
+  // sum(dy, {0, 2, 3}) and data gradient when there are, read the pooling's gradient dp instead
+  // of dy = relu_grad(max_pool2d_backward(dp, r), r), skipping dy's zeros. When nothing else
+  // reads dy, dy is not computed at all.
   for (NodeId id : c.order) {
     const Node& weights = c.graph.node(id);
     if (weights.kind != NodeKind::op || weights.op != "conv2d_backward_weights" ||
@@ -232,30 +238,47 @@ std::vector<FusedStep> plan_fusions(const FusionContext& c, std::vector<NodeId>&
         break;
       }
     }
+    // The data gradient of the same convolution: conv2d_backward_data(dy, w).
+    const Node* data = nullptr;
+    for (NodeId other : c.order) {
+      const Node& n = c.graph.node(other);
+      if (n.kind == NodeKind::op && n.op == "conv2d_backward_data" && !taken.count(other) &&
+          key_of(n.inputs[0]) == dy && same_convolution(n, weights) &&
+          c.descs.at({other, 0}) == c.descs.at(key_of(weights.inputs[0])) &&
+          c.descs.at(key_of(n.inputs[1])) == c.descs.at({id, 0})) {
+        data = &n;
+        break;
+      }
+    }
     std::vector<ValueKey> inputs{key_of(pool.inputs[0]), key_of(pool.inputs[1]),
                                  key_of(weights.inputs[0])};
     std::vector<ValueKey> outputs{{id, 0}};
-    if (bias) outputs.emplace_back(bias->id, 0);
-    const std::size_t first =
-        bias ? std::min(position.at(id), position.at(bias->id)) : position.at(id);
+    std::size_t first = position.at(id);
+    for (const Node* n : {bias, data}) {
+      if (n == nullptr) continue;
+      outputs.emplace_back(n->id, 0);
+      first = std::min(first, position.at(n->id));
+    }
+    if (data) inputs.push_back(key_of(data->inputs[1]));
     std::optional<FusedStep> made =
         multi_output_step(first, std::move(inputs), std::move(outputs), id, [&](auto in, auto out) {
-          return pooled_relu_weights_gradient_kernel(KernelBuild{weights, in, out, cpu_engine()},
-                                                     pool);
+          return pooled_relu_gradients_kernel(KernelBuild{weights, in, out, cpu_engine()}, pool,
+                                              bias != nullptr, data != nullptr);
         });
     if (!made) continue;
     FusedStep& step = *made;
     step.pattern = "max_pool2d_backward+relu_grad+conv2d_backward_weights";
-    if (bias) {
-      step.pattern += "+sum";
-      step.absorbed.push_back(step.anchor == id ? bias->id : id);
-      taken.insert(bias->id);
+    if (data) step.pattern += "+data";
+    if (bias) step.pattern += "+sum";
+    for (const Node* n : {&weights, bias, data}) {
+      if (n == nullptr) continue;
+      if (n->id != step.anchor) step.absorbed.push_back(n->id);
+      taken.insert(n->id);
     }
-    taken.insert(id);
-    // dy's readers were this node and the bias sum only: relu_grad and max_pool2d_backward
-    // (when relu_grad is its only reader) are not needed any more.
+    // dy's readers were these nodes only: relu_grad and max_pool2d_backward (when relu_grad is
+    // its only reader) are not needed any more.
     const int dy_readers = c.consumers.at(dy);
-    if (dy_readers == (bias ? 2 : 1)) {
+    if (dy_readers == static_cast<int>(1 + (bias ? 1 : 0) + (data ? 1 : 0))) {
       dropped.push_back(mask.id);
       taken.insert(mask.id);
       const ValueKey pooled{pool.id, 0};
@@ -305,12 +328,6 @@ std::vector<FusedStep> plan_fusions(const FusionContext& c, std::vector<NodeId>&
   }
   // A convolution's backward: conv2d_backward_weights(x, dy) and conv2d_backward_data(dy, w)
   // of the same convolution as one kernel that reorders dy once.
-  auto same_convolution = [](const Node& a, const Node& b) {
-    for (const char* key : {"stride", "padding", "dilation"}) {
-      if (a.attrs.integers(key) != b.attrs.integers(key)) return false;
-    }
-    return a.attrs.integer("groups") == b.attrs.integer("groups");
-  };
   for (NodeId id : c.order) {
     const Node& weights = c.graph.node(id);
     if (weights.kind != NodeKind::op || weights.op != "conv2d_backward_weights" ||

@@ -9,9 +9,9 @@
 //   - a convolution's conv2d_backward_weights and conv2d_backward_data, which read the same
 //     dy, as one kernel that reorders dy once (a step writing two nodes' outputs);
 //   - conv -> relu -> 2x2 max pooling: the convolution's weights gradient (and its bias
-//     gradient, a sum of dy over N, H, W) computed from the pooling's gradient, skipping the
-//     zeros of dy = relu_grad(max_pool2d_backward(dp, r), r); when nothing else reads dy (a
-//     first layer), max_pool2d_backward and relu_grad do not run at all.
+//     gradient, a sum of dy over N, H, W, and its data gradient) computed from the pooling's
+//     gradient, skipping the zeros of dy = relu_grad(max_pool2d_backward(dp, r), r); when
+//     nothing else reads dy, max_pool2d_backward and relu_grad do not run at all.
 // A pattern fuses only when the intermediate values are read by nothing else and are not
 // requested outputs, so results are those of the unfused plan (within f32 rounding).
 #pragma once

@@ -118,23 +118,21 @@ TEST(Fusion, ConvReluMaxPoolTrainingGradients) {
     Value loss = sum(h * h);
     auto grads = grad(loss, {w, b, x});
     const Feeds feeds{{x, random_tensor({2, 3, size, size}, 19)}};
-    expect_same_results(g, {loss, grads[0], grads[1], grads[2]}, feeds,
-                        "max_pool2d_backward+relu_grad");
     expect_same_results(g, {loss, grads[0], grads[1], grads[2]}, feeds, "conv2d+relu");
-    // x needs a gradient, so dy is still built (for the data gradient); the weights and bias
-    // gradients read the pooling's gradient instead.
+    // The weights, bias and data gradients read the pooling's gradient; dy is not built.
     expect_same_results(g, {loss, grads[0], grads[1], grads[2]}, feeds,
-                        "max_pool2d_backward+relu_grad+conv2d_backward_weights+sum");
+                        "max_pool2d_backward+relu_grad+conv2d_backward_weights+data+sum");
   }
 }
 
-// conv -> relu -> 2x2 max pooling whose input needs no gradient (a first layer): the weights
-// and bias gradients come from the pooling's gradient in one step, and neither
-// max_pool2d_backward nor relu_grad runs. Cases: the CNN's first layer, an odd channel count
-// (the AVX2 loop's blocks of two channels and a single remainder), kernels of 1, 3, 5, 7 and 8
-// rows and columns, unequal paddings, odd sizes whose last row and column no window reads,
-// with and without bias. Compared with the reference backend (sums in double) and with 1
-// against 2 threads (the same bits).
+// conv -> relu -> 2x2 max pooling: the weights, bias and (when the input needs one) data
+// gradients come from the pooling's gradient in one step, and neither max_pool2d_backward nor
+// relu_grad runs. Cases: the CNN's first layer, an odd channel count (the AVX2 loop's blocks of
+// two channels and a single remainder; channels not a multiple of 8 for the data gradient),
+// kernels of 1, 3, 5, 7 and 8 rows and columns, unequal paddings, odd sizes whose last row and
+// column no window reads, with and without bias, with and without the input's gradient.
+// Compared with the reference backend (sums in double) and with 1 against 2 threads (the same
+// bits).
 struct PooledConvCase {
   std::int64_t channels, outputs, size;
   Size2 kernel, padding;
@@ -144,63 +142,67 @@ struct PooledConvCase {
 TEST(Fusion, WeightsGradientThroughReluAndPoolingSkipsDy) {
   const int saved_threads = num_threads();
   const std::vector<PooledConvCase> cases{
-      {1, 8, 28, {5, 5}, {2, 2}, true},  {3, 5, 9, {3, 3}, {1, 1}, true},
-      {2, 4, 10, {7, 7}, {3, 3}, false}, {2, 3, 11, {8, 8}, {3, 4}, true},
-      {4, 6, 8, {1, 1}, {0, 0}, true},   {2, 4, 9, {5, 3}, {2, 0}, true},
+      {1, 8, 28, {5, 5}, {2, 2}, true},   {3, 5, 9, {3, 3}, {1, 1}, true},
+      {2, 4, 10, {7, 7}, {3, 3}, false},  {2, 3, 11, {8, 8}, {3, 4}, true},
+      {4, 6, 8, {1, 1}, {0, 0}, true},    {2, 4, 9, {5, 3}, {2, 0}, true},
+      {32, 16, 14, {5, 5}, {2, 2}, true}, {9, 5, 10, {3, 5}, {1, 2}, false},
   };
   std::uint64_t seed = 30;
   for (const PooledConvCase& k : cases) {
-    SCOPED_TRACE(fmt::format("C {} O {} size {} kernel {}x{} padding {}x{} bias {}", k.channels,
-                             k.outputs, k.size, k.kernel[0], k.kernel[1], k.padding[0],
-                             k.padding[1], k.bias));
-    Graph g;
-    const Shape x_shape{3, k.channels, k.size, k.size};
-    Value x = g.input("x", x_shape);
-    Value w =
-        g.parameter("w", random_tensor({k.outputs, k.channels, k.kernel[0], k.kernel[1]}, seed++));
-    std::optional<Value> b;
-    if (k.bias) b = g.parameter("b", random_tensor({k.outputs}, seed++));
-    Value h = max_pool2d(relu(conv2d(x, w, b, {.padding = k.padding})), {2, 2}, {2, 2});
-    Value loss = sum(h * g.constant(random_tensor(h.shape(), seed++), "m"));
-    std::vector<Value> wrt{w};
-    if (b) wrt.push_back(*b);
-    std::vector<Value> outputs{loss};
-    for (const Value& d : grad(loss, wrt)) outputs.push_back(d);
-    const Feeds feeds{{x, random_tensor(x_shape, seed++)}};
+    for (bool input_gradient : {false, true}) {
+      SCOPED_TRACE(fmt::format("C {} O {} size {} kernel {}x{} padding {}x{} bias {} dx {}",
+                               k.channels, k.outputs, k.size, k.kernel[0], k.kernel[1],
+                               k.padding[0], k.padding[1], k.bias, input_gradient));
+      Graph g;
+      const Shape x_shape{3, k.channels, k.size, k.size};
+      Value x = g.input("x", x_shape);
+      Value w = g.parameter(
+          "w", random_tensor({k.outputs, k.channels, k.kernel[0], k.kernel[1]}, seed++));
+      std::optional<Value> b;
+      if (k.bias) b = g.parameter("b", random_tensor({k.outputs}, seed++));
+      Value h = max_pool2d(relu(conv2d(x, w, b, {.padding = k.padding})), {2, 2}, {2, 2});
+      Value loss = sum(h * g.constant(random_tensor(h.shape(), seed++), "m"));
+      std::vector<Value> wrt{w};
+      if (b) wrt.push_back(*b);
+      if (input_gradient) wrt.push_back(x);
+      std::vector<Value> outputs{loss};
+      for (const Value& d : grad(loss, wrt)) outputs.push_back(d);
+      const Feeds feeds{{x, random_tensor(x_shape, seed++)}};
 
-    Plan fused = compile(g, outputs, {.single_thread_below_bytes = 0});
-    Plan plain = compile(g, outputs, {.fuse = false});
-    Plan reference = compile(g, outputs, {.backend = Backend::reference});
-    const std::string pattern =
-        std::string("max_pool2d_backward+relu_grad+conv2d_backward_weights") +
-        (k.bias ? "+sum" : "");
-    auto patterns = fused.fused_patterns();
-    EXPECT_NE(std::find(patterns.begin(), patterns.end(), pattern), patterns.end());
-    EXPECT_EQ(std::find(patterns.begin(), patterns.end(), "max_pool2d_backward+relu_grad"),
-              patterns.end());
+      Plan fused = compile(g, outputs, {.single_thread_below_bytes = 0});
+      Plan plain = compile(g, outputs, {.fuse = false});
+      Plan reference = compile(g, outputs, {.backend = Backend::reference});
+      const std::string pattern =
+          std::string("max_pool2d_backward+relu_grad+conv2d_backward_weights") +
+          (input_gradient ? "+data" : "") + (k.bias ? "+sum" : "");
+      auto patterns = fused.fused_patterns();
+      EXPECT_NE(std::find(patterns.begin(), patterns.end(), pattern), patterns.end());
+      EXPECT_EQ(std::find(patterns.begin(), patterns.end(), "max_pool2d_backward+relu_grad"),
+                patterns.end());
 
-    set_num_threads(1);
-    std::vector<Tensor> one;
-    for (const Tensor& t : fused.run(feeds)) one.push_back(t.clone());
-    set_num_threads(2);
-    auto two = fused.run(feeds);
-    set_num_threads(saved_threads);
-    auto expected = reference.run(feeds);
-    for (const StepProfile& step : fused.profile()) {  // dy is not built
-      EXPECT_NE(step.op, "max_pool2d_backward");
-      EXPECT_NE(step.op, "relu_grad");
-    }
-    ASSERT_EQ(one.size(), expected.size());
-    for (std::size_t i = 1; i < one.size(); ++i) {
-      EXPECT_EQ(bytes_of(two[i]), bytes_of(one[i])) << "gradient " << i << " on 2 threads";
-      double scale = 0.0;  // the sums cancel: compare to the gradient's magnitude
-      for (std::int64_t j = 0; j < expected[i].numel(); ++j) {
-        scale = std::max(scale, std::abs(expected[i].at(j)));
+      set_num_threads(1);
+      std::vector<Tensor> one;
+      for (const Tensor& t : fused.run(feeds)) one.push_back(t.clone());
+      set_num_threads(2);
+      auto two = fused.run(feeds);
+      set_num_threads(saved_threads);
+      auto expected = reference.run(feeds);
+      for (const StepProfile& step : fused.profile()) {  // dy is not built
+        EXPECT_NE(step.op, "max_pool2d_backward");
+        EXPECT_NE(step.op, "relu_grad");
       }
-      ASSERT_GT(scale, 0.0);
-      for (std::int64_t j = 0; j < expected[i].numel(); ++j) {
-        ASSERT_NEAR(one[i].at(j), expected[i].at(j), 1e-5 * scale)
-            << "gradient " << i << " [" << j << "]";
+      ASSERT_EQ(one.size(), expected.size());
+      for (std::size_t i = 1; i < one.size(); ++i) {
+        EXPECT_EQ(bytes_of(two[i]), bytes_of(one[i])) << "gradient " << i << " on 2 threads";
+        double scale = 0.0;  // the sums cancel: compare to the gradient's magnitude
+        for (std::int64_t j = 0; j < expected[i].numel(); ++j) {
+          scale = std::max(scale, std::abs(expected[i].at(j)));
+        }
+        ASSERT_GT(scale, 0.0);
+        for (std::int64_t j = 0; j < expected[i].numel(); ++j) {
+          ASSERT_NEAR(one[i].at(j), expected[i].at(j), 1e-5 * scale)
+              << "gradient " << i << " [" << j << "]";
+        }
       }
     }
   }
@@ -222,17 +224,17 @@ TEST(Fusion, WeightsGradientThroughPoolingTakesTheFirstOfTiedMaxima) {
   Value b = g.parameter("b", b_value);
   Value h = max_pool2d(relu(conv2d(x, w, b, {.padding = {1, 1}})), {2, 2}, {2, 2});
   Value loss = sum(h * g.constant(random_tensor(h.shape(), 41), "m"));
-  auto grads = grad(loss, {w, b});
+  auto grads = grad(loss, {w, b, x});
   const Feeds feeds{{x, x_value}};
-  Plan fused = compile(g, {grads[0], grads[1]});
-  Plan reference = compile(g, {grads[0], grads[1]}, {.backend = Backend::reference});
+  Plan fused = compile(g, {grads[0], grads[1], grads[2]});
+  Plan reference = compile(g, {grads[0], grads[1], grads[2]}, {.backend = Backend::reference});
   auto patterns = fused.fused_patterns();
   ASSERT_NE(std::find(patterns.begin(), patterns.end(),
-                      "max_pool2d_backward+relu_grad+conv2d_backward_weights+sum"),
+                      "max_pool2d_backward+relu_grad+conv2d_backward_weights+data+sum"),
             patterns.end());
   auto actual = fused.run(feeds);
   auto expected = reference.run(feeds);
-  for (std::size_t i = 0; i < 2; ++i) {
+  for (std::size_t i = 0; i < 3; ++i) {
     for (std::int64_t j = 0; j < expected[i].numel(); ++j) {
       ASSERT_NEAR(actual[i].at(j), expected[i].at(j), 1e-5 * (1 + std::abs(expected[i].at(j))))
           << "gradient " << i << " [" << j << "]";
