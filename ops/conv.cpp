@@ -1403,14 +1403,17 @@ std::unique_ptr<Kernel> direct_max_pool_backward(const PoolGeometry& g, bool rel
 // Positions where dy is structurally zero are skipped, so an infinite x or w there does not
 // make a gradient NaN as 0 · ∞ would in the dense computation. Requirements (checked by
 // pooled_relu_gradients_kernel): f32, stride 1, dilation 1, one group, KH, KW <= 8.
-// Measured in the CNN training step (batch 64, DAGRAD_PROFILE=1 bench_train, 2 threads): the
-// second layer's weights and bias gradients took ~11 ms (oneDNN's weights primitive with its
-// reorders, 125 GFLOP/s, plus the bias sum) and take 5.2–6.1 ms here (111k hits in 200k
-// windows); the first layer's max_pool2d_backward+relu_grad, weights gradient (with its NHWC
-// reorder of dy) and bias sum took 3.2 ms and take 0.9–1.7 ms. The loop runs at about one FMA
-// per cycle (each FMA has its own unaligned load). The same idea for the data gradient
-// (dx += g · w under every hit) was prototyped and rejected: each hit is a read-modify-write of
-// x rows, which ran at one FMA per 3–6 cycles, slower than oneDNN's dense primitive.
+// Measured in the CNN training step (batch 64, DAGRAD_PROFILE=1 bench_train, 2 threads; 111k
+// hits in the second layer's 200k windows): its weights and bias gradients took ~11 ms
+// (oneDNN's weights primitive with its reorders, 125 GFLOP/s, plus the bias sum) and take
+// 3.7–4.5 ms here; its data gradient took 8.6 ms (oneDNN's primitive with the reorders of dy,
+// w and dx) plus 1.0 ms for max_pool2d_backward+relu_grad, and takes 3.6–5.5 ms; the whole
+// step is 10–13 ms instead of ~21. The first layer's max_pool2d_backward+relu_grad, weights
+// gradient (with its NHWC reorder of dy) and bias sum took 3.2 ms and take 0.9–1.7 ms. The
+// weights loop runs at about one FMA per cycle (each FMA has its own unaligned load, 5 of its
+// 8 lanes useful with 5x5 kernels). A first version of the data gradient scattered 8-wide rows
+// into an NCHW dx (KW of 8 lanes useful, rows overlapping from hit to hit) and ran at one FMA
+// per 3–6 cycles, slower than oneDNN; channels innermost fixed both.
 class PooledReluGradients final : public Kernel {
  public:
   PooledReluGradients(const ConvGeometry& g, const PoolGeometry& p, bool bias, bool data)
