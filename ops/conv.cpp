@@ -1157,26 +1157,27 @@ constexpr PackTable make_pack_table() {
 constexpr PackTable pack_table = make_pack_table();
 
 // The hits of one row of 2x2 windows (input rows r0, r1; gradients dp; `ow` windows): for
-// each window whose maximum is positive, in window order, the offset row_offset + (k / 2) · wp
-// + 2j + k % 2 of its first maximum k (0..3 for a, b, c, d) goes to `at` and dp[j] to `gs`.
-// Writes up to 7 slots past the hits; returns their number and adds their gradients to `sum`.
-[[gnu::target("avx2")]] std::int64_t pool2x2_hits_row_avx2(const float* r0, const float* r1,
-                                                           const float* dp, std::int64_t ow,
-                                                           std::int32_t row_offset, std::int32_t wp,
-                                                           std::int32_t* at, float* gs,
-                                                           __m256& sum) {
+// each window whose maximum is positive, in window order, the offset row_offset + (k / 2) · row
+// + (2j + k % 2) · col of its first maximum k (0..3 for a, b, c, d) goes to `at` and dp[j] to
+// `gs`. Writes up to 7 slots past the hits; returns their number and adds their gradients to
+// `sum`.
+[[gnu::target("avx2")]] std::int64_t pool2x2_hits_row_avx2(
+    const float* r0, const float* r1, const float* dp, std::int64_t ow, std::int32_t row_offset,
+    std::int32_t row, std::int32_t col, std::int32_t* at, float* gs, __m256& sum) {
   std::int64_t count = 0;
-  const __m256i even = _mm256_setr_epi32(0, 2, 4, 6, 8, 10, 12, 14);
+  const __m256i even =
+      _mm256_mullo_epi32(_mm256_setr_epi32(0, 2, 4, 6, 8, 10, 12, 14), _mm256_set1_epi32(col));
   for (std::int64_t j = 0; j < ow; j += 8) {
     const std::int64_t n = std::min<std::int64_t>(8, ow - j);
     const Windows8 w = windows8(r0 + 2 * j, r1 + 2 * j, n);
     const __m256i right = _mm256_castps_si256(_mm256_or_ps(w.win_b, w.win_d));
     const __m256i lower = _mm256_castps_si256(_mm256_or_ps(w.win_c, w.win_d));
-    __m256i offset = _mm256_add_epi32(_mm256_and_si256(right, _mm256_set1_epi32(1)),
-                                      _mm256_and_si256(lower, _mm256_set1_epi32(wp)));
+    __m256i offset = _mm256_add_epi32(_mm256_and_si256(right, _mm256_set1_epi32(col)),
+                                      _mm256_and_si256(lower, _mm256_set1_epi32(row)));
     offset = _mm256_castps_si256(swap_middle_quarters(_mm256_castsi256_ps(offset)));
     offset = _mm256_add_epi32(
-        offset, _mm256_add_epi32(even, _mm256_set1_epi32(row_offset + 2 * static_cast<int>(j))));
+        offset,
+        _mm256_add_epi32(even, _mm256_set1_epi32(row_offset + 2 * static_cast<int>(j) * col)));
     const __m256 positive =
         swap_middle_quarters(_mm256_cmp_ps(w.best, _mm256_setzero_ps(), _CMP_GT_OQ));
     const __m256 g = n == 8 ? _mm256_loadu_ps(dp + j) : _mm256_maskload_ps(dp + j, first_lanes(n));
@@ -1192,9 +1193,11 @@ constexpr PackTable pack_table = make_pack_table();
   return count;
 }
 
-// pool2x2_hits_row_avx2 over every row of one plane; `sum` gets the hits' gradient sum.
+// pool2x2_hits_row_avx2 over every row of one plane (offsets h · row + w · col); `sum` gets
+// the hits' gradient sum.
 [[gnu::target("avx2")]] std::int64_t pool2x2_hits_plane_avx2(const float* r, const float* dp,
-                                                             const PoolGeometry& p, std::int64_t wp,
+                                                             const PoolGeometry& p,
+                                                             std::int64_t row, std::int64_t col,
                                                              std::int32_t* at, float* gs,
                                                              double& sum) {
   std::int64_t count = 0;
@@ -1202,8 +1205,9 @@ constexpr PackTable pack_table = make_pack_table();
   for (std::int64_t i = 0; i < p.OH; ++i) {
     const float* r0 = r + 2 * i * p.W;
     count += pool2x2_hits_row_avx2(r0, r0 + p.W, dp + i * p.OW, p.OW,
-                                   static_cast<std::int32_t>(2 * i * wp),
-                                   static_cast<std::int32_t>(wp), at + count, gs + count, sums);
+                                   static_cast<std::int32_t>(2 * i * row),
+                                   static_cast<std::int32_t>(row), static_cast<std::int32_t>(col),
+                                   at + count, gs + count, sums);
   }
   alignas(32) float lanes[8];
   _mm256_store_ps(lanes, sums);
@@ -1211,6 +1215,34 @@ constexpr PackTable pack_table = make_pack_table();
   for (float v : lanes) sum += static_cast<double>(v);
   return count;
 }
+
+// Channels innermost: acc[0..V) (V vectors of one output channel's [KH][KW][C] weights
+// gradient, contiguous within one kernel row) += g[e] · the same V vectors of x at offset
+// start + at[e], for every hit e.
+template <int V>
+[[gnu::target("avx2,fma")]] void add_hits_run(float* acc, const float* x, std::int64_t start,
+                                              const std::int32_t* at, const float* g,
+                                              std::int64_t count) {
+  __m256 a[V];
+#pragma GCC unroll 10
+  for (int k = 0; k < V; ++k) a[k] = _mm256_loadu_ps(acc + 8 * k);
+  const float* base = x + start;
+  for (std::int64_t e = 0; e < count; ++e) {
+    const float* p = base + at[e];
+    const __m256 gv = _mm256_set1_ps(g[e]);
+#pragma GCC unroll 10
+    for (int k = 0; k < V; ++k) a[k] = _mm256_fmadd_ps(gv, _mm256_loadu_ps(p + 8 * k), a[k]);
+  }
+#pragma GCC unroll 10
+  for (int k = 0; k < V; ++k) _mm256_storeu_ps(acc + 8 * k, a[k]);
+}
+
+using AddRun = void (*)(float*, const float*, std::int64_t, const std::int32_t*, const float*,
+                        std::int64_t);
+constexpr std::int64_t run_vectors = 10;  // accumulators per run: 10 of the 16 registers
+constexpr AddRun add_runs[] = {add_hits_run<1>, add_hits_run<2>, add_hits_run<3>, add_hits_run<4>,
+                               add_hits_run<5>, add_hits_run<6>, add_hits_run<7>, add_hits_run<8>,
+                               add_hits_run<9>, add_hits_run<10>};
 
 // acc[c][kh][0..8) += g[e] · image[c · plane + at[e] + kh · wp + 0..8) for every hit e and
 // the CB input channels c of one block.
@@ -1252,15 +1284,15 @@ AddHits add_hits_avx2(std::int64_t kh, int block) {
   return block == 2 ? two[kh - 1] : one[kh - 1];
 }
 
-// The data gradient's share of each hit: pad[(h + a) · row + (w + b) · cp + c] += g · w[a][b][c]
+// The data gradient's share of each hit: pad[at[e] + a · row + b · cp + c] += g · w[a][b][c]
 // for a < kh, b < kw, c < cp (pad: one image's padded dx, channels innermost, cp a multiple of
-// 8; w: one output channel's weights as [KH][KW][cp]). Hit offsets are h · wp + w.
+// 8; w: one output channel's weights as [KH][KW][cp]; at[e] = h · row + w · cp).
 [[gnu::target("avx2,fma")]] void scatter_hits_avx2(float* pad, std::int64_t row, std::int64_t cp,
                                                    const float* w, std::int64_t kh, std::int64_t kw,
-                                                   std::int64_t wp, const std::int32_t* at,
-                                                   const float* g, std::int64_t count) {
+                                                   const std::int32_t* at, const float* g,
+                                                   std::int64_t count) {
   for (std::int64_t e = 0; e < count; ++e) {
-    float* base = pad + (at[e] / wp) * row + (at[e] % wp) * cp;
+    float* base = pad + at[e];
     const __m256 gv = _mm256_set1_ps(g[e]);
     const float* tap = w;
     for (std::int64_t a = 0; a < kh; ++a) {
@@ -1393,13 +1425,16 @@ std::unique_ptr<Kernel> direct_max_pool_backward(const PoolGeometry& g, bool rel
 // relu_grad(max_pool2d_backward(dp, r), r) is zero except at the first maximum of each window
 // whose maximum is positive, so at least three quarters of dy are zeros the dense primitives
 // multiply through. Pass 1 lists those "hits" (position and gradient) per (image, channel)
-// plane and copies x into a zero-padded buffer. Pass 2: the weights gradient adds g · (the x
-// patch under the hit) to dW[o] for every hit, 8 kernel columns at a time; each output channel
-// is summed by one thread in a fixed order (images, then input channels, then hits). The bias
-// gradient sums per-plane sums in double. The data gradient (optional) adds g · w[o] under
-// every hit's patch of a zero-padded copy of dx with the channels innermost (rows of KW · C
-// contiguous floats, read-modify-write), one thread per image, hits in a fixed order, then
-// crops it into NCHW. So results do not depend on the thread count, and dy is never built.
+// plane and copies x into a zero-padded buffer, with the channels innermost ([H][W][C], C
+// rounded up to 8) unless x has fewer than 8 channels and no data gradient is wanted (a first
+// layer: then NCHW rows). Pass 2: the weights gradient adds g · (the x patch under the hit) to
+// dW[o] for every hit, each kernel row's KW · C contiguous floats in runs of up to 10 vectors
+// held in registers (NCHW rows: 8 kernel columns per vector, two input channels per block);
+// each output channel is summed by one thread in a fixed order (images, then kernel rows or
+// input channels, then hits). The bias gradient sums per-plane sums in double. The data
+// gradient (optional) adds g · w[o] under every hit's patch of a zero-padded, channels-innermost
+// copy of dx (read-modify-write), one thread per image, hits in a fixed order, then crops it
+// into NCHW. So results do not depend on the thread count, and dy is never built.
 // Positions where dy is structurally zero are skipped, so an infinite x or w there does not
 // make a gradient NaN as 0 · ∞ would in the dense computation. Requirements (checked by
 // pooled_relu_gradients_kernel): f32, stride 1, dilation 1, one group, KH, KW <= 8.
@@ -1417,25 +1452,35 @@ std::unique_ptr<Kernel> direct_max_pool_backward(const PoolGeometry& g, bool rel
 class PooledReluGradients final : public Kernel {
  public:
   PooledReluGradients(const ConvGeometry& g, const PoolGeometry& p, bool bias, bool data)
-      : g_(g), p_(p), bias_(bias), data_(data) {
-    hp_ = g.H + 2 * g.padding[0];
-    wp_ = g.W + 2 * g.padding[1] + 8;  // an 8-wide load at the last hit column stays inside
-    x_pad_.assign(static_cast<std::size_t>(g.N * g.C * hp_ * wp_), 0.0f);
+      : g_(g), p_(p), bias_(bias), data_(data), nhwc_(channels_innermost(g, data)) {
     slots_ = p.OH * p.OW + 8;  // the AVX2 row pass writes up to 7 slots past the hits
     hit_at_.resize(static_cast<std::size_t>(p.planes * slots_));
     hit_g_.resize(static_cast<std::size_t>(p.planes * slots_));
     hits_.resize(static_cast<std::size_t>(p.planes));
     plane_sums_.resize(static_cast<std::size_t>(p.planes));
-    acc_.resize(static_cast<std::size_t>(g.O * g.C * g.KH * 8));
-    if (data_) {
+    if (nhwc_) {
       cp_ = (g.C + 7) / 8 * 8;
-      dx_row_ = (g.W + 2 * g.padding[1]) * cp_;
-      dx_image_ = (g.H + 2 * g.padding[0]) * dx_row_;
+      row_ = (g.W + 2 * g.padding[1]) * cp_;
+      image_ = (g.H + 2 * g.padding[0]) * row_;
+      acc_.resize(static_cast<std::size_t>(g.O * g.KH * g.KW * cp_));
+    } else {
+      row_ = g.W + 2 * g.padding[1] + 8;  // an 8-wide load at the last hit column stays inside
+      image_ = g.C * (g.H + 2 * g.padding[0]) * row_;
+      acc_.resize(static_cast<std::size_t>(g.O * g.C * g.KH * 8));
+    }
+    x_pad_ = Tensor(Shape{g.N * image_}, DType::f32);
+    std::fill_n(x_pad_.data<float>(), x_pad_.numel(), 0.0f);  // padding and channels past C
+    if (data_) {
       w_taps_ = Tensor(Shape{g.O * g.KH * g.KW * cp_}, DType::f32);
-      std::fill_n(w_taps_.data<float>(), w_taps_.numel(), 0.0f);  // channels past C stay 0
-      dx_pad_ = Tensor(Shape{g.N * dx_image_}, DType::f32);
+      std::fill_n(w_taps_.data<float>(), w_taps_.numel(), 0.0f);
+      dx_pad_ = Tensor(Shape{g.N * image_}, DType::f32);
     }
   }
+
+  // The layout the kernel uses: x (and dx) with the channels innermost, unless there are
+  // fewer than 8 channels and no data gradient (a first layer), where NCHW rows waste fewer
+  // vector lanes.
+  static bool channels_innermost(const ConvGeometry& g, bool data) { return data || g.C >= 8; }
 
   // Inputs dp, r, x [, w]; outputs dW [, db] [, dx].
   void run(const KernelCall& call) override {
@@ -1447,7 +1492,6 @@ class PooledReluGradients final : public Kernel {
 #else
     const bool avx2 = false;
 #endif
-    const std::int64_t plane = g_.H * g_.W, padded_plane = hp_ * wp_;
     if (data_) {  // w [O, C, KH, KW] as [O][KH][KW][cp_]
       const float* w = call.inputs[3].data<float>();
       float* taps = w_taps_.data<float>();
@@ -1462,12 +1506,7 @@ class PooledReluGradients final : public Kernel {
 #pragma omp parallel
     {
 #pragma omp for schedule(static) nowait
-      for (std::int64_t q = 0; q < g_.N * g_.C; ++q) {
-        float* dst = x_pad_.data() + q * padded_plane + g_.padding[0] * wp_ + g_.padding[1];
-        for (std::int64_t h = 0; h < g_.H; ++h) {
-          std::copy_n(x + q * plane + h * g_.W, g_.W, dst + h * wp_);
-        }
-      }
+      for (std::int64_t n = 0; n < g_.N; ++n) copy_image(n, x);
 #pragma omp for schedule(static)
       for (std::int64_t q = 0; q < p_.planes; ++q) find_hits(q, dp, r, avx2);
       if (data_) {
@@ -1479,13 +1518,30 @@ class PooledReluGradients final : public Kernel {
       // padded x serves all of them from cache.
       const std::int64_t threads = omp_get_num_threads(), t = omp_get_thread_num();
       const std::int64_t first = g_.O * t / threads, last = g_.O * (t + 1) / threads;
-      std::fill(acc_.data() + first * g_.C * g_.KH * 8, acc_.data() + last * g_.C * g_.KH * 8,
-                0.0f);
-      for (std::int64_t n = 0; n < g_.N; ++n) accumulate(n, first, last, avx2);
+      const std::int64_t per_output = static_cast<std::int64_t>(acc_.size()) / g_.O;
+      std::fill(acc_.data() + first * per_output, acc_.data() + last * per_output, 0.0f);
+      for (std::int64_t n = 0; n < g_.N; ++n) {
+        if (nhwc_) {
+          accumulate_nhwc(n, first, last, avx2);
+        } else {
+          accumulate(n, first, last, avx2);
+        }
+      }
     }
     float* dw = call.outputs[0].data<float>();
-    for (std::int64_t row = 0; row < g_.O * g_.C * g_.KH; ++row) {
-      std::copy_n(acc_.data() + row * 8, g_.KW, dw + row * g_.KW);
+    if (nhwc_) {
+      for (std::int64_t o = 0; o < g_.O; ++o) {
+        for (std::int64_t c = 0; c < g_.C; ++c) {
+          for (std::int64_t k = 0; k < g_.KH * g_.KW; ++k) {
+            dw[(o * g_.C + c) * g_.KH * g_.KW + k] =
+                acc_[std::size_t((o * g_.KH * g_.KW + k) * cp_ + c)];
+          }
+        }
+      }
+    } else {
+      for (std::int64_t row = 0; row < g_.O * g_.C * g_.KH; ++row) {
+        std::copy_n(acc_.data() + row * 8, g_.KW, dw + row * g_.KW);
+      }
     }
     if (bias_) {
       float* db = call.outputs[1].data<float>();
@@ -1498,16 +1554,37 @@ class PooledReluGradients final : public Kernel {
   }
 
  private:
-  // Hits of plane q = (n, o) of r: their offsets in image n's padded channel plane and dp.
+  // Image n of x into its zero-padded copy: [C][H + 2ph][row_] planes, or [H + 2ph][W + 2pw][cp_]
+  // with the channels innermost.
+  void copy_image(std::int64_t n, const float* x) {
+    float* dst = x_pad_.data<float>() + n * image_;
+    const float* src = x + n * g_.C * g_.H * g_.W;
+    for (std::int64_t c = 0; c < g_.C; ++c) {
+      for (std::int64_t h = 0; h < g_.H; ++h) {
+        const float* in = src + (c * g_.H + h) * g_.W;
+        if (nhwc_) {
+          float* out = dst + (h + g_.padding[0]) * row_ + g_.padding[1] * cp_ + c;
+          for (std::int64_t w = 0; w < g_.W; ++w) out[w * cp_] = in[w];
+        } else {
+          const std::int64_t rows = g_.H + 2 * g_.padding[0];
+          std::copy_n(in, g_.W, dst + (c * rows + h + g_.padding[0]) * row_ + g_.padding[1]);
+        }
+      }
+    }
+  }
+
+  // Hits of plane q = (n, o) of r: their offsets in image n's padded copy (h · row_ + w, or
+  // h · row_ + w · cp_ with the channels innermost) and dp there.
   void find_hits(std::int64_t q, const float* dp, const float* r, [[maybe_unused]] bool avx2) {
     const std::int64_t in_plane = p_.H * p_.W, out_plane = p_.OH * p_.OW;
+    const std::int64_t col = nhwc_ ? cp_ : 1;
     std::int32_t* at = hit_at_.data() + q * slots_;
     float* gs = hit_g_.data() + q * slots_;
     const auto plane = static_cast<std::size_t>(q);
 #ifdef DAGRAD_POOL_AVX2
     if (avx2) {
-      hits_[plane] = pool2x2_hits_plane_avx2(r + q * in_plane, dp + q * out_plane, p_, wp_, at, gs,
-                                             plane_sums_[plane]);
+      hits_[plane] = pool2x2_hits_plane_avx2(r + q * in_plane, dp + q * out_plane, p_, row_, col,
+                                             at, gs, plane_sums_[plane]);
       return;
     }
 #endif
@@ -1521,7 +1598,7 @@ class PooledReluGradients final : public Kernel {
         const int k = first_max4(r0[2 * j], r0[2 * j + 1], r1[2 * j], r1[2 * j + 1], best);
         if (!(best > 0.0f)) continue;
         const float g = dp[q * out_plane + i * p_.OW + j];
-        at[count] = static_cast<std::int32_t>((2 * i + k / 2) * wp_ + 2 * j + k % 2);
+        at[count] = static_cast<std::int32_t>((2 * i + k / 2) * row_ + (2 * j + k % 2) * col);
         gs[count++] = g;
         sum += static_cast<double>(g);
       }
@@ -1533,8 +1610,8 @@ class PooledReluGradients final : public Kernel {
   // dx of image n: every hit adds g · w[o] under its patch of a zero-padded, channels-innermost
   // copy of the image (rows of KW · cp_ contiguous floats), which is then cropped into NCHW.
   void data_gradient(std::int64_t n, float* dx, [[maybe_unused]] bool avx2) {
-    float* pad = dx_pad_.data<float>() + n * dx_image_;
-    std::fill_n(pad, dx_image_, 0.0f);
+    float* pad = dx_pad_.data<float>() + n * image_;
+    std::fill_n(pad, image_, 0.0f);
     const float* taps = w_taps_.data<float>();
     const std::int64_t taps_per_output = g_.KH * g_.KW * cp_;
     for (std::int64_t o = 0; o < g_.O; ++o) {
@@ -1545,15 +1622,14 @@ class PooledReluGradients final : public Kernel {
       const float* w = taps + o * taps_per_output;
 #ifdef DAGRAD_POOL_AVX2
       if (avx2) {
-        scatter_hits_avx2(pad, dx_row_, cp_, w, g_.KH, g_.KW, wp_, at, gs, count);
+        scatter_hits_avx2(pad, row_, cp_, w, g_.KH, g_.KW, at, gs, count);
         continue;
       }
 #endif
       for (std::int64_t e = 0; e < count; ++e) {
-        float* base = pad + (at[e] / wp_) * dx_row_ + (at[e] % wp_) * cp_;
         for (std::int64_t a = 0; a < g_.KH; ++a) {
           for (std::int64_t b = 0; b < g_.KW * cp_; ++b) {
-            base[a * dx_row_ + b] += gs[e] * w[a * g_.KW * cp_ + b];
+            pad[at[e] + a * row_ + b] += gs[e] * w[a * g_.KW * cp_ + b];
           }
         }
       }
@@ -1561,18 +1637,51 @@ class PooledReluGradients final : public Kernel {
     for (std::int64_t c = 0; c < g_.C; ++c) {
       float* out = dx + (n * g_.C + c) * g_.H * g_.W;
       for (std::int64_t y = 0; y < g_.H; ++y) {
-        const float* in = pad + (y + g_.padding[0]) * dx_row_ + g_.padding[1] * cp_ + c;
+        const float* in = pad + (y + g_.padding[0]) * row_ + g_.padding[1] * cp_ + c;
         for (std::int64_t x = 0; x < g_.W; ++x) out[y * g_.W + x] = in[x * cp_];
       }
     }
   }
 
-  // Adds image n's hits of output channels [first, last) to their accumulators: blocks of
-  // input channels outer, so that the block's padded planes stay in L1 across the channels.
+  // Channels innermost: adds image n's hits of output channels [first, last) to their
+  // [KH][KW][cp_] accumulators, each kernel row (KW · cp_ contiguous floats) in runs of up to
+  // run_vectors vectors held in registers.
+  void accumulate_nhwc(std::int64_t n, std::int64_t first, std::int64_t last,
+                       [[maybe_unused]] bool avx2) {
+    const float* image = x_pad_.data<float>() + n * image_;
+    const std::int64_t row_vectors = g_.KW * cp_ / 8;
+    for (std::int64_t o = first; o < last; ++o) {
+      const std::int64_t q = n * g_.O + o;
+      const std::int32_t* at = hit_at_.data() + q * slots_;
+      const float* gs = hit_g_.data() + q * slots_;
+      const std::int64_t count = hits_[static_cast<std::size_t>(q)];
+      float* acc = acc_.data() + o * g_.KH * g_.KW * cp_;
+      for (std::int64_t kh = 0; kh < g_.KH; ++kh) {
+        float* acc_row = acc + kh * g_.KW * cp_;
+#ifdef DAGRAD_POOL_AVX2
+        if (avx2) {
+          for (std::int64_t v = 0; v < row_vectors; v += run_vectors) {
+            const auto size = std::min<std::int64_t>(run_vectors, row_vectors - v);
+            add_runs[size - 1](acc_row + 8 * v, image, kh * row_ + 8 * v, at, gs, count);
+          }
+          continue;
+        }
+#endif
+        for (std::int64_t e = 0; e < count; ++e) {
+          const float* patch = image + at[e] + kh * row_;
+          for (std::int64_t b = 0; b < g_.KW * cp_; ++b) acc_row[b] += gs[e] * patch[b];
+        }
+      }
+    }
+  }
+
+  // NCHW rows: adds image n's hits of output channels [first, last) to their [C][KH][8]
+  // accumulators, blocks of input channels outer, so that the block's padded planes stay in L1
+  // across the channels.
   void accumulate(std::int64_t n, std::int64_t first, std::int64_t last,
                   [[maybe_unused]] bool avx2) {
-    const std::int64_t padded_plane = hp_ * wp_;
-    const float* image = x_pad_.data() + n * g_.C * padded_plane;
+    const std::int64_t padded_plane = image_ / g_.C;
+    const float* image = x_pad_.data<float>() + n * image_;
     auto hits = [&](std::int64_t o) {
       const std::int64_t q = n * g_.O + o;
       return std::tuple(hit_at_.data() + q * slots_, hit_g_.data() + q * slots_,
@@ -1590,7 +1699,7 @@ class PooledReluGradients final : public Kernel {
         const AddHits add = add_hits_avx2(g_.KH, size);
         for (std::int64_t o = first; o < last; ++o) {
           const auto [at, gs, count] = hits(o);
-          add(acc(o, c), image + c * padded_plane, padded_plane, wp_, at, gs, count);
+          add(acc(o, c), image + c * padded_plane, padded_plane, row_, at, gs, count);
         }
       }
       return;
@@ -1603,7 +1712,7 @@ class PooledReluGradients final : public Kernel {
         for (std::int64_t e = 0; e < count; ++e) {
           for (std::int64_t kh = 0; kh < g_.KH; ++kh) {
             for (std::int64_t kw = 0; kw < g_.KW; ++kw) {
-              a[kh * 8 + kw] += gs[e] * image[c * padded_plane + at[e] + kh * wp_ + kw];
+              a[kh * 8 + kw] += gs[e] * image[c * padded_plane + at[e] + kh * row_ + kw];
             }
           }
         }
@@ -1613,19 +1722,19 @@ class PooledReluGradients final : public Kernel {
 
   ConvGeometry g_;
   PoolGeometry p_;
-  bool bias_, data_;
-  std::int64_t hp_ = 0, wp_ = 0;            // padded x planes: hp_ rows of wp_ floats
-  std::int64_t cp_ = 0;                     // data gradient: channels rounded up to 8
-  std::int64_t dx_row_ = 0, dx_image_ = 0;  // floats per padded dx row and image
-  Tensor w_taps_;                           // [O][KH][KW][cp_]
-  Tensor dx_pad_;                           // [N][H + 2ph][W + 2pw][cp_]
-  std::int64_t slots_ = 0;                  // hit slots per plane of r
-  std::vector<float> x_pad_;                // [N, C, hp_, wp_], zero outside the copied image
-  std::vector<std::int32_t> hit_at_;        // per plane of r: slots_ offsets into a padded plane
-  std::vector<float> hit_g_;                // and the gradients there
-  std::vector<std::int64_t> hits_;          // per plane: slots used
-  std::vector<double> plane_sums_;          // per plane: sum of its hits' gradients
-  std::vector<float> acc_;  // [O, C, KH, 8]: dW rows, 8 columns of which KW are real
+  bool bias_, data_, nhwc_;
+  std::int64_t cp_ = 0;     // channels innermost: channels rounded up to 8
+  std::int64_t row_ = 0;    // floats per row of a padded image (all channels of it with nhwc_)
+  std::int64_t image_ = 0;  // floats per padded image
+  Tensor x_pad_;            // [N][C][H + 2ph][row_] or [N][H + 2ph][W + 2pw][cp_], zero padded
+  Tensor w_taps_;           // data gradient: w as [O][KH][KW][cp_]
+  Tensor dx_pad_;           // data gradient: dx as x_pad_ with the channels innermost
+  std::int64_t slots_ = 0;  // hit slots per plane of r
+  std::vector<std::int32_t> hit_at_;  // per plane of r: slots_ offsets into a padded image
+  std::vector<float> hit_g_;          // and the gradients there
+  std::vector<std::int64_t> hits_;    // per plane: slots used
+  std::vector<double> plane_sums_;    // per plane: sum of its hits' gradients
+  std::vector<float> acc_;  // dW as [O][KH][KW][cp_], or [O][C][KH][8] (KW of 8 columns real)
 };
 
 // ---- pooling samples ----------------------------------------------------------------------
@@ -1997,7 +2106,7 @@ std::unique_ptr<Kernel> pooled_relu_gradients_kernel(const KernelBuild& build, c
   const bool fits = g.G == 1 && g.stride == Size2{1, 1} && g.dilation == Size2{1, 1} && g.KH <= 8 &&
                     g.KW <= 8 && is_pool2x2(p) && p.planes == g.N * g.O && p.H == g.OH &&
                     p.W == g.OW &&
-                    (g.H + 2 * g.padding[0]) * (g.W + 2 * g.padding[1] + 8) <
+                    (g.C + 8) * (g.H + 2 * g.padding[0]) * (g.W + 2 * g.padding[1] + 8) <
                         std::numeric_limits<std::int32_t>::max() &&
                     (!data || (build.inputs[3].shape == build.outputs[0].shape &&
                                build.outputs.back().shape == build.inputs[2].shape));

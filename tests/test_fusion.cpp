@@ -212,32 +212,40 @@ TEST(Fusion, WeightsGradientThroughReluAndPoolingSkipsDy) {
 // exact in f32 in any order): the gradient must land on the first maximum, as
 // max_pool2d_backward's does, and windows whose maximum is 0 get none.
 TEST(Fusion, WeightsGradientThroughPoolingTakesTheFirstOfTiedMaxima) {
-  Graph g;
-  const Shape x_shape{2, 2, 8, 8};
-  Tensor x_value(x_shape, DType::f32), w_value(Shape{4, 2, 3, 3}, DType::f32);
-  for (std::int64_t i = 0; i < x_value.numel(); ++i) x_value.set(i, double((i * 7) % 3));
-  for (std::int64_t i = 0; i < w_value.numel(); ++i) w_value.set(i, double((i * 5) % 3) - 1.0);
-  Value x = g.input("x", x_shape);
-  Value w = g.parameter("w", w_value);
-  Tensor b_value(Shape{4}, DType::f32);
-  for (std::int64_t i = 0; i < 4; ++i) b_value.set(i, 0.25 * double(i) - 0.5);
-  Value b = g.parameter("b", b_value);
-  Value h = max_pool2d(relu(conv2d(x, w, b, {.padding = {1, 1}})), {2, 2}, {2, 2});
-  Value loss = sum(h * g.constant(random_tensor(h.shape(), 41), "m"));
-  auto grads = grad(loss, {w, b, x});
-  const Feeds feeds{{x, x_value}};
-  Plan fused = compile(g, {grads[0], grads[1], grads[2]});
-  Plan reference = compile(g, {grads[0], grads[1], grads[2]}, {.backend = Backend::reference});
-  auto patterns = fused.fused_patterns();
-  ASSERT_NE(std::find(patterns.begin(), patterns.end(),
-                      "max_pool2d_backward+relu_grad+conv2d_backward_weights+data+sum"),
-            patterns.end());
-  auto actual = fused.run(feeds);
-  auto expected = reference.run(feeds);
-  for (std::size_t i = 0; i < 3; ++i) {
-    for (std::int64_t j = 0; j < expected[i].numel(); ++j) {
-      ASSERT_NEAR(actual[i].at(j), expected[i].at(j), 1e-5 * (1 + std::abs(expected[i].at(j))))
-          << "gradient " << i << " [" << j << "]";
+  // Without the input's gradient the kernel reads x as NCHW rows (2 channels), with it as
+  // channels-innermost images.
+  for (bool input_gradient : {false, true}) {
+    SCOPED_TRACE(input_gradient ? "with dx" : "without dx");
+    Graph g;
+    const Shape x_shape{2, 2, 8, 8};
+    Tensor x_value(x_shape, DType::f32), w_value(Shape{4, 2, 3, 3}, DType::f32);
+    for (std::int64_t i = 0; i < x_value.numel(); ++i) x_value.set(i, double((i * 7) % 3));
+    for (std::int64_t i = 0; i < w_value.numel(); ++i) w_value.set(i, double((i * 5) % 3) - 1.0);
+    Value x = g.input("x", x_shape);
+    Value w = g.parameter("w", w_value);
+    Tensor b_value(Shape{4}, DType::f32);
+    for (std::int64_t i = 0; i < 4; ++i) b_value.set(i, 0.25 * double(i) - 0.5);
+    Value b = g.parameter("b", b_value);
+    Value h = max_pool2d(relu(conv2d(x, w, b, {.padding = {1, 1}})), {2, 2}, {2, 2});
+    Value loss = sum(h * g.constant(random_tensor(h.shape(), 41), "m"));
+    std::vector<Value> wrt{w, b};
+    if (input_gradient) wrt.push_back(x);
+    const std::vector<Value> grads = grad(loss, wrt);
+    const Feeds feeds{{x, x_value}};
+    Plan fused = compile(g, grads);
+    Plan reference = compile(g, grads, {.backend = Backend::reference});
+    auto patterns = fused.fused_patterns();
+    const std::string pattern =
+        input_gradient ? "max_pool2d_backward+relu_grad+conv2d_backward_weights+data+sum"
+                       : "max_pool2d_backward+relu_grad+conv2d_backward_weights+sum";
+    ASSERT_NE(std::find(patterns.begin(), patterns.end(), pattern), patterns.end());
+    auto actual = fused.run(feeds);
+    auto expected = reference.run(feeds);
+    for (std::size_t i = 0; i < grads.size(); ++i) {
+      for (std::int64_t j = 0; j < expected[i].numel(); ++j) {
+        ASSERT_NEAR(actual[i].at(j), expected[i].at(j), 1e-5 * (1 + std::abs(expected[i].at(j))))
+            << "gradient " << i << " [" << j << "]";
+      }
     }
   }
 }
