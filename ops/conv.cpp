@@ -1439,14 +1439,13 @@ std::unique_ptr<Kernel> direct_max_pool_backward(const PoolGeometry& g, bool rel
 // make a gradient NaN as 0 · ∞ would in the dense computation. Requirements (checked by
 // pooled_relu_gradients_kernel): f32, stride 1, dilation 1, one group, KH, KW <= 8.
 // Measured in the CNN training step (batch 64, DAGRAD_PROFILE=1 bench_train, 2 threads; 111k
-// hits in the second layer's 200k windows): its weights and bias gradients took ~11 ms
-// (oneDNN's weights primitive with its reorders, 125 GFLOP/s, plus the bias sum) and take
-// 3.7–4.5 ms here; its data gradient took 8.6 ms (oneDNN's primitive with the reorders of dy,
-// w and dx) plus 1.0 ms for max_pool2d_backward+relu_grad, and takes 3.6–5.5 ms; the whole
-// step is 10–13 ms instead of ~21. The first layer's max_pool2d_backward+relu_grad, weights
-// gradient (with its NHWC reorder of dy) and bias sum took 3.2 ms and take 0.9–1.7 ms. The
-// weights loop runs at about one FMA per cycle (each FMA has its own unaligned load, 5 of its
-// 8 lanes useful with 5x5 kernels). A first version of the data gradient scattered 8-wide rows
+// hits in the second layer's 200k windows): the second layer's weights, bias and data
+// gradients took ~21 ms (oneDNN's two primitives with their reorders of dy, w and dx, the bias
+// sum and max_pool2d_backward+relu_grad) and take 7.0–8.4 ms here; with the weights gradient
+// on NCHW rows (5 of 8 lanes useful with 5x5 kernels, unaligned loads) they took 8.2–11.0 ms,
+// and with the data gradient still on oneDNN ~14 ms. The first layer's
+// max_pool2d_backward+relu_grad, weights gradient (with its NHWC reorder of dy) and bias sum
+// took 3.2 ms and take 0.9–1.0 ms. A first version of the data gradient scattered 8-wide rows
 // into an NCHW dx (KW of 8 lanes useful, rows overlapping from hit to hit) and ran at one FMA
 // per 3–6 cycles, slower than oneDNN; channels innermost fixed both.
 class PooledReluGradients final : public Kernel {
