@@ -205,8 +205,8 @@ struct MaxoutPooling {
 };
 
 // maxout_grad on oneDNN: max pooling backward needs the arg-max workspace of a training-mode
-// forward pass, so each run recomputes the forward (into a scratch dst) and then scatters dy.
-// Primitives and scratch memories are created once per plan.
+// forward pass, so each run recomputes the forward (dst and workspace in the kernel's scratch)
+// and then scatters dy. Primitives are created once per plan.
 class MaxoutGradKernel final : public Kernel {
  public:
   MaxoutGradKernel(const MaxoutGeometry& m, dnnl::engine& engine) {
@@ -222,11 +222,18 @@ class MaxoutGradKernel final : public Kernel {
     src_mem_ = dnnl::memory(pooling.src_md, engine, nullptr);
     diff_src_mem_ = dnnl::memory(pooling.src_md, engine, nullptr);
     diff_dst_mem_ = dnnl::memory(pooling.dst_md, engine, nullptr);
-    dst_scratch_mem_ = dnnl::memory(forward_pd.dst_desc(), engine);
-    workspace_mem_ = dnnl::memory(forward_pd.workspace_desc(), engine);
+    dst_scratch_mem_ = dnnl::memory(forward_pd.dst_desc(), engine, nullptr);
+    workspace_mem_ = dnnl::memory(forward_pd.workspace_desc(), engine, nullptr);
+    dst_at_ = scratch_.reserve(forward_pd.dst_desc().get_size());
+    workspace_at_ = scratch_.reserve(forward_pd.workspace_desc().get_size());
   }
 
+  std::size_t scratch_bytes() const override { return scratch_.bytes(); }
+
   void run(const KernelCall& call) override {
+    std::byte* scratch = scratch_.base(call.context, "maxout_grad");
+    dst_scratch_mem_.set_data_handle(scratch + dst_at_);
+    workspace_mem_.set_data_handle(scratch + workspace_at_);
     diff_dst_mem_.set_data_handle(const_cast<void*>(call.inputs[0].raw()));
     src_mem_.set_data_handle(const_cast<void*>(call.inputs[1].raw()));
     diff_src_mem_.set_data_handle(call.outputs[0].raw());
@@ -243,6 +250,8 @@ class MaxoutGradKernel final : public Kernel {
   dnnl::pooling_forward forward_;
   dnnl::pooling_backward backward_;
   dnnl::memory src_mem_, diff_src_mem_, diff_dst_mem_, dst_scratch_mem_, workspace_mem_;
+  ScratchLayout scratch_;
+  std::size_t dst_at_ = 0, workspace_at_ = 0;
 };
 
 // Index (within its group) of the first maximum of group j at (o, i).

@@ -230,18 +230,20 @@ ConvDescs conv_descs(const ConvGeometry& g) {
 }
 
 // A primitive created with `any` layouts, run on the node's plain tensors: each argument whose
-// chosen layout differs from plain gets an internal buffer and a reorder (before the primitive
-// for inputs, after it for outputs). Primitives, buffers and reorders are created once.
+// chosen layout differs from plain gets an internal buffer in the kernel's scratch and a reorder
+// (before the primitive for inputs, after it for outputs). Primitives and reorders are created
+// once.
 class ReorderingKernel final : public Kernel {
  public:
   ReorderingKernel(dnnl::primitive primitive, const dnnl::primitive_desc& pd,
                    const std::vector<PrimitiveArg>& args, dnnl::engine& engine) {
     std::vector<std::pair<int, dnnl::memory>> used;
     for (const PrimitiveArg& a : args) {
-      Slot slot{a.output, a.index, dnnl::memory(a.md, engine, nullptr), {}, {}};
+      Slot slot{a.output, a.index, dnnl::memory(a.md, engine, nullptr), {}, {}, 0};
       const dnnl::memory::desc chosen = pd.query_md(dnnl::query::exec_arg_md, a.arg);
       if (chosen != a.md) {
-        slot.internal = dnnl::memory(chosen, engine);
+        slot.internal = dnnl::memory(chosen, engine, nullptr);
+        slot.offset = scratch_.reserve(chosen.get_size());
         const dnnl::memory& from = a.output ? slot.internal : slot.user;
         const dnnl::memory& to = a.output ? slot.user : slot.internal;
         slot.reorder =
@@ -253,13 +255,17 @@ class ReorderingKernel final : public Kernel {
     primitive_ = PreparedPrimitive(std::move(primitive), used);
   }
 
+  std::size_t scratch_bytes() const override { return scratch_.bytes(); }
+
   void run(const KernelCall& call) override {
     dnnl::stream& stream = *call.context.stream;
     const char* what = call.node.op.c_str();
+    std::byte* scratch = scratch_.base(call.context, what);
     for (Slot& slot : slots_) {
       const Tensor& t = slot.output ? call.outputs[static_cast<std::size_t>(slot.index)]
                                     : call.inputs[static_cast<std::size_t>(slot.index)];
       slot.user.set_data_handle(const_cast<void*>(t.raw()));
+      if (slot.internal) slot.internal.set_data_handle(scratch + slot.offset);
       if (!slot.output && slot.internal) slot.reorder.execute(stream, what);
     }
     primitive_.execute(stream, what);
@@ -275,9 +281,11 @@ class ReorderingKernel final : public Kernel {
     dnnl::memory user;      // the node's plain tensor (handle set each run)
     dnnl::memory internal;  // empty when the primitive uses the plain layout
     PreparedPrimitive reorder;
+    std::size_t offset;  // of `internal` in the scratch
   };
   PreparedPrimitive primitive_;
   std::vector<Slot> slots_;
+  ScratchLayout scratch_;
 };
 
 bool all_f32(const KernelBuild& build) {
@@ -927,6 +935,7 @@ class ConvBackwardKernel final : public Kernel {
     if (!share_dy_) data_dy_ = StagedMemory(d.dst, data_pd.diff_dst_desc(), build.engine);
     w_ = StagedMemory(d.weights, data_pd.weights_desc(), build.engine);
     dx_ = StagedMemory(d.src, data_pd.diff_src_desc(), build.engine);
+    for (StagedMemory* m : {&x_, &dy_, &dw_, &data_dy_, &w_, &dx_}) m->reserve(scratch_);
     weights_ = PreparedPrimitive(dnnl::convolution_backward_weights(weights_pd),
                                  {{DNNL_ARG_SRC, x_.used()},
                                   {DNNL_ARG_DIFF_DST, dy_.used()},
@@ -937,8 +946,12 @@ class ConvBackwardKernel final : public Kernel {
                                {DNNL_ARG_DIFF_SRC, dx_.used()}});
   }
 
+  std::size_t scratch_bytes() const override { return scratch_.bytes(); }
+
   void run(const KernelCall& call) override {
     dnnl::stream& stream = *call.context.stream;
+    std::byte* scratch = scratch_.base(call.context, "conv2d_backward_weights+data");
+    for (StagedMemory* m : {&x_, &dy_, &dw_, &data_dy_, &w_, &dx_}) m->place(scratch);
     x_.load(stream, call.inputs[0].raw());
     dy_.load(stream, call.inputs[1].raw());
     dw_.bind(call.outputs[0].raw());
@@ -954,11 +967,12 @@ class ConvBackwardKernel final : public Kernel {
  private:
   bool share_dy_ = false;
   StagedMemory x_, dy_, dw_, data_dy_, w_, dx_;
+  ScratchLayout scratch_;
   PreparedPrimitive weights_, data_;
 };
 
 // max_pool2d_backward: oneDNN's max-pooling backward needs the forward's workspace (where
-// each maximum was), so the kernel reruns the forward on x into its own scratch buffers.
+// each maximum was), so the kernel reruns the forward on x into buffers in its scratch.
 class MaxPoolBackwardKernel final : public Kernel {
  public:
   MaxPoolBackwardKernel(const PoolGeometry& g, const TensorDesc& dy, const TensorDesc& x,
@@ -973,8 +987,11 @@ class MaxPoolBackwardKernel final : public Kernel {
     src_ = StagedMemory(plain_md(x), forward_pd.src_desc(), engine);
     diff_dst_ = StagedMemory(plain_md(dy), backward_pd.diff_dst_desc(), engine);
     diff_src_ = StagedMemory(plain_md(x), backward_pd.diff_src_desc(), engine);
-    dst_ = dnnl::memory(forward_pd.dst_desc(), engine);  // scratch: the recomputed maxima
-    workspace_ = dnnl::memory(forward_pd.workspace_desc(), engine);
+    dst_ = dnnl::memory(forward_pd.dst_desc(), engine, nullptr);  // the recomputed maxima
+    workspace_ = dnnl::memory(forward_pd.workspace_desc(), engine, nullptr);
+    for (StagedMemory* m : {&src_, &diff_dst_, &diff_src_}) m->reserve(scratch_);
+    dst_at_ = scratch_.reserve(forward_pd.dst_desc().get_size());
+    workspace_at_ = scratch_.reserve(forward_pd.workspace_desc().get_size());
     forward_ = PreparedPrimitive(
         dnnl::pooling_forward(forward_pd),
         {{DNNL_ARG_SRC, src_.used()}, {DNNL_ARG_DST, dst_}, {DNNL_ARG_WORKSPACE, workspace_}});
@@ -984,8 +1001,14 @@ class MaxPoolBackwardKernel final : public Kernel {
                                    {DNNL_ARG_DIFF_SRC, diff_src_.used()}});
   }
 
+  std::size_t scratch_bytes() const override { return scratch_.bytes(); }
+
   void run(const KernelCall& call) override {
     dnnl::stream& stream = *call.context.stream;
+    std::byte* scratch = scratch_.base(call.context, "max_pool2d_backward");
+    for (StagedMemory* m : {&src_, &diff_dst_, &diff_src_}) m->place(scratch);
+    dst_.set_data_handle(scratch + dst_at_);
+    workspace_.set_data_handle(scratch + workspace_at_);
     src_.load(stream, call.inputs[1].raw());
     diff_dst_.load(stream, call.inputs[0].raw());
     diff_src_.bind(call.outputs[0].raw());
@@ -997,6 +1020,8 @@ class MaxPoolBackwardKernel final : public Kernel {
  private:
   StagedMemory src_, diff_dst_, diff_src_;
   dnnl::memory dst_, workspace_;
+  ScratchLayout scratch_;
+  std::size_t dst_at_ = 0, workspace_at_ = 0;
   PreparedPrimitive forward_, backward_;
 };
 
@@ -1453,8 +1478,6 @@ class PooledReluGradients final : public Kernel {
   PooledReluGradients(const ConvGeometry& g, const PoolGeometry& p, bool bias, bool data)
       : g_(g), p_(p), bias_(bias), data_(data), nhwc_(channels_innermost(g, data)) {
     slots_ = p.OH * p.OW + 8;  // the AVX2 row pass writes up to 7 slots past the hits
-    hit_at_.resize(static_cast<std::size_t>(p.planes * slots_));
-    hit_g_.resize(static_cast<std::size_t>(p.planes * slots_));
     hits_.resize(static_cast<std::size_t>(p.planes));
     plane_sums_.resize(static_cast<std::size_t>(p.planes));
     if (nhwc_) {
@@ -1467,14 +1490,18 @@ class PooledReluGradients final : public Kernel {
       image_ = g.C * (g.H + 2 * g.padding[0]) * row_;
       acc_.resize(static_cast<std::size_t>(g.O * g.C * g.KH * 8));
     }
-    x_pad_ = Tensor(Shape{g.N * image_}, DType::f32);
-    std::fill_n(x_pad_.data<float>(), x_pad_.numel(), 0.0f);  // padding and channels past C
+    const auto floats = [](std::int64_t count) { return std::size_t(count) * sizeof(float); };
+    x_pad_at_ = scratch_.reserve(floats(g.N * image_));
+    hit_at_at_ = scratch_.reserve(std::size_t(p.planes * slots_) * sizeof(std::int32_t));
+    hit_g_at_ = scratch_.reserve(floats(p.planes * slots_));
     if (data_) {
       w_taps_ = Tensor(Shape{g.O * g.KH * g.KW * cp_}, DType::f32);
-      std::fill_n(w_taps_.data<float>(), w_taps_.numel(), 0.0f);
-      dx_pad_ = Tensor(Shape{g.N * image_}, DType::f32);
+      std::fill_n(w_taps_.data<float>(), w_taps_.numel(), 0.0f);  // channels past C stay 0
+      dx_pad_at_ = scratch_.reserve(floats(g.N * image_));
     }
   }
+
+  std::size_t scratch_bytes() const override { return scratch_.bytes(); }
 
   // The layout the kernel uses: x (and dx) with the channels innermost, unless there are
   // fewer than 8 channels and no data gradient (a first layer), where NCHW rows waste fewer
@@ -1486,6 +1513,11 @@ class PooledReluGradients final : public Kernel {
     const float* dp = call.inputs[0].data<float>();
     const float* r = call.inputs[1].data<float>();
     const float* x = call.inputs[2].data<float>();
+    std::byte* scratch = scratch_.base(call.context, "conv2d_backward_weights (pooled)");
+    x_pad_ = reinterpret_cast<float*>(scratch + x_pad_at_);
+    hit_at_ = reinterpret_cast<std::int32_t*>(scratch + hit_at_at_);
+    hit_g_ = reinterpret_cast<float*>(scratch + hit_g_at_);
+    dx_pad_ = data_ ? reinterpret_cast<float*>(scratch + dx_pad_at_) : nullptr;
 #ifdef DAGRAD_POOL_AVX2
     const bool avx2 = cpu_has_avx2_fma();
 #else
@@ -1554,10 +1586,25 @@ class PooledReluGradients final : public Kernel {
 
  private:
   // Image n of x into its zero-padded copy: [C][H + 2ph][row_] planes, or [H + 2ph][W + 2pw][cp_]
-  // with the channels innermost.
+  // with the channels innermost. The copy lies in scratch that other steps overwrite, so the
+  // padding (and the channels past C) is written with zeros on every run.
   void copy_image(std::int64_t n, const float* x) {
-    float* dst = x_pad_.data<float>() + n * image_;
+    float* dst = x_pad_ + n * image_;
     const float* src = x + n * g_.C * g_.H * g_.W;
+    const std::int64_t ph = g_.padding[0], rows = g_.H + 2 * ph;
+    const std::int64_t col = nhwc_ ? cp_ : 1;  // floats per column of a padded row
+    const std::int64_t left = g_.padding[1] * col, right = (g_.padding[1] + g_.W) * col;
+    for (std::int64_t plane = 0; plane < (nhwc_ ? 1 : g_.C); ++plane) {
+      for (std::int64_t h = 0; h < rows; ++h) {
+        float* row = dst + (plane * rows + h) * row_;
+        if (h < ph || h >= ph + g_.H || (nhwc_ && cp_ != g_.C)) {
+          std::fill_n(row, row_, 0.0f);
+        } else {
+          std::fill_n(row, left, 0.0f);
+          std::fill_n(row + right, row_ - right, 0.0f);
+        }
+      }
+    }
     for (std::int64_t c = 0; c < g_.C; ++c) {
       for (std::int64_t h = 0; h < g_.H; ++h) {
         const float* in = src + (c * g_.H + h) * g_.W;
@@ -1577,8 +1624,8 @@ class PooledReluGradients final : public Kernel {
   void find_hits(std::int64_t q, const float* dp, const float* r, [[maybe_unused]] bool avx2) {
     const std::int64_t in_plane = p_.H * p_.W, out_plane = p_.OH * p_.OW;
     const std::int64_t col = nhwc_ ? cp_ : 1;
-    std::int32_t* at = hit_at_.data() + q * slots_;
-    float* gs = hit_g_.data() + q * slots_;
+    std::int32_t* at = hit_at_ + q * slots_;
+    float* gs = hit_g_ + q * slots_;
     const auto plane = static_cast<std::size_t>(q);
 #ifdef DAGRAD_POOL_AVX2
     if (avx2) {
@@ -1609,14 +1656,14 @@ class PooledReluGradients final : public Kernel {
   // dx of image n: every hit adds g · w[o] under its patch of a zero-padded, channels-innermost
   // copy of the image (rows of KW · cp_ contiguous floats), which is then cropped into NCHW.
   void data_gradient(std::int64_t n, float* dx, [[maybe_unused]] bool avx2) {
-    float* pad = dx_pad_.data<float>() + n * image_;
+    float* pad = dx_pad_ + n * image_;
     std::fill_n(pad, image_, 0.0f);
     const float* taps = w_taps_.data<float>();
     const std::int64_t taps_per_output = g_.KH * g_.KW * cp_;
     for (std::int64_t o = 0; o < g_.O; ++o) {
       const std::int64_t q = n * g_.O + o;
-      const std::int32_t* at = hit_at_.data() + q * slots_;
-      const float* gs = hit_g_.data() + q * slots_;
+      const std::int32_t* at = hit_at_ + q * slots_;
+      const float* gs = hit_g_ + q * slots_;
       const std::int64_t count = hits_[static_cast<std::size_t>(q)];
       const float* w = taps + o * taps_per_output;
 #ifdef DAGRAD_POOL_AVX2
@@ -1647,12 +1694,12 @@ class PooledReluGradients final : public Kernel {
   // run_vectors vectors held in registers.
   void accumulate_nhwc(std::int64_t n, std::int64_t first, std::int64_t last,
                        [[maybe_unused]] bool avx2) {
-    const float* image = x_pad_.data<float>() + n * image_;
+    const float* image = x_pad_ + n * image_;
     const std::int64_t row_vectors = g_.KW * cp_ / 8;
     for (std::int64_t o = first; o < last; ++o) {
       const std::int64_t q = n * g_.O + o;
-      const std::int32_t* at = hit_at_.data() + q * slots_;
-      const float* gs = hit_g_.data() + q * slots_;
+      const std::int32_t* at = hit_at_ + q * slots_;
+      const float* gs = hit_g_ + q * slots_;
       const std::int64_t count = hits_[static_cast<std::size_t>(q)];
       float* acc = acc_.data() + o * g_.KH * g_.KW * cp_;
       for (std::int64_t kh = 0; kh < g_.KH; ++kh) {
@@ -1680,10 +1727,10 @@ class PooledReluGradients final : public Kernel {
   void accumulate(std::int64_t n, std::int64_t first, std::int64_t last,
                   [[maybe_unused]] bool avx2) {
     const std::int64_t padded_plane = image_ / g_.C;
-    const float* image = x_pad_.data<float>() + n * image_;
+    const float* image = x_pad_ + n * image_;
     auto hits = [&](std::int64_t o) {
       const std::int64_t q = n * g_.O + o;
-      return std::tuple(hit_at_.data() + q * slots_, hit_g_.data() + q * slots_,
+      return std::tuple(hit_at_ + q * slots_, hit_g_ + q * slots_,
                         hits_[static_cast<std::size_t>(q)]);
     };
     auto acc = [&](std::int64_t o, std::int64_t c) {
@@ -1725,14 +1772,17 @@ class PooledReluGradients final : public Kernel {
   std::int64_t cp_ = 0;     // channels innermost: channels rounded up to 8
   std::int64_t row_ = 0;    // floats per row of a padded image (all channels of it with nhwc_)
   std::int64_t image_ = 0;  // floats per padded image
-  Tensor x_pad_;            // [N][C][H + 2ph][row_] or [N][H + 2ph][W + 2pw][cp_], zero padded
   Tensor w_taps_;           // data gradient: w as [O][KH][KW][cp_]
-  Tensor dx_pad_;           // data gradient: dx as x_pad_ with the channels innermost
-  std::int64_t slots_ = 0;  // hit slots per plane of r
-  std::vector<std::int32_t> hit_at_;  // per plane of r: slots_ offsets into a padded image
-  std::vector<float> hit_g_;          // and the gradients there
-  std::vector<std::int64_t> hits_;    // per plane: slots used
-  std::vector<double> plane_sums_;    // per plane: sum of its hits' gradients
+  // In the scratch (pointers set at the start of each run):
+  ScratchLayout scratch_;
+  std::size_t x_pad_at_ = 0, hit_at_at_ = 0, hit_g_at_ = 0, dx_pad_at_ = 0;
+  float* x_pad_ = nullptr;   // [N][C][H + 2ph][row_] or [N][H + 2ph][W + 2pw][cp_], zero padded
+  float* dx_pad_ = nullptr;  // data gradient: dx as x_pad_ with the channels innermost
+  std::int64_t slots_ = 0;   // hit slots per plane of r
+  std::int32_t* hit_at_ = nullptr;  // per plane of r: slots_ offsets into a padded image
+  float* hit_g_ = nullptr;          // and the gradients there
+  std::vector<std::int64_t> hits_;  // per plane: slots used
+  std::vector<double> plane_sums_;  // per plane: sum of its hits' gradients
   std::vector<float> acc_;  // dW as [O][KH][KW][cp_], or [O][C][KH][8] (KW of 8 columns real)
 };
 

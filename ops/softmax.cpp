@@ -116,7 +116,7 @@ void log_softmax_grad_reference(const KernelCall& call) {
 
 // oneDNN 2.6 has no JIT logsoftmax backward on AVX2 (its ref:any kernel took 1.47 ms on
 // [128,1024], against 0.25 ms for the four-step composite), so the kernel is oneDNN's JIT
-// exp (e^y into a buffer held by the kernel) followed by two vectorised passes per row: Σ dy,
+// exp (e^y into the kernel's scratch) followed by two vectorised passes per row: Σ dy,
 // then dx = dy − e^y Σ dy. The sums accumulate in f32 per row (rows are short) into a buffer
 // of outer × inner sums created with the kernel.
 class LogSoftmaxGradKernel final : public Kernel {
@@ -126,7 +126,8 @@ class LogSoftmaxGradKernel final : public Kernel {
         sums_(static_cast<std::size_t>(view_.outer * view_.inner)) {
     const auto md = plain_md(build.inputs[1]);
     y_ = dnnl::memory(md, build.engine, nullptr);
-    exp_y_ = dnnl::memory(md, build.engine);
+    exp_y_ = dnnl::memory(md, build.engine, nullptr);
+    scratch_.reserve(md.get_size());
     exp_ = PreparedPrimitive(
         dnnl::eltwise_forward(dnnl::eltwise_forward::primitive_desc(
             dnnl::eltwise_forward::desc(dnnl::prop_kind::forward_inference,
@@ -135,12 +136,15 @@ class LogSoftmaxGradKernel final : public Kernel {
         {{DNNL_ARG_SRC, y_}, {DNNL_ARG_DST, exp_y_}});
   }
 
+  std::size_t scratch_bytes() const override { return scratch_.bytes(); }
+
   void run(const KernelCall& call) override {
+    float* e = reinterpret_cast<float*>(scratch_.base(call.context, "log_softmax_grad"));
+    exp_y_.set_data_handle(e);
     y_.set_data_handle(const_cast<void*>(call.inputs[1].raw()));
     exp_.execute(*call.context.stream, "log_softmax_grad");
     call.context.stream->wait();
     const float* dy = call.inputs[0].data<float>();
-    const float* e = static_cast<const float*>(exp_y_.get_data_handle());
     float* dx = call.outputs[0].data<float>();
     const std::int64_t size = view_.size, inner = view_.inner;
     float* sums = sums_.data();
@@ -175,6 +179,7 @@ class LogSoftmaxGradKernel final : public Kernel {
   AxisView view_;
   std::vector<float> sums_;
   dnnl::memory y_, exp_y_;
+  ScratchLayout scratch_;  // e^y
   PreparedPrimitive exp_;
 };
 

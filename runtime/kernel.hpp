@@ -18,6 +18,10 @@ struct RunContext {
   std::uint64_t seed = 0;  // with `step`, seeds random ops (dropout) reproducibly
   std::uint64_t step = 0;  // counts training runs of the plan
   dnnl::stream* stream = nullptr;
+  // The plan's scratch block (64-byte aligned), shared by all its steps: see
+  // Kernel::scratch_bytes.
+  std::byte* scratch = nullptr;
+  std::size_t scratch_bytes = 0;
 };
 
 // A prepared kernel for one node with fixed input and output descs. Created once when a plan
@@ -26,6 +30,29 @@ class Kernel {
  public:
   virtual ~Kernel() = default;
   virtual void run(const KernelCall& call) = 0;
+  // Bytes of temporary memory run() uses at the start of RunContext::scratch. A plan gives all
+  // its steps one block, sized for the step that needs the most, so the contents do not survive
+  // from one run() to the next: a kernel keeps there only what it writes before reading within
+  // one run (reordered copies, padded copies, lists), and holds what must persist itself.
+  virtual std::size_t scratch_bytes() const { return 0; }
+};
+
+// Where a kernel's temporary buffers lie in its scratch: reserve() each buffer when the kernel
+// is built (offsets are 64-byte aligned), then base() in run().
+class ScratchLayout {
+ public:
+  // Reserves `bytes` after the buffers reserved so far and returns their offset.
+  std::size_t reserve(std::size_t bytes) {
+    const std::size_t offset = bytes_;
+    bytes_ += (bytes + 63) / 64 * 64;
+    return offset;
+  }
+  std::size_t bytes() const { return bytes_; }
+  // The start of the scratch. Error naming `what` when the block is smaller than bytes().
+  std::byte* base(const RunContext& context, const char* what) const;
+
+ private:
+  std::size_t bytes_ = 0;
 };
 
 // What a kernel factory gets: the node, concrete descs and the oneDNN engine.

@@ -11,6 +11,14 @@ dnnl::engine& cpu_engine() {
   return engine;
 }
 
+std::byte* ScratchLayout::base(const RunContext& context, const char* what) const {
+  if (context.scratch_bytes < bytes_ || (bytes_ != 0 && context.scratch == nullptr)) {
+    throw Error(fmt::format("{}: the kernel needs {} bytes of scratch, the run gives {}", what,
+                            bytes_, context.scratch_bytes));
+  }
+  return context.scratch;
+}
+
 dnnl::memory::data_type to_dnnl(DType dtype) {
   switch (dtype) {
     case DType::f32:

@@ -112,7 +112,8 @@ struct Plan::Specialization {
   std::vector<Shape> feed_shapes;                   // in feed_nodes_ order
   std::vector<Tensor> output_values;                // views of op outputs (undefined for leaves)
   std::shared_ptr<void> arena;
-  std::size_t arena_bytes = 0;
+  std::size_t arena_bytes = 0;    // intermediate values
+  std::size_t scratch_bytes = 0;  // the steps' shared scratch, after the values
   std::size_t unplanned_bytes = 0;
   std::size_t in_place_steps = 0;  // steps writing over their input 0
   std::size_t views = 0;           // reshapes run as views, without a step
@@ -322,11 +323,18 @@ Plan::Specialization& Plan::specialize(const std::vector<Shape>& input_shapes) {
       }
     }
   }
-  spec->arena_bytes = planner.size();
+  spec->arena_bytes = align_up(planner.size());
+  // Kernels' temporary memory: one block after the values, as large as the largest need (steps
+  // run one after another), or one per step without reuse.
+  for (const auto& step : spec->steps) {
+    const std::size_t bytes = align_up(step.kernel->scratch_bytes());
+    spec->scratch_bytes = std::max(spec->scratch_bytes, bytes);
+    spec->unplanned_bytes += bytes;
+  }
   {
     // One 64-byte aligned block; Tensor owns it and the shared_ptr keeps it alive.
-    Tensor storage(Shape{static_cast<std::int64_t>(spec->arena_bytes / 4 + Tensor::alignment)},
-                   DType::i32);
+    const std::size_t total = spec->arena_bytes + spec->scratch_bytes;
+    Tensor storage(Shape{static_cast<std::int64_t>(total / 4 + Tensor::alignment)}, DType::i32);
     spec->arena = std::shared_ptr<void>(storage.raw(), [storage](void*) {});
   }
   auto* base = static_cast<std::byte*>(spec->arena.get());
@@ -454,6 +462,8 @@ const std::vector<Tensor>& Plan::run(const Feeds& feeds, const RunOptions& optio
   context.seed = options.seed;
   context.step = runs_;
   context.stream = &spec.stream;
+  context.scratch = static_cast<std::byte*>(spec.arena.get()) + spec.arena_bytes;
+  context.scratch_bytes = spec.scratch_bytes;
   for (auto& step : spec.steps) {
     KernelCall call{*step.node, step.inputs, step.outputs, context};
     thread_setting.use(step.threads);
@@ -503,7 +513,12 @@ std::size_t Plan::planned_peak_bytes() {
     for (NodeId id : feed_nodes_) shapes.push_back(graph_->node(id).outputs[0].shape);
     last_ = &specialize(shapes);
   }
-  return last_->arena_bytes;
+  return last_->arena_bytes + last_->scratch_bytes;
+}
+
+std::size_t Plan::scratch_bytes() {
+  planned_peak_bytes();
+  return last_->scratch_bytes;
 }
 
 std::size_t Plan::unplanned_bytes() {
@@ -538,7 +553,8 @@ std::vector<StepProfile> Plan::profile() {
   for (const auto& s : shown->steps) {
     out.push_back({s.node->name, s.fused.empty() ? s.node->op : s.fused,
                    s.onednn ? "oneDNN" : "reference", s.threads,
-                   s.outputs.empty() ? "" : s.outputs[0].desc().str(), s.seconds, s.runs});
+                   s.outputs.empty() ? "" : s.outputs[0].desc().str(), s.seconds, s.runs,
+                   s.kernel->scratch_bytes()});
   }
   std::sort(out.begin(), out.end(),
             [](const auto& a, const auto& b) { return a.seconds > b.seconds; });
@@ -549,18 +565,23 @@ std::string Plan::profile_report(std::size_t top) {
   auto steps = profile();
   double total = 0;
   for (const auto& s : steps) total += s.seconds;
-  std::string out = fmt::format("{:>9} {:>6}  {:<30} {:<10} {:>7} {:<22} {}\n", "ms/run", "share",
-                                "op", "kernel", "threads", "output", "node");
+  std::string out =
+      fmt::format("{:>9} {:>6}  {:<30} {:<10} {:>7} {:>11} {:<22} {}\n", "ms/run", "share", "op",
+                  "kernel", "threads", "scratch KiB", "output", "node");
   for (std::size_t i = 0; i < steps.size() && i < top; ++i) {
     const auto& s = steps[i];
     const double per_run = s.runs ? s.seconds / static_cast<double>(s.runs) * 1e3 : 0;
-    out += fmt::format("{:>9.3f} {:>5.1f}%  {:<30} {:<10} {:>7} {:<22} {}\n", per_run,
-                       total > 0 ? 100 * s.seconds / total : 0, s.op, s.kernel,
-                       s.threads == 1 ? "1" : "all", s.output, s.node);
+    out += fmt::format(
+        "{:>9.3f} {:>5.1f}%  {:<30} {:<10} {:>7} {:>11} {:<22} {}\n", per_run,
+        total > 0 ? 100 * s.seconds / total : 0, s.op, s.kernel, s.threads == 1 ? "1" : "all",
+        s.scratch_bytes ? fmt::format("{:.0f}", s.scratch_bytes / 1024.0) : "-", s.output, s.node);
   }
   const std::uint64_t runs = steps.empty() ? 0 : steps.front().runs;
-  out += fmt::format("{} steps, {:.3f} ms per run in total\n", steps.size(),
-                     runs ? total / static_cast<double>(runs) * 1e3 : 0);
+  std::size_t scratch = 0;  // the block the steps share
+  for (const auto& s : steps) scratch = std::max(scratch, s.scratch_bytes);
+  out += fmt::format("{} steps, {:.3f} ms per run in total, {:.0f} KiB of scratch shared\n",
+                     steps.size(), runs ? total / static_cast<double>(runs) * 1e3 : 0,
+                     static_cast<double>(scratch) / 1024.0);
   return out;
 }
 

@@ -50,6 +50,7 @@ struct StepProfile {
   std::string output;  // first output's desc
   double seconds = 0;  // total
   std::uint64_t runs = 0;
+  std::size_t scratch_bytes = 0;  // the kernel's temporary memory (Kernel::scratch_bytes)
 };
 
 struct RunOptions {
@@ -73,10 +74,17 @@ class Plan {
   const std::vector<Tensor>& run(const Feeds& feeds, const RunOptions& options = {});
 
   const std::vector<Value>& outputs() const { return outputs_; }
-  // Bytes of the intermediate-value arena planned for the last specialisation run (or for
-  // the declared shapes before the first run).
+  // Bytes of the arena planned for the last specialisation run (or for the declared shapes
+  // before the first run): the intermediate values (and outputs) by lifetime, plus one scratch
+  // block that all steps share for their kernels' temporary buffers (reordered and padded
+  // copies, recomputed pooling maxima; see scratch_bytes()). Not in it: parameters, feeds,
+  // state a kernel keeps between runs, and the scratchpads and packing buffers oneDNN manages
+  // itself.
   std::size_t planned_peak_bytes();
-  // Bytes the arena would need with no reuse (sum of all intermediate values).
+  // The shared scratch block: the largest Kernel::scratch_bytes() of any step.
+  std::size_t scratch_bytes();
+  // Bytes the arena would need with no reuse: the sum of all intermediate values and of every
+  // step's scratch.
   std::size_t unplanned_bytes();
   // Number of nodes executed per run, and how many run a oneDNN kernel.
   std::size_t num_steps();

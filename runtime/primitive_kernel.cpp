@@ -37,7 +37,7 @@ StagedMemory::StagedMemory(const dnnl::memory::desc& plain, const dnnl::memory::
                            dnnl::engine& engine)
     : user_(plain, engine, nullptr) {
   if (chosen != plain) {
-    internal_ = dnnl::memory(chosen, engine);
+    internal_ = dnnl::memory(chosen, engine, nullptr);  // placed in scratch by place()
     to_internal_ = PreparedPrimitive(dnnl::reorder(user_, internal_),
                                      {{DNNL_ARG_FROM, user_}, {DNNL_ARG_TO, internal_}});
     to_user_ = PreparedPrimitive(dnnl::reorder(internal_, user_),

@@ -62,8 +62,10 @@ class PreparedPrimitive {
 };
 
 // A node's plain tensor and, when a primitive wants another layout, an internal buffer in that
-// layout with prepared reorders between the two. load() points the plain side at an input and
-// reorders it in; bind() points it at an output, which store() fills from the internal buffer.
+// layout with prepared reorders between the two. The internal buffer lies in the kernel's
+// scratch: reserve() it when the kernel is built and place() it at the start of every run.
+// load() points the plain side at an input and reorders it in; bind() points it at an output,
+// which store() fills from the internal buffer.
 class StagedMemory {
  public:
   StagedMemory() = default;
@@ -71,12 +73,19 @@ class StagedMemory {
                dnnl::engine& engine);
   // The memory the primitive reads or writes: the internal buffer, or the plain tensor.
   const dnnl::memory& used() const { return internal_ ? internal_ : user_; }
+  void reserve(ScratchLayout& layout) {
+    if (internal_) offset_ = layout.reserve(internal_.get_desc().get_size());
+  }
+  void place(std::byte* scratch) {
+    if (internal_) internal_.set_data_handle(scratch + offset_);
+  }
   void load(dnnl::stream& stream, const void* data);
   void bind(void* data) { user_.set_data_handle(data); }
   void store(dnnl::stream& stream);
 
  private:
   dnnl::memory user_, internal_;
+  std::size_t offset_ = 0;
   PreparedPrimitive to_internal_, to_user_;
 };
 

@@ -3,6 +3,8 @@
 #include <gtest/gtest.h>
 
 #include "dagrad.hpp"
+#include "registry_support.hpp"
+#include "runtime/kernel.hpp"
 
 namespace dagrad {
 namespace {
@@ -219,6 +221,81 @@ TEST(Plan, SmallStepsRunOnOneThreadAndTheCallersSettingIsRestored) {
   EXPECT_THROW(plan.run({{x, xs}, {labels, bad}}), Error);
   EXPECT_EQ(num_threads(), 2);
   set_num_threads(saved);
+}
+
+// Kernels' temporary buffers (blocked copies of convolution operands, padded copies and hit
+// lists of the pooled gradients) lie in one scratch block that all steps share: the block is as
+// large as the largest need, counts in planned_peak_bytes(), and a step finds there whatever the
+// step before it left. Two inputs run alternately must still give the reference backend's
+// results (padding the pooled kernel did not rewrite, or a buffer read before it is written,
+// would differ).
+TEST(Plan, KernelsShareOneScratchBlock) {
+  Graph g;
+  Value x = g.input("x", {2, 3, 12, 12});
+  Value w1 = g.parameter("w1", testing::uniform_tensor({8, 3, 3, 3}, 61));
+  Value b1 = g.parameter("b1", testing::uniform_tensor({8}, 62));
+  Value w2 = g.parameter("w2", testing::uniform_tensor({16, 8, 3, 3}, 63));
+  Value b2 = g.parameter("b2", testing::uniform_tensor({16}, 64));
+  Value h = max_pool2d(relu(conv2d(x, w1, b1, {.padding = {1, 1}})), {2, 2}, {2, 2});
+  h = max_pool2d(relu(conv2d(h, w2, b2, {.padding = {1, 1}})), {2, 2}, {2, 2});
+  Value loss = sum(h * h);
+  std::vector<Value> outputs{loss};
+  for (const Value& v : grad(loss, {w1, b1, w2, b2, x})) outputs.push_back(v);
+  Plan plan = compile(g, outputs, {.profile = true});
+  Plan reference = compile(g, outputs, {.backend = Backend::reference});
+  const Tensor inputs[] = {testing::uniform_tensor({2, 3, 12, 12}, 65),
+                           testing::uniform_tensor({2, 3, 12, 12}, 66)};
+  for (int run = 0; run < 4; ++run) {
+    const Feeds feeds{{x, inputs[run % 2]}};
+    const auto expected = reference.run(feeds);
+    const auto got = plan.run(feeds);
+    for (std::size_t k = 0; k < outputs.size(); ++k) {
+      for (std::int64_t i = 0; i < got[k].numel(); ++i) {
+        ASSERT_NEAR(got[k].at(i), expected[k].at(i), 1e-4 * (1 + std::abs(expected[k].at(i))))
+            << "run " << run << ", output " << k << ", element " << i;
+      }
+    }
+  }
+  std::size_t largest = 0, total = 0, users = 0;
+  for (const StepProfile& step : plan.profile()) {
+    largest = std::max(largest, step.scratch_bytes);
+    total += step.scratch_bytes;
+    users += step.scratch_bytes > 0;
+  }
+  EXPECT_GE(users, 3u);  // the two forward convolutions and the two pooled gradients
+  EXPECT_GT(largest, 0u);
+  EXPECT_EQ(plan.scratch_bytes(), largest);
+  EXPECT_LT(plan.scratch_bytes(), total);
+  std::size_t output_bytes = 0;  // outputs live in the arena to the end of the run
+  for (const Value& v : outputs) output_bytes += v.desc().bytes();
+  EXPECT_GE(plan.planned_peak_bytes(), plan.scratch_bytes() + output_bytes);
+  EXPECT_GE(plan.unplanned_bytes(), total);
+  EXPECT_EQ(reference.scratch_bytes(), 0u);  // plain loops need none
+}
+
+// A kernel's scratch layout: 64-byte aligned offsets, and a clear Error when a run gives less
+// scratch than the kernel reserved.
+TEST(Plan, ScratchLayoutAlignsAndChecksTheBlock) {
+  ScratchLayout layout;
+  EXPECT_EQ(layout.reserve(100), 0u);
+  EXPECT_EQ(layout.reserve(1), 128u);
+  EXPECT_EQ(layout.reserve(0), 192u);
+  EXPECT_EQ(layout.bytes(), 192u);
+  alignas(64) std::byte block[192];
+  RunContext context;
+  context.scratch = block;
+  context.scratch_bytes = sizeof block;
+  EXPECT_EQ(layout.base(context, "op"), block);
+  context.scratch_bytes = 128;
+  try {
+    layout.base(context, "conv2d");
+    FAIL();
+  } catch (const Error& e) {
+    EXPECT_NE(std::string(e.what()).find("conv2d: the kernel needs 192 bytes of scratch, the run "
+                                         "gives 128"),
+              std::string::npos)
+        << e.what();
+  }
 }
 
 }  // namespace
