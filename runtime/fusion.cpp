@@ -6,6 +6,7 @@
 #include <span>
 
 #include "ops/conv_kernels.hpp"
+#include "ops/small_gemm.hpp"
 #include "runtime/primitive_kernel.hpp"
 
 namespace dagrad {
@@ -90,6 +91,99 @@ std::vector<FusedStep> plan_fusions(const FusionContext& c, std::vector<NodeId>&
   std::set<NodeId> taken;
   std::map<NodeId, int> folds;  // transpose node -> number of matmuls that fold it
 
+  std::map<NodeId, std::size_t> position;
+  for (std::size_t i = 0; i < c.order.size(); ++i) position[c.order[i]] = i;
+  auto key_of = [](const Value& v) { return ValueKey{v.node_id(), v.index()}; };
+  // Everything a step placed at `first` reads must exist by then.
+  auto ready_at = [&](std::size_t first, const std::vector<ValueKey>& inputs) {
+    return std::all_of(inputs.begin(), inputs.end(), [&](const ValueKey& key) {
+      return c.graph.node(key.first).kind != NodeKind::op || position.at(key.first) < first;
+    });
+  };
+
+  auto same_convolution = [](const Node& a, const Node& b) {
+    for (const char* key : {"stride", "padding", "dilation"}) {
+      if (a.attrs.integers(key) != b.attrs.integers(key)) return false;
+    }
+    return a.attrs.integer("groups") == b.attrs.integer("groups");
+  };
+  // A step writing several nodes' outputs, run at position `first` of the order: its kernel
+  // comes from make(input descs, output descs), created under the step's thread count (sized
+  // by `inputs` and `sized_by`'s outputs). nullopt when an input does not exist yet at `first`
+  // or make refuses (nullptr).
+  auto multi_output_step = [&](std::size_t first, std::vector<ValueKey> inputs,
+                               std::vector<ValueKey> outputs, NodeId sized_by,
+                               const auto& make) -> std::optional<FusedStep> {
+    if (!ready_at(first, inputs)) return std::nullopt;
+    std::vector<TensorDesc> in, out;
+    for (const auto& key : inputs) in.push_back(c.descs.at(key));
+    for (const auto& key : outputs) out.push_back(c.descs.at(key));
+    FusedStep step;
+    step.threads = step_threads(step_bytes(c, inputs, sized_by), c.single_thread_below_bytes);
+    const ThreadScope threads(step.threads);
+    step.kernel = make(std::span<const TensorDesc>(in), std::span<const TensorDesc>(out));
+    if (!step.kernel) return std::nullopt;
+    step.anchor = c.order[first];
+    step.inputs = std::move(inputs);
+    step.outputs = std::move(outputs);
+    return step;
+  };
+
+  // A dense layer's weight gradient dW = xᵀ dy at a small batch (K ≤ small_k_limit), and its
+  // bias gradient sum(dy, {0}) when there is one: dagrad's own kernel, which sums in registers
+  // without packing the operands first (faster than oneDNN's SGEMM there), in one step.
+  for (NodeId id : c.order) {
+    const Node& m = c.graph.node(id);
+    if (m.kind != NodeKind::op || m.op != "matmul" || taken.count(id)) continue;
+    const TensorDesc& a_desc = c.descs.at(key_of(m.inputs[0]));
+    const TensorDesc& b_desc = c.descs.at(key_of(m.inputs[1]));
+    if (a_desc.dtype != DType::f32 || b_desc.dtype != DType::f32 || a_desc.shape.rank() != 2 ||
+        b_desc.shape.rank() != 2) {
+      continue;
+    }
+    const Operand a = matmul_operand(c, m.inputs[0]);
+    const Operand b = matmul_operand(c, m.inputs[1]);
+    if (!a.folded || b.folded) continue;
+    // A bias add or an activation after the product: the matmul loop below fuses those.
+    const Node* next = sole_consumer(c, {id, 0});
+    if (next && (next->op == "add" || eltwise_algorithm(next->op))) continue;
+    const std::int64_t rows = a_desc.shape[0], depth = a_desc.shape[1], cols = b_desc.shape[1];
+    const ValueKey dy = key_of(m.inputs[1]);
+    const Node* bias = nullptr;
+    for (NodeId other : c.order) {
+      const Node& n = c.graph.node(other);
+      if (n.kind == NodeKind::op && n.op == "sum" && !taken.count(other) && n.inputs.size() == 1 &&
+          key_of(n.inputs[0]) == dy && n.attrs.integers("axes").size() == 1 &&
+          (n.attrs.integers("axes")[0] == 0 || n.attrs.integers("axes")[0] == -2) &&
+          c.descs.at({other, 0}).dtype == DType::f32 &&
+          c.descs.at({other, 0}).shape.numel() == cols) {
+        bias = &n;
+        break;
+      }
+    }
+    std::vector<ValueKey> outputs{{id, 0}};
+    std::size_t first = position.at(id);
+    if (bias) {
+      outputs.emplace_back(bias->id, 0);
+      first = std::min(first, position.at(bias->id));
+    }
+    std::optional<FusedStep> made =
+        multi_output_step(first, {a.source, b.source}, std::move(outputs), id, [&](auto, auto) {
+          return transposed_a_small_k_kernel(rows, depth, cols, bias != nullptr);
+        });
+    if (!made) continue;
+    FusedStep& step = *made;
+    step.pattern =
+        bias ? "transposed-A matmul (small batch)+sum" : "transposed-A matmul (small batch)";
+    for (const Node* n : {&m, bias}) {
+      if (n == nullptr) continue;
+      if (n->id != step.anchor) step.absorbed.push_back(n->id);
+      taken.insert(n->id);
+    }
+    ++folds[m.inputs[0].node_id()];
+    fused.push_back(std::move(step));
+  }
+
   for (NodeId id : c.order) {
     const Node& m = c.graph.node(id);
     if (m.kind != NodeKind::op || m.op != "matmul" || taken.count(id)) continue;
@@ -171,44 +265,6 @@ std::vector<FusedStep> plan_fusions(const FusionContext& c, std::vector<NodeId>&
     taken.insert(id);
     fused.push_back(std::move(step));
   }
-  std::map<NodeId, std::size_t> position;
-  for (std::size_t i = 0; i < c.order.size(); ++i) position[c.order[i]] = i;
-  auto key_of = [](const Value& v) { return ValueKey{v.node_id(), v.index()}; };
-  // Everything a step placed at `first` reads must exist by then.
-  auto ready_at = [&](std::size_t first, const std::vector<ValueKey>& inputs) {
-    return std::all_of(inputs.begin(), inputs.end(), [&](const ValueKey& key) {
-      return c.graph.node(key.first).kind != NodeKind::op || position.at(key.first) < first;
-    });
-  };
-
-  auto same_convolution = [](const Node& a, const Node& b) {
-    for (const char* key : {"stride", "padding", "dilation"}) {
-      if (a.attrs.integers(key) != b.attrs.integers(key)) return false;
-    }
-    return a.attrs.integer("groups") == b.attrs.integer("groups");
-  };
-  // A step writing several nodes' outputs, run at position `first` of the order: its kernel
-  // comes from make(input descs, output descs), created under the step's thread count (sized
-  // by `inputs` and `sized_by`'s outputs). nullopt when an input does not exist yet at `first`
-  // or make refuses (nullptr).
-  auto multi_output_step = [&](std::size_t first, std::vector<ValueKey> inputs,
-                               std::vector<ValueKey> outputs, NodeId sized_by,
-                               const auto& make) -> std::optional<FusedStep> {
-    if (!ready_at(first, inputs)) return std::nullopt;
-    std::vector<TensorDesc> in, out;
-    for (const auto& key : inputs) in.push_back(c.descs.at(key));
-    for (const auto& key : outputs) out.push_back(c.descs.at(key));
-    FusedStep step;
-    step.threads = step_threads(step_bytes(c, inputs, sized_by), c.single_thread_below_bytes);
-    const ThreadScope threads(step.threads);
-    step.kernel = make(std::span<const TensorDesc>(in), std::span<const TensorDesc>(out));
-    if (!step.kernel) return std::nullopt;
-    step.anchor = c.order[first];
-    step.inputs = std::move(inputs);
-    step.outputs = std::move(outputs);
-    return step;
-  };
-
   // conv -> relu -> 2x2 max pooling: the convolution's weights gradient, and its bias gradient
   // sum(dy, {0, 2, 3}) and data gradient when there are, read the pooling's gradient dp instead
   // of dy = relu_grad(max_pool2d_backward(dp, r), r), skipping dy's zeros. When nothing else

@@ -4,6 +4,9 @@
 //     (the backward's dX = dY·Wᵀ and dW = Xᵀ·dY then copy nothing);
 //   - post-ops: matmul [+ bias row] [+ relu | tanh | sigmoid] runs as one matmul primitive
 //     with a bias and an eltwise post-op;
+//   - a dense layer's weight gradient dW = xᵀ dy at a small batch, with its bias gradient
+//     sum(dy, {0}), as one step of dagrad's own kernel (ops/small_gemm.hpp), faster than
+//     oneDNN's SGEMM for short sums;
 //   - an op absorbing its only reader through OpDef::fuse_consumer: conv2d + relu | tanh |
 //     sigmoid (a post-op), max_pool2d_backward + relu_grad of the pooled input (one pass);
 //   - a convolution's conv2d_backward_weights and conv2d_backward_data, which read the same

@@ -5,6 +5,7 @@
 #include <algorithm>
 
 #include "dagrad.hpp"
+#include "ops/small_gemm.hpp"
 #include "registry_support.hpp"
 
 namespace dagrad {
@@ -57,16 +58,80 @@ TEST(Fusion, MatmulBiasTanhAndSigmoid) {
 }
 
 TEST(Fusion, TransposedOperandsAreReadInPlace) {
+  // A batch above small_k_limit: dW = Xᵀ·dY on oneDNN, reading X through swapped strides.
   Graph g;
-  Value x = g.input("x", {8, 12});
+  Value x = g.input("x", {small_k_limit + 8, 12});
   Value w = g.parameter("w", random_tensor({12, 5}, 7));
   Value loss = sum(matmul(x, w));
   auto grads = grad(loss, {w, x});  // dW = Xᵀ·dY, dX = dY·Wᵀ
-  expect_same_results(g, {loss, grads[0], grads[1]}, {{x, random_tensor({8, 12}, 8)}},
-                      "transposed-A matmul");
+  expect_same_results(g, {loss, grads[0], grads[1]},
+                      {{x, random_tensor({small_k_limit + 8, 12}, 8)}}, "transposed-A matmul");
   Plan fused = compile(g, {grads[1]});
   auto patterns = fused.fused_patterns();
   EXPECT_NE(std::find(patterns.begin(), patterns.end(), "transposed-B matmul"), patterns.end());
+}
+
+// A dense layer's weight gradient dW = xᵀ dy at a batch K <= small_k_limit, with its bias
+// gradient sum(dy, {0}) in the same step: compared with the reference backend (sums in double)
+// over row counts around the 6-row blocks, column counts around the 16-column blocks (masked
+// last block), K from 1 to the limit; 1 and 2 threads give the same bits. One past either limit
+// (K, or the elements of dW) the oneDNN matmul runs instead.
+TEST(Fusion, SmallBatchWeightGradientWithItsBiasGradient) {
+  struct Case {
+    std::int64_t m, k, n;
+    bool bias;
+  };
+  const std::vector<Case> cases{{1, 1, 1, true},
+                                {5, 3, 10, true},
+                                {6, 32, 16, true},
+                                {7, 32, 17, false},
+                                {13, small_k_limit, 33, true},
+                                {784, 32, 256, true},
+                                {130, 17, 40, false},
+                                {12, small_k_limit + 1, 9, true},
+                                {1024, 8, small_k_max_outputs / 1024 + 1, true}};
+  std::uint64_t seed = 70;
+  const int saved = num_threads();
+  for (const Case& k : cases) {
+    Graph g;
+    Value x = g.input("x", {k.k, k.m});
+    Value t = g.input("t", {k.k, k.n});
+    Value w = g.parameter("w", random_tensor({k.m, k.n}, seed++));
+    Value b = g.parameter("b", random_tensor({k.n}, seed++));
+    Value y = k.bias ? matmul(x, w) + b : matmul(x, w);
+    Value loss = sum(y * t);  // dy = t
+    const std::vector<Value> grads = k.bias ? grad(loss, {w, b}) : grad(loss, {w});
+    const Feeds feeds{{x, random_tensor({k.k, k.m}, seed++)},
+                      {t, random_tensor({k.k, k.n}, seed++)}};
+    Plan reference = compile(g, grads, {.backend = Backend::reference});
+    const auto expected = reference.run(feeds);
+    std::vector<std::vector<std::uint8_t>> bits;
+    for (int threads : {1, 2}) {
+      set_num_threads(threads);
+      Plan plan = compile(g, grads, {.single_thread_below_bytes = 0});
+      const auto got = plan.run(feeds);
+      for (std::size_t i = 0; i < grads.size(); ++i) {
+        for (std::int64_t j = 0; j < expected[i].numel(); ++j) {
+          ASSERT_NEAR(got[i].at(j), expected[i].at(j), 1e-5 * (1 + std::abs(expected[i].at(j))))
+              << "m " << k.m << " k " << k.k << " n " << k.n << ", gradient " << i << ", element "
+              << j;
+        }
+      }
+      bits.push_back(bytes_of(got[0]));
+      if (k.bias) {
+        const auto b_bits = bytes_of(got[1]);
+        bits.back().insert(bits.back().end(), b_bits.begin(), b_bits.end());
+      }
+      const auto patterns = plan.fused_patterns();
+      const std::string small =
+          std::string("transposed-A matmul (small batch)") + (k.bias ? "+sum" : "");
+      const bool used = std::find(patterns.begin(), patterns.end(), small) != patterns.end();
+      EXPECT_EQ(used, k.k <= small_k_limit && k.m * k.n <= small_k_max_outputs)
+          << "m " << k.m << " k " << k.k << " n " << k.n;
+    }
+    EXPECT_EQ(bits[0], bits[1]) << "m " << k.m << " k " << k.k << " n " << k.n;
+  }
+  set_num_threads(saved);
 }
 
 TEST(Fusion, AnIntermediateReadElsewhereIsNotFused) {

@@ -1,0 +1,32 @@
+// A kernel for the weight gradient of a dense layer at small batch sizes, which the plan's
+// fusion pass (runtime/fusion.cpp) uses instead of oneDNN's matmul; not a user API.
+#pragma once
+
+#include <cstdint>
+#include <memory>
+
+#include "runtime/kernel.hpp"
+
+namespace dagrad {
+
+// Where transposed_a_small_k_kernel builds a kernel: K (the batch) at most small_k_limit and
+// C at most small_k_max_outputs elements.
+inline constexpr std::int64_t small_k_limit = 48;
+inline constexpr std::int64_t small_k_max_outputs = 800 * 1024;
+
+// C[M, N] = Aᵀ B for A stored [K, M] and B [K, N], both row-major and contiguous (a dense
+// layer's dW = xᵀ dy, K the batch), f32. Inputs A, B; outputs C and, with `column_sums`, the
+// column sums of B (the layer's bias gradient Σ_k dy[k, :], N floats). Each 6 × 16 block of C is
+// summed over k in registers, in order, by one thread, and each column sum likewise, so results
+// are the same bits on any number of threads. nullptr without AVX2 and FMA, or outside the
+// limits above, where oneDNN's SGEMM (which packs its operands first) is as fast or faster.
+// Measured (raw kernels, 2 threads, medians of 400 runs, 2026-11-26; M × K × N, this kernel
+// against oneDNN's matmul): 784×32×256 74–96 against 82–112 µs; 256×32×128 15.9 against
+// 21.2 µs; 784×16×256 48 against 107 µs; 784×48×256 159 against 176 µs; 784×32×1024 460
+// against 580 µs. As fast or slower: 784×64×256 (201–217 against 200–219 µs),
+// 1024×32×1024 (852 against 774 µs), 3136×32×1024 (2.3 against 1.5 ms), 3136×64×1024
+// (4.8 against 2.9 ms): with large C this kernel runs at ~85 GFLOP/s.
+std::unique_ptr<Kernel> transposed_a_small_k_kernel(std::int64_t m, std::int64_t k, std::int64_t n,
+                                                    bool column_sums);
+
+}  // namespace dagrad
