@@ -1,5 +1,6 @@
 // Engine figures: per-op dispatch overhead of a compiled plan on tiny tensors, matmul GFLOP/s
-// through a plan against a raw oneDNN matmul primitive of the same shape, and the optimiser step.
+// through a plan against a raw oneDNN matmul primitive of the same shape, a dense layer's
+// weight gradient at a small batch (dagrad's kernel against oneDNN's), and the optimiser step.
 //   ./build/bench/bench_engine --benchmark_filter=. [--benchmark_format=json]
 #include <benchmark/benchmark.h>
 
@@ -93,6 +94,58 @@ BENCHMARK(matmul_raw_onednn)
     ->Args({2048, 1})
     ->Args({2048, 2})
     ->Unit(benchmark::kMillisecond)
+    ->UseRealTime();
+
+// A dense layer's weight and bias gradients at a small batch: dW = xᵀ dy [m, n] and
+// db = sum(dy, {0}) for x [k, m], dy [k, n]. own = 1: a plan, whose fusion runs both in one
+// step of dagrad's kernel (ops/small_gemm.hpp, used for k <= 48); own = 0: oneDNN's matmul
+// primitive reading x through swapped strides (what the plan ran before), dW alone.
+// Shapes: the MLP's three layers at batch 32.
+void weight_gradient(benchmark::State& state) {
+  const std::int64_t m = state.range(0), k = state.range(1), n = state.range(2);
+  const bool own = state.range(3) != 0;
+  set_num_threads(2);
+  const Tensor x = filled_tensor({k, m}, 1.0), dy = filled_tensor({k, n}, 1.0);
+  if (own) {
+    Graph g;
+    Value xv = g.input("x", {k, m});
+    Value dyv = g.input("dy", {k, n});
+    Plan plan = compile(g, {matmul(transpose(xv), dyv), sum(dyv, {0})});
+    const Feeds feeds{{xv, x}, {dyv, dy}};
+    plan.run(feeds);
+    for (auto _ : state) benchmark::DoNotOptimize(plan.run(feeds));
+    const auto patterns = plan.fused_patterns();
+    state.SetLabel(patterns.empty() ? "" : patterns.front());
+  } else {
+    dnnl::engine engine(dnnl::engine::kind::cpu, 0);
+    dnnl::stream stream(engine);
+    using dt = dnnl::memory::data_type;
+    dnnl::memory::desc a_md({m, k}, dt::f32, dnnl::memory::dims{1, m});
+    dnnl::memory::desc b_md({k, n}, dt::f32, dnnl::memory::format_tag::ab);
+    dnnl::memory::desc c_md({m, n}, dt::f32, dnnl::memory::format_tag::ab);
+    Tensor c({m, n}, DType::f32);
+    dnnl::memory a_mem(a_md, engine, const_cast<void*>(x.raw()));
+    dnnl::memory b_mem(b_md, engine, const_cast<void*>(dy.raw())), c_mem(c_md, engine, c.raw());
+    dnnl::matmul primitive(
+        dnnl::matmul::primitive_desc(dnnl::matmul::desc(a_md, b_md, c_md), engine));
+    std::unordered_map<int, dnnl::memory> args{
+        {DNNL_ARG_SRC, a_mem}, {DNNL_ARG_WEIGHTS, b_mem}, {DNNL_ARG_DST, c_mem}};
+    primitive.execute(stream, args);
+    stream.wait();
+    for (auto _ : state) {
+      primitive.execute(stream, args);
+      stream.wait();
+    }
+    state.SetLabel("oneDNN matmul");
+  }
+  state.counters["GFLOPs"] = benchmark::Counter(2.0 * static_cast<double>(m * k * n) * 1e-9,
+                                                benchmark::Counter::kIsIterationInvariantRate);
+}
+BENCHMARK(weight_gradient)
+    ->ArgsProduct({{784}, {32}, {256}, {0, 1}})
+    ->ArgsProduct({{256}, {32}, {128}, {0, 1}})
+    ->ArgsProduct({{128}, {32}, {10}, {0, 1}})
+    ->Unit(benchmark::kMicrosecond)
     ->UseRealTime();
 
 // One SGD step over the parameters of an MLP 784-256-128-10 (235,146 f32 values), the update
