@@ -84,6 +84,23 @@ bool is_channel_sum(const FusionContext& c, const Node& n, const ValueKey& dy) {
   return axes == std::vector<std::int64_t>{0, 2, 3};
 }
 
+// The bias value when `add` adds a row (f32 [n_cols] or [1, n_cols]) to the output of
+// `product`, which a matmul primitive can take as its bias argument.
+std::optional<Value> row_bias(const FusionContext& c, const Node& add, NodeId product,
+                              std::int64_t n_cols) {
+  if (add.op != "add" || add.inputs.size() != 2 ||
+      add.inputs[0].node_id() == add.inputs[1].node_id()) {
+    return std::nullopt;
+  }
+  const Value& bias = add.inputs[add.inputs[0].node_id() == product ? 1 : 0];
+  const TensorDesc& desc = c.descs.at({bias.node_id(), bias.index()});
+  const bool row = desc.dtype == DType::f32 &&
+                   ((desc.shape.rank() == 1 && desc.shape[0] == n_cols) ||
+                    (desc.shape.rank() == 2 && desc.shape[0] == 1 && desc.shape[1] == n_cols));
+  if (!row) return std::nullopt;
+  return bias;
+}
+
 }  // namespace
 
 std::vector<FusedStep> plan_fusions(const FusionContext& c, std::vector<NodeId>& dropped) {
@@ -144,10 +161,10 @@ std::vector<FusedStep> plan_fusions(const FusionContext& c, std::vector<NodeId>&
     const Operand a = matmul_operand(c, m.inputs[0]);
     const Operand b = matmul_operand(c, m.inputs[1]);
     if (!a.folded || b.folded) continue;
-    // A bias add or an activation after the product: the matmul loop below fuses those.
-    const Node* next = sole_consumer(c, {id, 0});
-    if (next && (next->op == "add" || eltwise_algorithm(next->op))) continue;
     const std::int64_t rows = a_desc.shape[0], depth = a_desc.shape[1], cols = b_desc.shape[1];
+    // A bias row added to the product, or an activation: the matmul loop below fuses those.
+    const Node* next = sole_consumer(c, {id, 0});
+    if (next && (row_bias(c, *next, id, cols) || eltwise_algorithm(next->op))) continue;
     const ValueKey dy = key_of(m.inputs[1]);
     const Node* bias = nullptr;
     for (NodeId other : c.order) {
@@ -205,18 +222,10 @@ std::vector<FusedStep> plan_fusions(const FusionContext& c, std::vector<NodeId>&
     std::optional<dnnl::memory::desc> bias_md;
     const Node* next = sole_consumer(c, {id, 0});
     if (next && next->op == "add") {
-      const int other = next->inputs[0].node_id() == id ? 1 : 0;
-      const Value& bias = next->inputs[static_cast<std::size_t>(other)];
-      const TensorDesc& bias_desc = c.descs.at({bias.node_id(), bias.index()});
-      const bool row = bias_desc.dtype == DType::f32 &&
-                       ((bias_desc.shape.rank() == 1 && bias_desc.shape[0] == n_cols) ||
-                        (bias_desc.shape.rank() == 2 && bias_desc.shape[0] == 1 &&
-                         bias_desc.shape[1] == n_cols));
-      const bool distinct = next->inputs[0].node_id() != next->inputs[1].node_id();
-      if (row && distinct) {
+      if (const std::optional<Value> bias = row_bias(c, *next, id, n_cols)) {
         bias_md = dnnl::memory::desc({1, n_cols}, dnnl::memory::data_type::f32,
                                      dnnl::memory::format_tag::ab);
-        step.inputs.push_back({bias.node_id(), bias.index()});
+        step.inputs.push_back({bias->node_id(), bias->index()});
         chain.push_back(next->id);
         pattern += "+bias";
         next = sole_consumer(c, {next->id, 0});
