@@ -86,7 +86,8 @@ class Plan {
   // Bytes the arena would need with no reuse: the sum of all intermediate values and of every
   // step's scratch.
   std::size_t unplanned_bytes();
-  // Number of nodes executed per run, and how many run a oneDNN kernel.
+  // Number of steps executed per run, and how many run the oneDNN backend's kernels (oneDNN
+  // primitives or dagrad's own vectorised kernels) rather than reference kernels.
   std::size_t num_steps();
   std::size_t num_onednn_steps();
   // Memory reuse beyond lifetimes (both off with reuse_memory = false): element-wise steps that
