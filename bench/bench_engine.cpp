@@ -67,24 +67,28 @@ BENCHMARK(matmul_plan)
     ->Unit(benchmark::kMillisecond)
     ->UseRealTime();
 
-void matmul_raw_onednn(benchmark::State& state) {
-  const std::int64_t n = state.range(0);
-  set_num_threads(static_cast<int>(state.range(1)));
-  dnnl::engine engine(dnnl::engine::kind::cpu, 0);
+// Runs `primitive` once, then once per benchmark iteration, waiting for each run.
+void time_primitive(benchmark::State& state, dnnl::engine& engine, const dnnl::primitive& primitive,
+                    const std::unordered_map<int, dnnl::memory>& args) {
   dnnl::stream stream(engine);
-  dnnl::memory::desc md({n, n}, dnnl::memory::data_type::f32, dnnl::memory::format_tag::ab);
-  Tensor a = filled_tensor({n, n}, 1.0), b = filled_tensor({n, n}, 1.0), c({n, n}, DType::f32);
-  dnnl::memory a_mem(md, engine, a.raw()), b_mem(md, engine, b.raw()), c_mem(md, engine, c.raw());
-  dnnl::matmul::primitive_desc pd(dnnl::matmul::desc(md, md, md), engine);
-  dnnl::matmul primitive(pd);
-  std::unordered_map<int, dnnl::memory> args{
-      {DNNL_ARG_SRC, a_mem}, {DNNL_ARG_WEIGHTS, b_mem}, {DNNL_ARG_DST, c_mem}};
   primitive.execute(stream, args);
   stream.wait();
   for (auto _ : state) {
     primitive.execute(stream, args);
     stream.wait();
   }
+}
+
+void matmul_raw_onednn(benchmark::State& state) {
+  const std::int64_t n = state.range(0);
+  set_num_threads(static_cast<int>(state.range(1)));
+  dnnl::engine engine(dnnl::engine::kind::cpu, 0);
+  dnnl::memory::desc md({n, n}, dnnl::memory::data_type::f32, dnnl::memory::format_tag::ab);
+  Tensor a = filled_tensor({n, n}, 1.0), b = filled_tensor({n, n}, 1.0), c({n, n}, DType::f32);
+  dnnl::memory a_mem(md, engine, a.raw()), b_mem(md, engine, b.raw()), c_mem(md, engine, c.raw());
+  dnnl::matmul::primitive_desc pd(dnnl::matmul::desc(md, md, md), engine);
+  time_primitive(state, engine, dnnl::matmul(pd),
+                 {{DNNL_ARG_SRC, a_mem}, {DNNL_ARG_WEIGHTS, b_mem}, {DNNL_ARG_DST, c_mem}});
   state.counters["GFLOPs"] = benchmark::Counter(
       2.0 * n * n * n * static_cast<double>(state.iterations()) / 1e9, benchmark::Counter::kIsRate);
 }
@@ -118,7 +122,6 @@ void weight_gradient(benchmark::State& state) {
     state.SetLabel(patterns.empty() ? "" : patterns.front());
   } else {
     dnnl::engine engine(dnnl::engine::kind::cpu, 0);
-    dnnl::stream stream(engine);
     using dt = dnnl::memory::data_type;
     dnnl::memory::desc a_md({m, k}, dt::f32, dnnl::memory::dims{1, m});
     dnnl::memory::desc b_md({k, n}, dt::f32, dnnl::memory::format_tag::ab);
@@ -126,16 +129,10 @@ void weight_gradient(benchmark::State& state) {
     Tensor c({m, n}, DType::f32);
     dnnl::memory a_mem(a_md, engine, const_cast<void*>(x.raw()));
     dnnl::memory b_mem(b_md, engine, const_cast<void*>(dy.raw())), c_mem(c_md, engine, c.raw());
-    dnnl::matmul primitive(
-        dnnl::matmul::primitive_desc(dnnl::matmul::desc(a_md, b_md, c_md), engine));
-    std::unordered_map<int, dnnl::memory> args{
-        {DNNL_ARG_SRC, a_mem}, {DNNL_ARG_WEIGHTS, b_mem}, {DNNL_ARG_DST, c_mem}};
-    primitive.execute(stream, args);
-    stream.wait();
-    for (auto _ : state) {
-      primitive.execute(stream, args);
-      stream.wait();
-    }
+    time_primitive(
+        state, engine,
+        dnnl::matmul(dnnl::matmul::primitive_desc(dnnl::matmul::desc(a_md, b_md, c_md), engine)),
+        {{DNNL_ARG_SRC, a_mem}, {DNNL_ARG_WEIGHTS, b_mem}, {DNNL_ARG_DST, c_mem}});
     state.SetLabel("oneDNN matmul");
   }
   state.counters["GFLOPs"] = benchmark::Counter(2.0 * static_cast<double>(m * k * n) * 1e-9,

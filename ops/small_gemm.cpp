@@ -79,6 +79,11 @@ template <int R>
   if (j < n) block<R, true>(a, m, b + j, n, c + j, n, k, n - j);
 }
 
+// rows<R> for R = 1..6 (index 0 unused).
+using RowsFn = void (*)(const float*, const float*, float*, std::int64_t, std::int64_t,
+                        std::int64_t);
+constexpr RowsFn by_rows[] = {nullptr, rows<1>, rows<2>, rows<3>, rows<4>, rows<5>, rows<6>};
+
 class TransposedASmallK final : public Kernel {
  public:
   TransposedASmallK(std::int64_t m, std::int64_t k, std::int64_t n, bool column_sums)
@@ -98,26 +103,7 @@ class TransposedASmallK final : public Kernel {
         const std::int64_t i = 6 * q;
         const float* ai = a + i;
         float* ci = c + i * n_;
-        switch (std::min<std::int64_t>(6, m_ - i)) {
-          case 6:
-            rows<6>(ai, b, ci, m_, k_, n_);
-            break;
-          case 5:
-            rows<5>(ai, b, ci, m_, k_, n_);
-            break;
-          case 4:
-            rows<4>(ai, b, ci, m_, k_, n_);
-            break;
-          case 3:
-            rows<3>(ai, b, ci, m_, k_, n_);
-            break;
-          case 2:
-            rows<2>(ai, b, ci, m_, k_, n_);
-            break;
-          default:
-            rows<1>(ai, b, ci, m_, k_, n_);
-            break;
-        }
+        by_rows[std::min<std::int64_t>(6, m_ - i)](ai, b, ci, m_, k_, n_);
       }
       if (sums != nullptr) {  // columns [first, last) of B, summed over k in order
         const std::int64_t first = n_ * t / threads, last = n_ * (t + 1) / threads;
