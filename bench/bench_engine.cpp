@@ -102,9 +102,9 @@ BENCHMARK(matmul_raw_onednn)
 
 // A dense layer's weight and bias gradients at a small batch: dW = xᵀ dy [m, n] and
 // db = sum(dy, {0}) for x [k, m], dy [k, n]. own = 1: a plan, whose fusion runs both in one
-// step of dagrad's kernel (ops/small_gemm.hpp, used for k <= 48); own = 0: oneDNN's matmul
+// step of dagrad's kernel (ops/small_gemm.hpp, used for k <= 128); own = 0: oneDNN's matmul
 // primitive reading x through swapped strides (what the plan ran before), dW alone.
-// Shapes: the MLP's three layers at batch 32.
+// Shapes: the MLP's three layers at batches 32 and 128.
 void weight_gradient(benchmark::State& state) {
   const std::int64_t m = state.range(0), k = state.range(1), n = state.range(2);
   const bool own = state.range(3) != 0;
@@ -139,9 +139,9 @@ void weight_gradient(benchmark::State& state) {
                                                 benchmark::Counter::kIsIterationInvariantRate);
 }
 BENCHMARK(weight_gradient)
-    ->ArgsProduct({{784}, {32}, {256}, {0, 1}})
-    ->ArgsProduct({{256}, {32}, {128}, {0, 1}})
-    ->ArgsProduct({{128}, {32}, {10}, {0, 1}})
+    ->ArgsProduct({{784}, {32, 128}, {256}, {0, 1}})
+    ->ArgsProduct({{256}, {32, 128}, {128}, {0, 1}})
+    ->ArgsProduct({{128}, {32, 128}, {10}, {0, 1}})
     ->Unit(benchmark::kMicrosecond)
     ->UseRealTime();
 

@@ -11,7 +11,7 @@ namespace dagrad {
 
 // Where transposed_a_small_k_kernel builds a kernel: K (the batch) at most small_k_limit and
 // C at most small_k_max_outputs elements.
-inline constexpr std::int64_t small_k_limit = 48;
+inline constexpr std::int64_t small_k_limit = 128;
 inline constexpr std::int64_t small_k_max_outputs = 800 * 1024;
 
 // C[M, N] = Aᵀ B for A stored [K, M] and B [K, N], both row-major and contiguous (a dense
@@ -20,12 +20,16 @@ inline constexpr std::int64_t small_k_max_outputs = 800 * 1024;
 // summed over k in registers, in order, by one thread, and each column sum likewise, so results
 // are the same bits on any number of threads. nullptr without AVX2 and FMA, or outside the
 // limits above, where oneDNN's SGEMM (which packs its operands first) is as fast or faster.
-// Measured (raw kernels, 2 threads, medians of 400 runs, 2026-11-26; M × K × N, this kernel
-// against oneDNN's matmul): 784×32×256 74–96 against 82–112 µs; 256×32×128 15.9 against
-// 21.2 µs; 784×16×256 48 against 107 µs; 784×48×256 159 against 176 µs; 784×32×1024 460
-// against 580 µs. As fast or slower: 784×64×256 (201–217 against 200–219 µs),
-// 1024×32×1024 (852 against 774 µs), 3136×32×1024 (2.3 against 1.5 ms), 3136×64×1024
-// (4.8 against 2.9 ms): with large C this kernel runs at ~85 GFLOP/s.
+// Measured (2 threads, 2026-11-26; M × K × N, this kernel against oneDNN's matmul on the
+// transposed A). Raw kernels, medians of 400 runs: 784×32×256 74–96 against 82–112 µs;
+// 256×32×128 15.9 against 21.2 µs; 784×16×256 48 against 107 µs; 784×48×256 159 against
+// 176 µs; 784×32×1024 460 against 580 µs; 784×64×256 201–217 against 200–219 µs. Through a
+// plan (bench_engine weight_gradient, this kernel with the column sums, oneDNN without):
+// 784×128×256 387–428 against 397–439 µs; 256×128×128 73.5–74.4 against 75.3–75.9 µs;
+// 1024×128×10 47–49 against 68–73 µs. Slower, so excluded by the limits: K 512 (784×512×256
+// 2.1–2.3 against 1.6–1.7 ms) and large C (1024×32×1024 852 against 774 µs, 3136×32×1024 2.3
+// against 1.5 ms, 3136×64×1024 4.8 against 2.9 ms: with large C this kernel runs at ~85
+// GFLOP/s).
 std::unique_ptr<Kernel> transposed_a_small_k_kernel(std::int64_t m, std::int64_t k, std::int64_t n,
                                                     bool column_sums);
 
