@@ -92,12 +92,9 @@ TEST(Fusion, SmallBatchWeightGradientWithItsBiasGradient) {
                                 {1024, 8, small_k_max_outputs / 1024 + 1, true}};
   std::uint64_t seed = 70;
   const int saved = num_threads();
-#if defined(__x86_64__) && defined(__GNUC__)
-  // The kernel needs AVX2 and FMA; elsewhere the oneDNN matmul runs in every case.
-  const bool avx2 = __builtin_cpu_supports("avx2") && __builtin_cpu_supports("fma");
-#else
-  const bool avx2 = false;
-#endif
+  // The kernel needs AVX2 and FMA (its factory says whether this machine has them); elsewhere
+  // the oneDNN matmul runs in every case.
+  const bool available = transposed_a_small_k_kernel(1, 1, 1, false) != nullptr;
   for (const Case& k : cases) {
     Graph g;
     Value x = g.input("x", {k.k, k.m});
@@ -132,10 +129,13 @@ TEST(Fusion, SmallBatchWeightGradientWithItsBiasGradient) {
       const std::string small =
           std::string("transposed-A matmul (small batch)") + (k.bias ? "+sum" : "");
       const bool used = std::find(patterns.begin(), patterns.end(), small) != patterns.end();
-      EXPECT_EQ(used, avx2 && k.k <= small_k_limit && k.m * k.n <= small_k_max_outputs)
+      EXPECT_EQ(used, available && k.k <= small_k_limit && k.m * k.n <= small_k_max_outputs)
           << "m " << k.m << " k " << k.k << " n " << k.n;
+      if (!used) bits.clear();  // oneDNN promises no equal bits across thread counts
     }
-    EXPECT_EQ(bits[0], bits[1]) << "m " << k.m << " k " << k.k << " n " << k.n;
+    if (bits.size() == 2) {
+      EXPECT_EQ(bits[0], bits[1]) << "m " << k.m << " k " << k.k << " n " << k.n;
+    }
   }
   set_num_threads(saved);
 }
