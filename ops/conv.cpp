@@ -14,6 +14,7 @@
 #include <unordered_map>
 
 #include "ops/conv_kernels.hpp"
+#include "ops/cpu.hpp"
 #if defined(__x86_64__) && defined(__GNUC__)
 #include <immintrin.h>
 #endif
@@ -1332,15 +1333,6 @@ AddHits add_hits_avx2(std::int64_t kh, int block) {
   }
 }
 
-bool cpu_has_avx2() {
-  static const bool has = __builtin_cpu_supports("avx2");
-  return has;
-}
-
-bool cpu_has_avx2_fma() {
-  static const bool has = cpu_has_avx2() && __builtin_cpu_supports("fma");
-  return has;
-}
 #endif
 
 bool is_pool2x2(const PoolGeometry& g) {

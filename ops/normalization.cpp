@@ -8,6 +8,7 @@
 #include <cmath>
 
 #include "ops/common.hpp"
+#include "ops/cpu.hpp"
 #include "ops/elementwise.hpp"
 #include "ops/reduction.hpp"
 #include "ops/shape.hpp"
@@ -588,10 +589,6 @@ GradientAffine backward_affine(const BatchNormBackwardArgs& a, std::int64_t c, d
                                                 std::int64_t width) {
   backward_rows_body(a, first, width);
 }
-bool batch_norm_avx2() {
-  static const bool has = __builtin_cpu_supports("avx2");
-  return has;
-}
 #endif
 void forward_channel_baseline(const BatchNormForwardArgs& a, std::int64_t c) {
   forward_channel_body(a, c);
@@ -655,7 +652,7 @@ class BatchNormForwardLoops final : public Kernel {
                                     epsilon_,
                                     training};
 #ifdef DAGRAD_BATCH_NORM_AVX2
-    if (batch_norm_avx2()) {
+    if (cpu_has_avx2()) {
       for_each_channel(args, forward_channel_avx2, forward_rows_avx2);
     } else
 #endif
@@ -699,7 +696,7 @@ class BatchNormBackwardLoops final : public Kernel {
                                      epsilon_,
                                      training};
 #ifdef DAGRAD_BATCH_NORM_AVX2
-    if (batch_norm_avx2()) {
+    if (cpu_has_avx2()) {
       for_each_channel(args, backward_channel_avx2, backward_rows_avx2);
     } else
 #endif

@@ -4,6 +4,8 @@
 
 #include <algorithm>
 
+#include "ops/cpu.hpp"
+
 #if defined(__x86_64__) && defined(__GNUC__)
 #include <immintrin.h>
 #define DAGRAD_SMALL_GEMM_AVX2 1
@@ -13,11 +15,6 @@ namespace dagrad {
 
 #ifdef DAGRAD_SMALL_GEMM_AVX2
 namespace {
-
-bool has_avx2_fma() {
-  static const bool has = __builtin_cpu_supports("avx2") && __builtin_cpu_supports("fma");
-  return has;
-}
 
 // Lanes [0, n) of a 256-bit mask (n may be <= 0 or >= 8).
 [[gnu::target("avx2")]] inline __m256i lanes(std::int64_t n) {
@@ -128,7 +125,7 @@ class TransposedASmallK final : public Kernel {
 std::unique_ptr<Kernel> transposed_a_small_k_kernel(std::int64_t m, std::int64_t k, std::int64_t n,
                                                     bool column_sums) {
 #ifdef DAGRAD_SMALL_GEMM_AVX2
-  if (has_avx2_fma() && m > 0 && n > 0 && k > 0 && k <= small_k_limit &&
+  if (cpu_has_avx2_fma() && m > 0 && n > 0 && k > 0 && k <= small_k_limit &&
       m * n <= small_k_max_outputs) {
     return std::make_unique<TransposedASmallK>(m, k, n, column_sums);
   }

@@ -6,6 +6,7 @@
 #include <span>
 
 #include "ops/conv_kernels.hpp"
+#include "ops/cross_entropy_kernels.hpp"
 #include "ops/small_gemm.hpp"
 #include "runtime/primitive_kernel.hpp"
 
@@ -146,6 +147,130 @@ std::vector<FusedStep> plan_fusions(const FusionContext& c, std::vector<NodeId>&
     return step;
   };
 
+  // The node `v` comes from when its op is `op`, it is not taken, and `reader` is the only
+  // step reading v.
+  auto absorbable = [&](const Value& v, const char* op, const Node* reader) -> const Node* {
+    const Node& n = c.graph.node(v.node_id());
+    if (n.kind != NodeKind::op || n.op != op || taken.count(n.id) ||
+        sole_consumer(c, key_of(v)) != reader) {
+      return nullptr;
+    }
+    return &n;
+  };
+  // The first node not yet taken that runs `op` on `key` as its input `slot`.
+  auto reader_of = [&](const ValueKey& key, const char* op, std::size_t slot) -> const Node* {
+    for (NodeId other : c.order) {
+      const Node& n = c.graph.node(other);
+      if (n.kind == NodeKind::op && n.op == op && !taken.count(other) && n.inputs.size() > slot &&
+          key_of(n.inputs[slot]) == key) {
+        return &n;
+      }
+    }
+    return nullptr;
+  };
+  auto is_f32_one = [&](const ValueKey& key) {
+    const TensorDesc& desc = c.descs.at(key);
+    return desc.dtype == DType::f32 && desc.shape.numel() == 1;
+  };
+  auto rows_of_f32_matrix = [&](const Value& v, std::int64_t axis) {
+    const TensorDesc& desc = c.descs.at(key_of(v));
+    return desc.dtype == DType::f32 && desc.shape.rank() == 2 && (axis == 1 || axis == -1);
+  };
+
+  // Sparse cross-entropy's forward, log_softmax along the rows -> pick [-> neg [-> mean]], as
+  // one pass of dagrad's kernel (ops/cross_entropy_kernels.hpp). The pass writes every value
+  // along the chain (a few floats per row besides y), so whatever else reads them still can.
+  for (NodeId id : c.order) {
+    const Node& log_softmax = c.graph.node(id);
+    if (log_softmax.kind != NodeKind::op || log_softmax.op != "log_softmax" || taken.count(id) ||
+        !rows_of_f32_matrix(log_softmax.inputs[0], log_softmax.attrs.integer("axis"))) {
+      continue;
+    }
+    const Node* pick = reader_of({id, 0}, "pick", 0);
+    if (pick == nullptr) continue;
+    const Node* neg = reader_of({pick->id, 0}, "neg", 0);
+    const Node* mean = neg ? reader_of({neg->id, 0}, "mean", 0) : nullptr;
+    if (mean && !is_f32_one({mean->id, 0})) mean = nullptr;
+    std::vector<ValueKey> outputs{{id, 0}, {pick->id, 0}};
+    for (const Node* n : {neg, mean}) {
+      if (n) outputs.emplace_back(n->id, 0);
+    }
+    const PickTail tail = mean ? PickTail::neg_mean : neg ? PickTail::neg : PickTail::none;
+    const Shape& z = c.descs.at(key_of(log_softmax.inputs[0])).shape;
+    std::optional<FusedStep> made = multi_output_step(
+        position.at(id), {key_of(log_softmax.inputs[0]), key_of(pick->inputs[1])},
+        std::move(outputs), id,
+        [&](auto, auto) { return log_softmax_pick_kernel(z[0], z[1], tail, pick->site()); });
+    if (!made) continue;
+    FusedStep& step = *made;
+    step.pattern = "log_softmax";
+    step.own_kernel = true;
+    taken.insert(id);
+    for (const Node* n : {pick, neg, mean}) {
+      if (n == nullptr) continue;
+      step.pattern += "+" + n->op;
+      step.absorbed.push_back(n->id);
+      taken.insert(n->id);
+    }
+    fused.push_back(std::move(step));
+  }
+  // Its backward, [div(a, b) [-> reshape] -> broadcast_to |] [neg ->] pick_grad ->
+  // log_softmax_grad: dz = ±d_i ([j = label_i] − e^y), one pass of dagrad's kernel.
+  for (NodeId id : c.order) {
+    const Node& grad = c.graph.node(id);
+    if (grad.kind != NodeKind::op || grad.op != "log_softmax_grad" || taken.count(id) ||
+        !rows_of_f32_matrix(grad.inputs[1], grad.attrs.integer("axis"))) {
+      continue;
+    }
+    const Node* pick_grad = absorbable(grad.inputs[0], "pick_grad", &grad);
+    if (pick_grad == nullptr || c.descs.at(key_of(pick_grad->inputs[0])).dtype != DType::f32)
+      continue;
+    std::vector<const Node*> chain{pick_grad};
+    Value d = pick_grad->inputs[0];
+    const Node* neg = absorbable(d, "neg", pick_grad);
+    if (neg) {
+      chain.push_back(neg);
+      d = neg->inputs[0];
+    }
+    RowFactor factor = RowFactor::vector;
+    std::vector<ValueKey> inputs{key_of(grad.inputs[1]), key_of(pick_grad->inputs[1]), key_of(d)};
+    if (const Node* spread = absorbable(d, "broadcast_to", chain.back());
+        spread && is_f32_one(key_of(spread->inputs[0]))) {
+      chain.push_back(spread);
+      factor = RowFactor::scalar;
+      Value s = spread->inputs[0];
+      inputs.back() = key_of(s);
+      const Node* reshape = absorbable(s, "reshape", spread);
+      if (reshape) s = reshape->inputs[0];
+      const Node* div = absorbable(s, "div", reshape ? reshape : spread);
+      if (div && is_f32_one(key_of(div->inputs[0])) && is_f32_one(key_of(div->inputs[1]))) {
+        if (reshape) chain.push_back(reshape);
+        chain.push_back(div);
+        factor = RowFactor::quotient;
+        inputs.back() = key_of(div->inputs[0]);
+        inputs.push_back(key_of(div->inputs[1]));
+      }
+    }
+    const Shape& y = c.descs.at(inputs[0]).shape;
+    std::optional<FusedStep> made =
+        multi_output_step(position.at(id), std::move(inputs), {{id, 0}}, id, [&](auto, auto) {
+          return pick_log_softmax_grad_kernel(y[0], y[1], factor, neg != nullptr,
+                                              pick_grad->site());
+        });
+    if (!made) continue;
+    FusedStep& step = *made;
+    step.pattern.clear();
+    step.own_kernel = true;
+    for (auto it = chain.rbegin(); it != chain.rend(); ++it) {
+      step.pattern += (*it)->op + "+";
+      step.absorbed.push_back((*it)->id);
+      taken.insert((*it)->id);
+    }
+    step.pattern += "log_softmax_grad";
+    taken.insert(id);
+    fused.push_back(std::move(step));
+  }
+
   // A dense layer's weight gradient dW = xᵀ dy at a small batch (K ≤ small_k_limit), and its
   // bias gradient sum(dy, {0}) when there is one: dagrad's own kernel, which sums in registers
   // without packing the operands first (faster than oneDNN's SGEMM there), in one step.
@@ -192,6 +317,7 @@ std::vector<FusedStep> plan_fusions(const FusionContext& c, std::vector<NodeId>&
     FusedStep& step = *made;
     step.pattern =
         bias ? "transposed-A matmul (small batch)+sum" : "transposed-A matmul (small batch)";
+    step.own_kernel = true;
     for (const Node* n : {&m, bias}) {
       if (n == nullptr) continue;
       if (n->id != step.anchor) step.absorbed.push_back(n->id);
@@ -333,6 +459,7 @@ std::vector<FusedStep> plan_fusions(const FusionContext& c, std::vector<NodeId>&
     if (!made) continue;
     FusedStep& step = *made;
     step.pattern = "max_pool2d_backward+relu_grad+conv2d_backward_weights";
+    step.own_kernel = true;
     if (data) step.pattern += "+data";
     if (bias) step.pattern += "+sum";
     for (const Node* n : {&weights, bias, data}) {
