@@ -1,6 +1,7 @@
 // Engine figures: per-op dispatch overhead of a compiled plan on tiny tensors, matmul GFLOP/s
 // through a plan against a raw oneDNN matmul primitive of the same shape, a dense layer's
-// weight gradient at a small batch (dagrad's kernel against oneDNN's), and the optimiser step.
+// weight gradient at a small batch (dagrad's kernel against oneDNN's), the sparse cross-entropy
+// loss fused and unfused, and the optimiser step.
 //   ./build/bench/bench_engine --benchmark_filter=. [--benchmark_format=json]
 #include <benchmark/benchmark.h>
 
@@ -142,6 +143,32 @@ BENCHMARK(weight_gradient)
     ->ArgsProduct({{784}, {32, 128}, {256}, {0, 1}})
     ->ArgsProduct({{256}, {32, 128}, {128}, {0, 1}})
     ->ArgsProduct({{128}, {32, 128}, {10}, {0, 1}})
+    ->Unit(benchmark::kMicrosecond)
+    ->UseRealTime();
+
+// The mean sparse cross-entropy of logits [rows, classes] and its gradient, through a plan:
+// fused (two steps of dagrad's kernels, ops/cross_entropy_kernels.hpp) against unfused (nine
+// steps, oneDNN and reference kernels). Default threads; the plan runs small steps on one.
+void cross_entropy(benchmark::State& state) {
+  const std::int64_t rows = state.range(0), classes = state.range(1);
+  const bool fuse = state.range(2) != 0;
+  Graph g;
+  Value z = g.input("z", {rows, classes});
+  Value labels = g.input("labels", {rows}, DType::i32);
+  Value loss = sparse_cross_entropy(z, labels);
+  Plan plan = compile(g, {loss, grad(loss, {z})[0]}, {.fuse = fuse});
+  Tensor label_values({rows}, DType::i32);
+  auto span = label_values.span<std::int32_t>();
+  for (std::int64_t i = 0; i < rows; ++i) span[i] = static_cast<std::int32_t>(i % classes);
+  const Feeds feeds{{z, filled_tensor({rows, classes}, 0.5)}, {labels, label_values}};
+  plan.run(feeds);
+  for (auto _ : state) benchmark::DoNotOptimize(plan.run(feeds));
+  state.SetItemsProcessed(state.iterations() * rows);
+  state.SetLabel(fmt::format("{} steps", plan.num_steps()));
+}
+BENCHMARK(cross_entropy)
+    ->ArgsProduct({{32, 128, 512}, {10}, {0, 1}})
+    ->ArgsProduct({{256}, {1000}, {0, 1}})
     ->Unit(benchmark::kMicrosecond)
     ->UseRealTime();
 

@@ -95,6 +95,91 @@ void check_labels(const std::int32_t* labels, std::int64_t rows, std::int64_t cl
   }
 }
 
+// Rows [first, last) of the forward: y = z − max (every exponent <= 0, nothing overflows),
+// e = e^y, y −= log Σ e (summed in double), p_i = y[i, label_i], n_i = −p_i.
+struct ForwardRows {
+  const float* z;
+  const std::int32_t* labels;
+  float *y, *p, *n, *e;  // n may be null
+  std::int64_t classes;
+};
+
+[[gnu::always_inline]] inline void forward_rows_body(const ForwardRows& a, std::int64_t first,
+                                                     std::int64_t last) {
+  const std::int64_t c = a.classes;
+  for (std::int64_t i = first; i < last; ++i) {
+    const float* zi = a.z + i * c;
+    float max = -std::numeric_limits<float>::infinity();
+#pragma omp simd reduction(max : max)
+    for (std::int64_t j = 0; j < c; ++j) max = std::max(max, zi[j]);
+    float* yi = a.y + i * c;
+#pragma omp simd
+    for (std::int64_t j = 0; j < c; ++j) yi[j] = zi[j] - max;
+  }
+  exp_f32(a.y + first * c, a.e + first * c, (last - first) * c);
+  for (std::int64_t i = first; i < last; ++i) {
+    const float* ei = a.e + i * c;
+    double total = 0.0;
+#pragma omp simd reduction(+ : total)
+    for (std::int64_t j = 0; j < c; ++j) total += static_cast<double>(ei[j]);
+    const double log_total = std::log(total);
+    float* yi = a.y + i * c;
+#pragma omp simd
+    for (std::int64_t j = 0; j < c; ++j) {
+      yi[j] = static_cast<float>(static_cast<double>(yi[j]) - log_total);
+    }
+    a.p[i] = yi[a.labels[i]];
+    if (a.n != nullptr) a.n[i] = -a.p[i];
+  }
+}
+
+// Rows [first, last) of the backward: dz = e^y, then dz = −f_i dz, dz[i, label_i] += f_i.
+struct BackwardRows {
+  const float* y;
+  const std::int32_t* labels;
+  const float* d;  // f_i = sign · d_i; null: f_i = sign · scalar
+  float scalar, sign;
+  float* dz;
+  std::int64_t classes;
+};
+
+[[gnu::always_inline]] inline void backward_rows_body(const BackwardRows& a, std::int64_t first,
+                                                      std::int64_t last) {
+  const std::int64_t c = a.classes;
+  exp_f32(a.y + first * c, a.dz + first * c, (last - first) * c);
+  for (std::int64_t i = first; i < last; ++i) {
+    const float f = a.sign * (a.d != nullptr ? a.d[i] : a.scalar);
+    float* row = a.dz + i * c;
+#pragma omp simd
+    for (std::int64_t j = 0; j < c; ++j) row[j] = -f * row[j];
+    row[a.labels[i]] += f;
+  }
+}
+
+// Each body compiled for AVX2 + FMA and for the baseline.
+#ifdef DAGRAD_X86
+[[gnu::target("avx2,fma")]] void forward_rows_avx2(const ForwardRows& a, std::int64_t first,
+                                                   std::int64_t last) {
+  forward_rows_body(a, first, last);
+}
+[[gnu::target("avx2,fma")]] void backward_rows_avx2(const BackwardRows& a, std::int64_t first,
+                                                    std::int64_t last) {
+  backward_rows_body(a, first, last);
+}
+#endif
+void forward_rows(const ForwardRows& a, std::int64_t first, std::int64_t last) {
+#ifdef DAGRAD_X86
+  if (cpu_has_avx2_fma()) return forward_rows_avx2(a, first, last);
+#endif
+  forward_rows_body(a, first, last);
+}
+void backward_rows(const BackwardRows& a, std::int64_t first, std::int64_t last) {
+#ifdef DAGRAD_X86
+  if (cpu_has_avx2_fma()) return backward_rows_avx2(a, first, last);
+#endif
+  backward_rows_body(a, first, last);
+}
+
 class LogSoftmaxPick final : public Kernel {
  public:
   LogSoftmaxPick(std::int64_t rows, std::int64_t classes, PickTail tail, std::string site)
@@ -113,34 +198,9 @@ class LogSoftmaxPick final : public Kernel {
     float* p = call.outputs[1].data<float>();
     float* n = tail_ == PickTail::none ? nullptr : call.outputs[2].data<float>();
     float* e = reinterpret_cast<float*>(scratch_.base(call.context, "log_softmax+pick"));
-    const std::int64_t c = classes_;
-    over_rows(rows_, c, [&](std::int64_t first, std::int64_t last) {
-      // y = z − max (every exponent <= 0, nothing overflows), then e = e^y, then
-      // y −= log Σ e, summed in double.
-      for (std::int64_t i = first; i < last; ++i) {
-        const float* zi = z + i * c;
-        float max = -std::numeric_limits<float>::infinity();
-        for (std::int64_t j = 0; j < c; ++j) max = std::max(max, zi[j]);
-        float* yi = y + i * c;
-#pragma omp simd
-        for (std::int64_t j = 0; j < c; ++j) yi[j] = zi[j] - max;
-      }
-      exp_f32(y + first * c, e + first * c, (last - first) * c);
-      for (std::int64_t i = first; i < last; ++i) {
-        const float* ei = e + i * c;
-        double total = 0.0;
-#pragma omp simd reduction(+ : total)
-        for (std::int64_t j = 0; j < c; ++j) total += static_cast<double>(ei[j]);
-        const double log_total = std::log(total);
-        float* yi = y + i * c;
-#pragma omp simd
-        for (std::int64_t j = 0; j < c; ++j) {
-          yi[j] = static_cast<float>(static_cast<double>(yi[j]) - log_total);
-        }
-        p[i] = yi[labels[i]];
-        if (n != nullptr) n[i] = -p[i];
-      }
-    });
+    const ForwardRows rows{z, labels, y, p, n, e, classes_};
+    over_rows(rows_, classes_,
+              [&](std::int64_t first, std::int64_t last) { forward_rows(rows, first, last); });
     if (tail_ == PickTail::neg_mean) {
       double total = 0.0;
       for (std::int64_t i = 0; i < rows_; ++i) total += static_cast<double>(n[i]);
@@ -170,19 +230,15 @@ class PickLogSoftmaxGrad final : public Kernel {
     float scalar = 0.f;
     if (factor_ == RowFactor::scalar) scalar = d[0];
     if (factor_ == RowFactor::quotient) scalar = d[0] / call.inputs[3].data<float>()[0];
-    const float sign = negate_ ? -1.f : 1.f;
-    float* dz = call.outputs[0].data<float>();
-    const std::int64_t c = classes_;
-    over_rows(rows_, c, [&](std::int64_t first, std::int64_t last) {
-      exp_f32(y + first * c, dz + first * c, (last - first) * c);
-      for (std::int64_t i = first; i < last; ++i) {
-        const float f = sign * (factor_ == RowFactor::vector ? d[i] : scalar);
-        float* row = dz + i * c;
-#pragma omp simd
-        for (std::int64_t j = 0; j < c; ++j) row[j] = -f * row[j];
-        row[labels[i]] += f;
-      }
-    });
+    const BackwardRows rows{y,
+                            labels,
+                            factor_ == RowFactor::vector ? d : nullptr,
+                            scalar,
+                            negate_ ? -1.f : 1.f,
+                            call.outputs[0].data<float>(),
+                            classes_};
+    over_rows(rows_, classes_,
+              [&](std::int64_t first, std::int64_t last) { backward_rows(rows, first, last); });
   }
 
  private:

@@ -15,6 +15,10 @@
 //     gradient, a sum of dy over N, H, W, and its data gradient) computed from the pooling's
 //     gradient, skipping the zeros of dy = relu_grad(max_pool2d_backward(dp, r), r); when
 //     nothing else reads dy, max_pool2d_backward and relu_grad do not run at all.
+//   - sparse cross-entropy: log_softmax -> pick [-> neg [-> mean]] as one pass of dagrad's own
+//     kernel writing every value along the chain, and its backward [div (-> reshape) ->
+//     broadcast_to |] [neg ->] pick_grad -> log_softmax_grad as another, dz = ±d_i ([j =
+//     label_i] − e^y) (ops/cross_entropy_kernels.hpp): nine small steps become two.
 // A pattern fuses only when the intermediate values are read by nothing else and are not
 // requested outputs, so results are those of the unfused plan (within f32 rounding).
 #pragma once
