@@ -85,6 +85,50 @@ TEST(Step, RefusesGradientNamingStep) {
   }
 }
 
+// relu's backward on dagrad's own f32 loop: dy where x > 0, else 0 (x = 0 and x = -0 give 0,
+// x NaN gives 0, dy NaN passes where x > 0), equal to the reference, on one thread below 16k
+// elements and split across two above (odd sizes leave an uneven last part), also when the
+// plan writes dx over dy.
+TEST(ReluGrad, MasksTheGradientOnEitherPathAsTheReference) {
+  const float nan = std::numeric_limits<float>::quiet_NaN();
+  const int saved = num_threads();
+  for (std::int64_t n : {std::int64_t{9}, std::int64_t{16 * 1024 + 3}, std::int64_t{100003}}) {
+    Graph g;
+    Value dy_in = g.input("dy", {n});
+    Value x = g.input("x", {n});
+    Value dy = dy_in * 2.0;  // an op output dying at relu_grad: the plan may reuse its buffer
+    Value dx = relu_grad(dy, x);
+    Tensor dy_values({n}, DType::f32), x_values({n}, DType::f32);
+    for (std::int64_t i = 0; i < n; ++i) {
+      const double sign = (i * 7919) % 3 == 0 ? -1.0 : 1.0;
+      x_values.set(i, sign * static_cast<double>(i % 13) / 13.0);  // 0 every 13th element
+      dy_values.set(i, 0.5 + static_cast<double>(i % 7));
+    }
+    x_values.span<float>()[1] = -0.0f;
+    x_values.span<float>()[2] = nan;
+    x_values.span<float>()[3] = 2.0f;
+    dy_values.span<float>()[3] = nan;
+    const Feeds feeds{{dy_in, dy_values}, {x, x_values}};
+    const std::vector<double> expected =
+        compile(g, {dx}, {.backend = Backend::reference}).run(feeds)[0].to_doubles();
+    EXPECT_EQ(expected[1], 0.0);
+    EXPECT_EQ(expected[2], 0.0);
+    EXPECT_TRUE(std::isnan(expected[3]));
+    for (int threads : {1, 2}) {
+      set_num_threads(threads);
+      const std::vector<double> got = compile(g, {dx}).run(feeds)[0].to_doubles();
+      for (std::int64_t i = 0; i < n; ++i) {
+        if (std::isnan(expected[i])) {
+          ASSERT_TRUE(std::isnan(got[i])) << "n " << n << ", element " << i;
+        } else {
+          ASSERT_EQ(got[i], expected[i]) << "n " << n << ", element " << i;
+        }
+      }
+    }
+  }
+  set_num_threads(saved);
+}
+
 TEST(Identity, PassesValuesAndGradientsThrough) {
   expect_unary([](const Value& x) { return identity(x); }, {-1.5, 0.0, 2.25}, {-1.5, 0.0, 2.25},
                "identity");
