@@ -230,6 +230,7 @@ class MaxoutGradKernel final : public Kernel {
 
   std::size_t scratch_bytes() const override { return scratch_.bytes(); }
 
+  const char* library() const override { return "oneDNN"; }
   void run(const KernelCall& call) override {
     std::byte* scratch = scratch_.base(call.context, "maxout_grad");
     dst_scratch_mem_.set_data_handle(scratch + dst_at_);

@@ -258,6 +258,7 @@ class ReorderingKernel final : public Kernel {
 
   std::size_t scratch_bytes() const override { return scratch_.bytes(); }
 
+  const char* library() const override { return "oneDNN"; }
   void run(const KernelCall& call) override {
     dnnl::stream& stream = *call.context.stream;
     const char* what = call.node.op.c_str();
@@ -949,6 +950,7 @@ class ConvBackwardKernel final : public Kernel {
 
   std::size_t scratch_bytes() const override { return scratch_.bytes(); }
 
+  const char* library() const override { return "oneDNN"; }
   void run(const KernelCall& call) override {
     dnnl::stream& stream = *call.context.stream;
     std::byte* scratch = scratch_.base(call.context, "conv2d_backward_weights+data");
@@ -1004,6 +1006,7 @@ class MaxPoolBackwardKernel final : public Kernel {
 
   std::size_t scratch_bytes() const override { return scratch_.bytes(); }
 
+  const char* library() const override { return "oneDNN"; }
   void run(const KernelCall& call) override {
     dnnl::stream& stream = *call.context.stream;
     std::byte* scratch = scratch_.base(call.context, "max_pool2d_backward");

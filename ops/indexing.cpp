@@ -109,6 +109,7 @@ class WindowReorderKernel final : public Kernel {
     }
   }
 
+  const char* library() const override { return "oneDNN"; }
   void run(const KernelCall& call) override {
     if (copy_.scatter && copy_.fill_first) {
       dispatch_any(call.outputs[0].dtype(), [&](auto zero) {

@@ -138,6 +138,7 @@ class LogSoftmaxGradKernel final : public Kernel {
 
   std::size_t scratch_bytes() const override { return scratch_.bytes(); }
 
+  const char* library() const override { return "oneDNN"; }
   void run(const KernelCall& call) override {
     float* e = reinterpret_cast<float*>(scratch_.base(call.context, "log_softmax_grad"));
     exp_y_.set_data_handle(e);

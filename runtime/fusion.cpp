@@ -204,7 +204,6 @@ std::vector<FusedStep> plan_fusions(const FusionContext& c, std::vector<NodeId>&
     if (!made) continue;
     FusedStep& step = *made;
     step.pattern = "log_softmax";
-    step.own_kernel = true;
     taken.insert(id);
     for (const Node* n : {pick, neg, mean}) {
       if (n == nullptr) continue;
@@ -260,7 +259,6 @@ std::vector<FusedStep> plan_fusions(const FusionContext& c, std::vector<NodeId>&
     if (!made) continue;
     FusedStep& step = *made;
     step.pattern.clear();
-    step.own_kernel = true;
     for (auto it = chain.rbegin(); it != chain.rend(); ++it) {
       step.pattern += (*it)->op + "+";
       step.absorbed.push_back((*it)->id);
@@ -317,7 +315,6 @@ std::vector<FusedStep> plan_fusions(const FusionContext& c, std::vector<NodeId>&
     FusedStep& step = *made;
     step.pattern =
         bias ? "transposed-A matmul (small batch)+sum" : "transposed-A matmul (small batch)";
-    step.own_kernel = true;
     for (const Node* n : {&m, bias}) {
       if (n == nullptr) continue;
       if (n->id != step.anchor) step.absorbed.push_back(n->id);
@@ -459,7 +456,6 @@ std::vector<FusedStep> plan_fusions(const FusionContext& c, std::vector<NodeId>&
     if (!made) continue;
     FusedStep& step = *made;
     step.pattern = "max_pool2d_backward+relu_grad+conv2d_backward_weights";
-    step.own_kernel = true;
     if (data) step.pattern += "+data";
     if (bias) step.pattern += "+sum";
     for (const Node* n : {&weights, bias, data}) {

@@ -43,7 +43,6 @@ struct FusedStep {
   std::vector<NodeId> absorbed;   // nodes no longer executed on their own
   std::string pattern;            // e.g. "matmul+bias+relu"
   int threads = 0;                // see step_threads()
-  bool own_kernel = false;        // dagrad's own kernel, not oneDNN primitives (for profiles)
 };
 
 struct FusionContext {

@@ -35,6 +35,9 @@ class Kernel {
   // from one run() to the next: a kernel keeps there only what it writes before reading within
   // one run (reordered copies, padded copies, lists), and holds what must persist itself.
   virtual std::size_t scratch_bytes() const { return 0; }
+  // Whose code does the work, for profiles: "oneDNN" for kernels running oneDNN primitives,
+  // "dagrad" for dagrad's own loops (the default).
+  virtual const char* library() const { return "dagrad"; }
 };
 
 // Where a kernel's temporary buffers lie in its scratch: reserve() each buffer when the kernel

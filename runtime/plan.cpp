@@ -92,7 +92,6 @@ struct Plan::Specialization {
     const Node* node = nullptr;
     std::unique_ptr<Kernel> kernel;
     bool onednn = false;  // the oneDNN backend's kernel (see num_onednn_steps)
-    bool own = false;     // of those, one of dagrad's own fused kernels
     int threads = 0;      // 1: runs on one thread (small step); 0: all threads
     std::string fused;    // the fused pattern this step runs, if any
     double seconds = 0;   // with CompileOptions::profile
@@ -226,7 +225,6 @@ Plan::Specialization& Plan::specialize(const std::vector<Shape>& input_shapes) {
     if (auto it = fused_at.find(id); it != fused_at.end()) {
       step.kernel = std::move(it->second->kernel);
       step.onednn = true;
-      step.own = it->second->own_kernel;
       step.threads = it->second->threads;
       step.fused = it->second->pattern;
       step_inputs.push_back(it->second->inputs);
@@ -554,10 +552,8 @@ std::vector<StepProfile> Plan::profile() {
   std::vector<StepProfile> out;
   for (const auto& s : shown->steps) {
     out.push_back({s.node->name, s.fused.empty() ? s.node->op : s.fused,
-                   s.own      ? "dagrad"
-                   : s.onednn ? "oneDNN"
-                              : "reference",
-                   s.threads, s.outputs.empty() ? "" : s.outputs[0].desc().str(), s.seconds, s.runs,
+                   s.onednn ? s.kernel->library() : "reference", s.threads,
+                   s.outputs.empty() ? "" : s.outputs[0].desc().str(), s.seconds, s.runs,
                    s.kernel->scratch_bytes()});
   }
   std::sort(out.begin(), out.end(),

@@ -45,7 +45,7 @@ struct CompileOptions {
 struct StepProfile {
   std::string node;    // node name
   std::string op;      // op name, or the fused pattern
-  std::string kernel;  // "oneDNN", "dagrad" (a fused step's own kernel) or "reference"
+  std::string kernel;  // "oneDNN" or "dagrad" (Kernel::library()), or "reference"
   int threads = 0;     // 1 for a step run on one thread, 0 for all threads
   std::string output;  // first output's desc
   double seconds = 0;  // total

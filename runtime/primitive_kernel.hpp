@@ -22,6 +22,7 @@ class PrimitiveKernel final : public Kernel {
  public:
   PrimitiveKernel(dnnl::primitive primitive, std::vector<PrimitiveArg> args);
   void run(const KernelCall& call) override;
+  const char* library() const override { return "oneDNN"; }
 
  private:
   dnnl::primitive primitive_;
