@@ -140,9 +140,9 @@ void weight_gradient(benchmark::State& state) {
                                                 benchmark::Counter::kIsIterationInvariantRate);
 }
 BENCHMARK(weight_gradient)
-    ->ArgsProduct({{784}, {32, 128}, {256}, {0, 1}})
-    ->ArgsProduct({{256}, {32, 128}, {128}, {0, 1}})
-    ->ArgsProduct({{128}, {32, 128}, {10}, {0, 1}})
+    ->ArgsProduct({{784}, {32, 128, 512}, {256}, {0, 1}})
+    ->ArgsProduct({{256}, {32, 128, 512}, {128}, {0, 1}})
+    ->ArgsProduct({{128}, {32, 128, 512}, {10}, {0, 1}})
     ->Unit(benchmark::kMicrosecond)
     ->UseRealTime();
 

@@ -88,6 +88,8 @@ TEST(Fusion, SmallBatchWeightGradientWithItsBiasGradient) {
                                 {13, small_k_limit, 33, true},
                                 {784, 32, 256, true},
                                 {130, 17, 40, false},
+                                {20, small_k_chunk + 1, 24, true},  // a last chunk of one k
+                                {9, 2 * small_k_chunk + 44, 16, false},
                                 {12, small_k_limit + 1, 9, true},
                                 {1024, 8, small_k_max_outputs / 1024 + 1, true}};
   std::uint64_t seed = 70;
