@@ -162,6 +162,25 @@ TEST(LossFusion, IntermediateValuesStayAvailable) {
   EXPECT_TRUE(has_pattern(plan, "log_softmax+pick+neg+mean")) << patterns_of(plan);
 }
 
+// pick without neg after it (a log-likelihood summed by the user): the forward fuses as
+// log_softmax+pick, the backward from the vector gradient of the products.
+TEST(LossFusion, PickWithoutNegFusesToo) {
+  Graph g;
+  Value z = g.input("z", {7, 5});
+  Value labels = g.input("labels", {7}, DType::i32);
+  Value t = g.input("t", {7});
+  Value likelihood = sum(pick(log_softmax(z), labels) * t);
+  const std::vector<Value> outputs{likelihood, grad(likelihood, {z})[0]};
+  const Feeds feeds{{z, testing::uniform_tensor({7, 5}, 8, -3, 3)},
+                    {labels, labels_tensor(7, 5, 9)},
+                    {t, testing::uniform_tensor({7}, 10)}};
+  Plan reference = compile(g, outputs, {.backend = Backend::reference});
+  Plan plan = compile(g, outputs);
+  expect_near_all(plan.run(feeds), reference.run(feeds), 2e-6, "pick without neg");
+  EXPECT_TRUE(has_pattern(plan, "log_softmax+pick")) << patterns_of(plan);
+  EXPECT_TRUE(has_pattern(plan, "pick_grad+log_softmax_grad")) << patterns_of(plan);
+}
+
 // A NaN logit makes its row's log-probabilities and gradients and the loss NaN, as the
 // reference backend does; an infinitely negative logit has probability 0 (y = -inf, dz = 0) and
 // leaves its row finite. (oneDNN's unfused kernels do not keep the NaN in the gradient.)
