@@ -20,7 +20,8 @@
 //     broadcast_to |] [neg ->] pick_grad -> log_softmax_grad as another, dz = ±d_i ([j =
 //     label_i] − e^y) (ops/cross_entropy_kernels.hpp): nine small steps become two.
 // A pattern fuses only when the intermediate values are read by nothing else and are not
-// requested outputs, so results are those of the unfused plan (within f32 rounding).
+// requested outputs (the cross-entropy forward instead writes them all), so results are those
+// of the unfused plan (within f32 rounding).
 #pragma once
 
 #include <functional>

@@ -86,13 +86,13 @@ TEST(Step, RefusesGradientNamingStep) {
 }
 
 // relu's backward on dagrad's own f32 loop: dy where x > 0, else 0 (x = 0 and x = -0 give 0,
-// x NaN gives 0, dy NaN passes where x > 0), equal to the reference, on one thread below 16k
+// x NaN gives 0, dy NaN passes where x > 0), equal to the reference, on one thread below 32k
 // elements and split across two above (odd sizes leave an uneven last part), also when the
 // plan writes dx over dy.
 TEST(ReluGrad, MasksTheGradientOnEitherPathAsTheReference) {
   const float nan = std::numeric_limits<float>::quiet_NaN();
   const int saved = num_threads();
-  for (std::int64_t n : {std::int64_t{9}, std::int64_t{16 * 1024 + 3}, std::int64_t{100003}}) {
+  for (std::int64_t n : {std::int64_t{9}, std::int64_t{32 * 1024 + 3}, std::int64_t{100003}}) {
     Graph g;
     Value dy_in = g.input("dy", {n});
     Value x = g.input("x", {n});
