@@ -25,7 +25,8 @@ constexpr std::int64_t parallel_elements = 64 * 1024;
 // e^x by range reduction: x = k·ln 2 + r with |r| <= ln 2 / 2, e^r by its Taylor polynomial to
 // degree 7 (truncation below 6e-9 relative), times 2^k built in the exponent bits. ln 2 is split
 // in two parts so that k·ln2_hi is exact. Below ln(FLT_MIN) the result is 0 (no subnormals),
-// above ln(FLT_MAX) +inf; NaN stays NaN.
+// above 88.376 (k would pass 127; ln(FLT_MAX) is 88.72) +inf; NaN stays NaN. Softmax only
+// takes e^x of x <= 0.
 [[gnu::target("avx2,fma")]] inline __m256 exp8(__m256 v) {
   const __m256 log2e = _mm256_set1_ps(1.44269504088896341f);
   const __m256 ln2_hi = _mm256_set1_ps(0.693359375f);

@@ -47,8 +47,8 @@ std::unique_ptr<Kernel> pick_log_softmax_grad_kernel(std::int64_t rows, std::int
                                                      RowFactor factor, bool negate,
                                                      std::string site);
 
-// y[i] = e^x[i] for n floats, the vector kernel where the processor has AVX2 + FMA. Exposed for
-// its test.
+// y[i] = e^x[i] for n floats, the vector kernel where the processor has AVX2 + FMA (within 2 ulp
+// of std::exp up to x = 88; 0 below ln(FLT_MIN), +inf above 88.376). Exposed for its test.
 void exp_f32(const float* x, float* y, std::int64_t n);
 
 }  // namespace dagrad
