@@ -181,6 +181,28 @@ TEST(LossFusion, PickWithoutNegFusesToo) {
   EXPECT_TRUE(has_pattern(plan, "pick_grad+log_softmax_grad")) << patterns_of(plan);
 }
 
+// log_softmax along the columns, or in f64, is not the row pass the kernels compute: the plan
+// keeps the ops, and the results match the reference.
+TEST(LossFusion, ColumnSoftmaxAndF64AreNotFused) {
+  for (DType dtype : {DType::f32, DType::f64}) {
+    Graph g;
+    Value z = g.input("z", {4, 4}, dtype);
+    Value labels = g.input("labels", {4}, DType::i32);
+    const std::int64_t axis = dtype == DType::f32 ? 0 : -1;
+    Value loss = mean(neg(pick(log_softmax(z, axis), labels)));
+    const std::vector<Value> outputs{loss, grad(loss, {z})[0]};
+    Tensor logits = testing::uniform_tensor({4, 4}, 11, -2, 2);
+    if (dtype == DType::f64) logits = Tensor::from(logits.to_doubles(), {4, 4}, DType::f64);
+    const Feeds feeds{{z, logits}, {labels, labels_tensor(4, 4, 12)}};
+    Plan plan = compile(g, outputs);
+    Plan reference = compile(g, outputs, {.backend = Backend::reference});
+    expect_near_all(plan.run(feeds), reference.run(feeds), 2e-6, fmt::format("{}", dtype));
+    for (const std::string& p : plan.fused_patterns()) {
+      EXPECT_EQ(p.find("pick"), std::string::npos) << p;
+    }
+  }
+}
+
 // A NaN logit makes its row's log-probabilities and gradients and the loss NaN, as the
 // reference backend does; an infinitely negative logit has probability 0 (y = -inf, dz = 0) and
 // leaves its row finite. (oneDNN's unfused kernels do not keep the NaN in the gradient.)
