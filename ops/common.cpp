@@ -5,6 +5,12 @@
 
 namespace dagrad {
 
+void throw_label_out_of_range(std::string_view site, std::int64_t label, std::int64_t position,
+                              std::int64_t classes) {
+  throw Error(fmt::format("{}: label {} at position {} is outside [0, {}) (the number of classes)",
+                          site, label, position, classes));
+}
+
 std::vector<std::int64_t> broadcast_strides(const Shape& in, const Shape& out) {
   std::vector<std::int64_t> strides(static_cast<std::size_t>(out.rank()), 0);
   const auto in_strides = in.strides();

@@ -8,6 +8,7 @@
 #include <functional>
 #include <optional>
 #include <string>
+#include <string_view>
 #include <utility>
 #include <vector>
 
@@ -45,6 +46,12 @@ decltype(auto) dispatch_any(DType dtype, F&& f) {
   }
   throw Error("unknown dtype");
 }
+
+// The Error for a class label outside [0, classes), naming `site` (the node reading the labels),
+// the label, its position and the number of classes: one message for every kernel reading
+// labels (pick, pick_grad, the fused cross-entropy).
+[[noreturn]] void throw_label_out_of_range(std::string_view site, std::int64_t label,
+                                           std::int64_t position, std::int64_t classes);
 
 // Strides of `in` viewed inside `out` under NumPy broadcasting: 0 on broadcast axes, with
 // one entry per axis of `out`.

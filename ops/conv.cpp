@@ -15,7 +15,7 @@
 
 #include "ops/conv_kernels.hpp"
 #include "ops/cpu.hpp"
-#if defined(__x86_64__) && defined(__GNUC__)
+#ifdef DAGRAD_X86
 #include <immintrin.h>
 #endif
 
@@ -1077,8 +1077,7 @@ inline int first_max4(float a, float b, float c, float d, float& best) {
 // cycles per element.)
 // Measured in the CNN training step (batch 64, 2 threads, DAGRAD_PROFILE=1 bench_train):
 // max_pool2d_backward+relu_grad on [64,32,28,28] 2.31 -> see bench/README.md.
-#if defined(__x86_64__) && defined(__GNUC__)
-#define DAGRAD_POOL_AVX2 1
+#ifdef DAGRAD_X86
 
 // Lanes [0, n) of a 256-bit mask (n may be <= 0 or >= 8).
 [[gnu::target("avx2")]] inline __m256i first_lanes(std::int64_t n) {
@@ -1347,7 +1346,7 @@ std::unique_ptr<Kernel> direct_max_pool_forward(const PoolGeometry& g) {
     const float* x = call.inputs[0].data<float>();
     float* y = call.outputs[0].data<float>();
     const std::int64_t in_plane = g.H * g.W, out_plane = g.OH * g.OW;
-#ifdef DAGRAD_POOL_AVX2
+#ifdef DAGRAD_X86
     const bool avx2 = cpu_has_avx2();
 #endif
 #pragma omp parallel for schedule(static)
@@ -1358,7 +1357,7 @@ std::unique_ptr<Kernel> direct_max_pool_forward(const PoolGeometry& g) {
         for (std::int64_t i = 0; i < g.OH; ++i) {
           const float* r0 = xp + 2 * i * g.W;
           const float* r1 = r0 + g.W;
-#ifdef DAGRAD_POOL_AVX2
+#ifdef DAGRAD_X86
           if (avx2) {
             pool2x2_forward_row_avx2(r0, r1, yp + i * g.OW, g.OW);
             continue;
@@ -1390,7 +1389,7 @@ std::unique_ptr<Kernel> direct_max_pool_backward(const PoolGeometry& g, bool rel
     const float* x = call.inputs[1].data<float>();
     float* dx = call.outputs[0].data<float>();
     const std::int64_t in_plane = g.H * g.W, out_plane = g.OH * g.OW;
-#ifdef DAGRAD_POOL_AVX2
+#ifdef DAGRAD_X86
     const bool avx2 = cpu_has_avx2();
 #endif
 #pragma omp parallel for schedule(static)
@@ -1407,7 +1406,7 @@ std::unique_ptr<Kernel> direct_max_pool_backward(const PoolGeometry& g, bool rel
           float* d0 = dxp + 2 * i * g.W;
           float* d1 = d0 + g.W;
           std::int64_t j = 0;  // windows done
-#ifdef DAGRAD_POOL_AVX2
+#ifdef DAGRAD_X86
           if (avx2) {
             pool2x2_backward_row_avx2(r0, r1, dyp + i * g.OW, d0, d1, g.OW, relu_mask);
             j = g.OW;
@@ -1513,7 +1512,7 @@ class PooledReluGradients final : public Kernel {
     hit_at_ = reinterpret_cast<std::int32_t*>(scratch + hit_at_at_);
     hit_g_ = reinterpret_cast<float*>(scratch + hit_g_at_);
     dx_pad_ = data_ ? reinterpret_cast<float*>(scratch + dx_pad_at_) : nullptr;
-#ifdef DAGRAD_POOL_AVX2
+#ifdef DAGRAD_X86
     const bool avx2 = cpu_has_avx2_fma();
 #else
     const bool avx2 = false;
@@ -1622,7 +1621,7 @@ class PooledReluGradients final : public Kernel {
     std::int32_t* at = hit_at_ + q * slots_;
     float* gs = hit_g_ + q * slots_;
     const auto plane = static_cast<std::size_t>(q);
-#ifdef DAGRAD_POOL_AVX2
+#ifdef DAGRAD_X86
     if (avx2) {
       hits_[plane] = pool2x2_hits_plane_avx2(r + q * in_plane, dp + q * out_plane, p_, row_, col,
                                              at, gs, plane_sums_[plane]);
@@ -1661,7 +1660,7 @@ class PooledReluGradients final : public Kernel {
       const float* gs = hit_g_ + q * slots_;
       const std::int64_t count = hits_[static_cast<std::size_t>(q)];
       const float* w = taps + o * taps_per_output;
-#ifdef DAGRAD_POOL_AVX2
+#ifdef DAGRAD_X86
       if (avx2) {
         scatter_hits_avx2(pad, row_, cp_, w, g_.KH, g_.KW, at, gs, count);
         continue;
@@ -1699,7 +1698,7 @@ class PooledReluGradients final : public Kernel {
       float* acc = acc_.data() + o * g_.KH * g_.KW * cp_;
       for (std::int64_t kh = 0; kh < g_.KH; ++kh) {
         float* acc_row = acc + kh * g_.KW * cp_;
-#ifdef DAGRAD_POOL_AVX2
+#ifdef DAGRAD_X86
         if (avx2) {
           for (std::int64_t v = 0; v < row_vectors; v += run_vectors) {
             const auto size = std::min<std::int64_t>(run_vectors, row_vectors - v);
@@ -1732,7 +1731,7 @@ class PooledReluGradients final : public Kernel {
       return acc_.data() + (o * g_.C + c) * g_.KH * 8;
     };
     std::int64_t c = 0;
-#ifdef DAGRAD_POOL_AVX2
+#ifdef DAGRAD_X86
     if (avx2) {
       const int block = g_.KH <= 6 ? 2 : 1;
       for (; c < g_.C; c += block) {

@@ -1,12 +1,12 @@
 #include "ops/cross_entropy_kernels.hpp"
 
-#include <fmt/format.h>
 #include <omp.h>
 
 #include <algorithm>
 #include <cmath>
 #include <limits>
 
+#include "ops/common.hpp"
 #include "ops/cpu.hpp"
 
 #ifdef DAGRAD_X86
@@ -84,15 +84,12 @@ void over_rows(std::int64_t rows, std::int64_t classes, const Body& body) {
   }
 }
 
-// Throws, naming `site`, at the first label outside [0, classes) (the text pick uses).
+// Throws, naming `site`, at the first label outside [0, classes), as pick does.
 void check_labels(const std::int32_t* labels, std::int64_t rows, std::int64_t classes,
                   const std::string& site) {
   for (std::int64_t i = 0; i < rows; ++i) {
-    if (labels[i] < 0 || labels[i] >= classes) {
-      throw Error(
-          fmt::format("{}: label {} at position {} is outside [0, {}) (the number of classes)",
-                      site, labels[i], i, classes));
-    }
+    if (labels[i] < 0 || labels[i] >= classes)
+      throw_label_out_of_range(site, labels[i], i, classes);
   }
 }
 

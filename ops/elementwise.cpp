@@ -192,7 +192,7 @@ namespace {
 // reading dy and x, as fast, without a primitive's execute (a few µs and 4-5 heap allocations
 // per call: the MLP step has two). It keeps the reference's rule for NaN (x NaN gives 0, where
 // oneDNN's 0·dy can give NaN). Split across the threads from 32k elements (MLP step, 2 threads:
-// 128 × 256 in 7–13 µs instead of 14–19 on one thread; 128 × 128 in 3–4 µs on one, 4–6 on two).
+// 128 × 256 in 7–15 µs against 14–19 on one thread; 128 × 128 in 3–6 µs on one, 4–6 on two).
 class ReluGradKernel final : public Kernel {
  public:
   explicit ReluGradKernel(std::int64_t n) : n_(n) {}

@@ -159,11 +159,8 @@ void require_labels(const ShapeCall& call, std::size_t input, std::int64_t rows)
 std::int64_t checked_label(const KernelCall& call, const std::int32_t* labels, std::int64_t row,
                            std::int64_t classes) {
   const std::int64_t label = labels[row];
-  if (label < 0 || label >= classes) {
-    throw Error(
-        fmt::format("{}: label {} at position {} is outside [0, {}) (the number of classes)",
-                    call.node.site(), label, row, classes));
-  }
+  if (label < 0 || label >= classes)
+    throw_label_out_of_range(call.node.site(), label, row, classes);
   return label;
 }
 

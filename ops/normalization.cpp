@@ -573,8 +573,7 @@ GradientAffine backward_affine(const BatchNormBackwardArgs& a, std::int64_t c, d
 }
 
 // Each body compiled for AVX2 and for the baseline.
-#if defined(__x86_64__) && defined(__GNUC__)
-#define DAGRAD_BATCH_NORM_AVX2 1
+#ifdef DAGRAD_X86
 [[gnu::target("avx2")]] void forward_channel_avx2(const BatchNormForwardArgs& a, std::int64_t c) {
   forward_channel_body(a, c);
 }
@@ -651,7 +650,7 @@ class BatchNormForwardLoops final : public Kernel {
                                     geometry_.spatial,
                                     epsilon_,
                                     training};
-#ifdef DAGRAD_BATCH_NORM_AVX2
+#ifdef DAGRAD_X86
     if (cpu_has_avx2()) {
       for_each_channel(args, forward_channel_avx2, forward_rows_avx2);
     } else
@@ -695,7 +694,7 @@ class BatchNormBackwardLoops final : public Kernel {
                                      geometry_.spatial,
                                      epsilon_,
                                      training};
-#ifdef DAGRAD_BATCH_NORM_AVX2
+#ifdef DAGRAD_X86
     if (cpu_has_avx2()) {
       for_each_channel(args, backward_channel_avx2, backward_rows_avx2);
     } else

@@ -6,14 +6,13 @@
 
 #include "ops/cpu.hpp"
 
-#if defined(__x86_64__) && defined(__GNUC__)
+#ifdef DAGRAD_X86
 #include <immintrin.h>
-#define DAGRAD_SMALL_GEMM_AVX2 1
 #endif
 
 namespace dagrad {
 
-#ifdef DAGRAD_SMALL_GEMM_AVX2
+#ifdef DAGRAD_X86
 namespace {
 
 // Lanes [0, n) of a 256-bit mask (n may be <= 0 or >= 8).
@@ -147,7 +146,7 @@ class TransposedASmallK final : public Kernel {
 
 std::unique_ptr<Kernel> transposed_a_small_k_kernel(std::int64_t m, std::int64_t k, std::int64_t n,
                                                     bool column_sums) {
-#ifdef DAGRAD_SMALL_GEMM_AVX2
+#ifdef DAGRAD_X86
   if (cpu_has_avx2_fma() && m > 0 && n > 0 && k > 0 && k <= small_k_limit &&
       m * n <= small_k_max_outputs) {
     return std::make_unique<TransposedASmallK>(m, k, n, column_sums);

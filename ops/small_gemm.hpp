@@ -10,8 +10,8 @@
 namespace dagrad {
 
 // Where transposed_a_small_k_kernel builds a kernel: K (the batch) at most small_k_limit and
-// C at most small_k_max_outputs elements. (Named for small batches; measured as fast as oneDNN
-// or faster up to K 512.)
+// C at most small_k_max_outputs elements. (Named for small batches; up to K 512 it was measured
+// as fast as oneDNN or faster, counting the bias sum it absorbs.)
 inline constexpr std::int64_t small_k_limit = 512;
 inline constexpr std::int64_t small_k_max_outputs = 800 * 1024;
 // The kernel sums over k in chunks of this many (see rows() in small_gemm.cpp).
