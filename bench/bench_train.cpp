@@ -6,8 +6,11 @@
 //                                       running statistics updated) after each convolution,
 //                                       before its relu
 //   mlp_train_step_threads/<batch>/<t>  the MLP step with t threads (ignores DAGRAD_THREADS)
-// One iteration = plan.run (forward + backward, loss sparse_cross_entropy) + an SGD update
-// (lr 0.01) of every parameter from the gradients the plan returned.
+//   mlp_train_step_optimizer/<batch>    the MLP step with the update as a separate nn::SGD step
+// One iteration = plan.run: forward + backward (loss sparse_cross_entropy) + a plain SGD update
+// (lr 0.01) of every parameter, run by the plan itself (SGDUpdate, runtime/plan.hpp). The
+// *_optimizer variant runs the same update as most frameworks do, after the run, with
+// nn::SGD::step on the gradients the plan returned.
 //
 // Figures: items_per_second = samples/s; GFLOPs = analytic matmul/conv FLOPs per second
 // (forward 2·m·k·n per matmul, backward twice that; convolutions likewise; batch norm, like relu
@@ -257,8 +260,10 @@ Feeds make_feeds(const TrainGraph& m, std::uint64_t seed) {
   return {{m.x, x}, {m.labels, labels}};
 }
 
-void run_train_step(benchmark::State& state, void (*build)(TrainGraph&, std::int64_t),
-                    int threads) {
+enum class Update { in_plan, optimizer };
+
+void run_train_step(benchmark::State& state, void (*build)(TrainGraph&, std::int64_t), int threads,
+                    Update update = Update::in_plan) {
   set_num_threads(threads);
   reset_peak_rss();
   const std::size_t rss_before = status_bytes("VmRSS:");
@@ -266,22 +271,27 @@ void run_train_step(benchmark::State& state, void (*build)(TrainGraph&, std::int
   TrainGraph m;
   build(m, batch);
   std::vector<Value> outputs{m.loss};
-  for (const Value& g : grad(m.loss, m.params)) outputs.push_back(g);
+  const std::vector<Value> grads = grad(m.loss, m.params);
+  if (update == Update::optimizer) outputs.insert(outputs.end(), grads.begin(), grads.end());
   const bool profile = profile_from_env();
   CompileOptions compile_options{.profile = profile};
   if (const char* text = std::getenv("DAGRAD_SINGLE_THREAD_BELOW")) {
     compile_options.single_thread_below_bytes = static_cast<std::size_t>(std::atoll(text));
   }
-  Plan plan = compile(m.graph, outputs, compile_options);
+  Plan plan = update == Update::in_plan
+                  ? compile(m.graph, outputs, SGDUpdate{.params = m.params, .grads = grads},
+                            compile_options)
+                  : compile(m.graph, outputs, compile_options);
   std::vector<Tensor> param_tensors;
   for (const Value& p : m.params) param_tensors.push_back(m.graph.value_of(p));  // shares storage
   SGD sgd({.learning_rate = learning_rate});
   const Feeds feeds = make_feeds(m, 42);
-  const RunOptions options{.training = true};
+  const RunOptions options{.training = true, .learning_rate = learning_rate};
 
   auto step = [&] {
     const std::vector<Tensor>& out = plan.run(feeds, options);
-    sgd.step(param_tensors, std::span<const Tensor>(out).subspan(1));
+    if (update == Update::optimizer)
+      sgd.step(param_tensors, std::span<const Tensor>(out).subspan(1));
     return out[0].at(0);
   };
   double first_loss = 0;
@@ -331,6 +341,9 @@ void cnn_bn_train_step(benchmark::State& state) {
 void mlp_train_step_threads(benchmark::State& state) {
   run_train_step(state, build_mlp, static_cast<int>(state.range(1)));
 }
+void mlp_train_step_optimizer(benchmark::State& state) {
+  run_train_step(state, build_mlp, threads_from_env(), Update::optimizer);
+}
 
 BENCHMARK(mlp_train_step)
     ->Arg(32)
@@ -340,6 +353,12 @@ BENCHMARK(mlp_train_step)
     ->UseRealTime();
 BENCHMARK(cnn_train_step)->Arg(64)->Unit(benchmark::kMillisecond)->UseRealTime();
 BENCHMARK(cnn_bn_train_step)->Arg(64)->Unit(benchmark::kMillisecond)->UseRealTime();
+BENCHMARK(mlp_train_step_optimizer)
+    ->Arg(32)
+    ->Arg(128)
+    ->Arg(512)
+    ->Unit(benchmark::kMillisecond)
+    ->UseRealTime();
 BENCHMARK(mlp_train_step_threads)
     ->Args({128, 1})
     ->Args({128, 2})

@@ -9,6 +9,7 @@
 #include <map>
 #include <optional>
 
+#include "ops/sgd_update.hpp"
 #include "runtime/kernel.hpp"
 
 namespace dagrad {
@@ -236,12 +237,8 @@ void SGD::update(Tensor& param, const Tensor& grad, std::span<Tensor>, std::int6
                  std::int64_t end) const {
   visit_floating(param.dtype(), [&](auto zero) {
     using T = decltype(zero);
-    T* w = param.data<T>();
-    const T* dw = grad.data<T>();
-    const T eta = static_cast<T>(learning_rate());
-    const T lambda = static_cast<T>(weight_decay());
-#pragma omp simd
-    for (std::int64_t i = begin; i < end; ++i) w[i] -= eta * (dw[i] + lambda * w[i]);
+    sgd_update(param.data<T>(), grad.data<T>(), begin, end, static_cast<T>(learning_rate()),
+               static_cast<T>(weight_decay()));
   });
 }
 

@@ -3,8 +3,10 @@
 #include <omp.h>
 
 #include <algorithm>
+#include <optional>
 
 #include "ops/cpu.hpp"
+#include "ops/sgd_update.hpp"
 
 #ifdef DAGRAD_X86
 #include <immintrin.h>
@@ -22,13 +24,40 @@ namespace {
                             index);
 }
 
+// 8 floats at p, or the lanes of `mask` (the others read as 0) when Masked.
+template <bool Masked>
+[[gnu::target("avx2")]] inline __m256 load(const float* p, __m256i mask) {
+  if constexpr (Masked) {
+    return _mm256_maskload_ps(p, mask);
+  } else {
+    (void)mask;
+    return _mm256_loadu_ps(p);
+  }
+}
+template <bool Masked>
+[[gnu::target("avx2")]] inline void store(float* p, __m256i mask, __m256 v) {
+  if constexpr (Masked) {
+    _mm256_maskstore_ps(p, mask, v);
+  } else {
+    (void)mask;
+    _mm256_storeu_ps(p, v);
+  }
+}
+// w − η (g + λ w), as sgd_update.
+[[gnu::target("avx2")]] inline __m256 sgd_step(__m256 w, __m256 g, __m256 eta, __m256 lambda) {
+  return _mm256_sub_ps(w, _mm256_mul_ps(eta, _mm256_add_ps(g, _mm256_mul_ps(lambda, w))));
+}
+
 // C[0..R, 0..16) (the first `cols` columns when Masked) = Σ_k a[k·lda + r] · b[k·ldb + j], or
-// with Accumulate C += that sum, continuing the sums of earlier k in the same order: R × 2
-// accumulators in registers, one broadcast of a and two loads of b per k.
-template <int R, bool Masked, bool Accumulate>
+// with Accumulate acc + that sum, continuing the sums of earlier k (held in `acc`, laid out as
+// C) in the same order: R × 2 accumulators in registers, one broadcast of a and two loads of b
+// per k. With Update, C holds a parameter w and the sum g is its gradient: w ← w − η (g + λ w),
+// as sgd_update computes it (ops/sgd_update.hpp: two products, a sum and a difference, no FMA).
+template <int R, bool Masked, bool Accumulate, bool Update>
 [[gnu::target("avx2,fma")]] void block(const float* a, std::int64_t lda, const float* b,
-                                       std::int64_t ldb, float* c, std::int64_t ldc, std::int64_t k,
-                                       std::int64_t cols) {
+                                       std::int64_t ldb, const float* acc, float* c,
+                                       std::int64_t ldc, std::int64_t k, std::int64_t cols,
+                                       float eta, float lambda) {
   __m256 lo[R], hi[R];
   __m256i mask_lo = _mm256_setzero_si256(), mask_hi = mask_lo;
   if constexpr (Masked) {
@@ -37,25 +66,15 @@ template <int R, bool Masked, bool Accumulate>
   }
 #pragma GCC unroll 6
   for (int r = 0; r < R; ++r) {
-    if constexpr (!Accumulate) {
-      lo[r] = hi[r] = _mm256_setzero_ps();
-    } else if constexpr (Masked) {
-      lo[r] = _mm256_maskload_ps(c + r * ldc, mask_lo);
-      hi[r] = _mm256_maskload_ps(c + r * ldc + 8, mask_hi);
+    if constexpr (Accumulate) {
+      lo[r] = load<Masked>(acc + r * ldc, mask_lo);
+      hi[r] = load<Masked>(acc + r * ldc + 8, mask_hi);
     } else {
-      lo[r] = _mm256_loadu_ps(c + r * ldc);
-      hi[r] = _mm256_loadu_ps(c + r * ldc + 8);
+      lo[r] = hi[r] = _mm256_setzero_ps();
     }
   }
   for (std::int64_t e = 0; e < k; ++e) {
-    __m256 b_lo, b_hi;
-    if constexpr (Masked) {
-      b_lo = _mm256_maskload_ps(b, mask_lo);
-      b_hi = _mm256_maskload_ps(b + 8, mask_hi);
-    } else {
-      b_lo = _mm256_loadu_ps(b);
-      b_hi = _mm256_loadu_ps(b + 8);
-    }
+    const __m256 b_lo = load<Masked>(b, mask_lo), b_hi = load<Masked>(b + 8, mask_hi);
 #pragma GCC unroll 6
     for (int r = 0; r < R; ++r) {
       const __m256 x = _mm256_broadcast_ss(a + r);
@@ -65,49 +84,82 @@ template <int R, bool Masked, bool Accumulate>
     a += lda;
     b += ldb;
   }
+  if constexpr (Update) {
+    const __m256 eta8 = _mm256_set1_ps(eta), lambda8 = _mm256_set1_ps(lambda);
+#pragma GCC unroll 6
+    for (int r = 0; r < R; ++r) {
+      lo[r] = sgd_step(load<Masked>(c + r * ldc, mask_lo), lo[r], eta8, lambda8);
+      hi[r] = sgd_step(load<Masked>(c + r * ldc + 8, mask_hi), hi[r], eta8, lambda8);
+    }
+  }
 #pragma GCC unroll 6
   for (int r = 0; r < R; ++r) {
-    if constexpr (Masked) {
-      _mm256_maskstore_ps(c + r * ldc, mask_lo, lo[r]);
-      _mm256_maskstore_ps(c + r * ldc + 8, mask_hi, hi[r]);
-    } else {
-      _mm256_storeu_ps(c + r * ldc, lo[r]);
-      _mm256_storeu_ps(c + r * ldc + 8, hi[r]);
-    }
+    store<Masked>(c + r * ldc, mask_lo, lo[r]);
+    store<Masked>(c + r * ldc + 8, mask_hi, hi[r]);
   }
 }
 
 // Rows [i, i + R) of C over `depth` values of k: all column blocks, the last one masked when N
-// is not a multiple of 16; with `accumulate`, continuing the sums of the k before.
-template <int R>
-[[gnu::target("avx2,fma")]] void rows(const float* a, const float* b, float* c, std::int64_t m,
-                                      std::int64_t depth, std::int64_t n, bool accumulate) {
+// is not a multiple of 16; with `acc`, continuing the sums held there (acc may be c).
+template <int R, bool Update>
+[[gnu::target("avx2,fma")]] void rows(const float* a, const float* b, const float* acc, float* c,
+                                      std::int64_t m, std::int64_t depth, std::int64_t n, float eta,
+                                      float lambda) {
   std::int64_t j = 0;
-  if (!accumulate) {
-    for (; j + 16 <= n; j += 16) block<R, false, false>(a, m, b + j, n, c + j, n, depth, 16);
-    if (j < n) block<R, true, false>(a, m, b + j, n, c + j, n, depth, n - j);
+  if (acc == nullptr) {
+    for (; j + 16 <= n; j += 16)
+      block<R, false, false, Update>(a, m, b + j, n, nullptr, c + j, n, depth, 16, eta, lambda);
+    if (j < n)
+      block<R, true, false, Update>(a, m, b + j, n, nullptr, c + j, n, depth, n - j, eta, lambda);
   } else {
-    for (; j + 16 <= n; j += 16) block<R, false, true>(a, m, b + j, n, c + j, n, depth, 16);
-    if (j < n) block<R, true, true>(a, m, b + j, n, c + j, n, depth, n - j);
+    for (; j + 16 <= n; j += 16)
+      block<R, false, true, Update>(a, m, b + j, n, acc + j, c + j, n, depth, 16, eta, lambda);
+    if (j < n)
+      block<R, true, true, Update>(a, m, b + j, n, acc + j, c + j, n, depth, n - j, eta, lambda);
   }
 }
 
-// rows<R> for R = 1..6 (index 0 unused).
-using RowsFn = void (*)(const float*, const float*, float*, std::int64_t, std::int64_t,
-                        std::int64_t, bool);
-constexpr RowsFn by_rows[] = {nullptr, rows<1>, rows<2>, rows<3>, rows<4>, rows<5>, rows<6>};
+// rows<R, Update> for R = 1..6 (index 0 unused).
+using RowsFn = void (*)(const float*, const float*, const float*, float*, std::int64_t,
+                        std::int64_t, std::int64_t, float, float);
+constexpr RowsFn by_rows[2][7] = {{nullptr, rows<1, false>, rows<2, false>, rows<3, false>,
+                                   rows<4, false>, rows<5, false>, rows<6, false>},
+                                  {nullptr, rows<1, true>, rows<2, true>, rows<3, true>,
+                                   rows<4, true>, rows<5, true>, rows<6, true>}};
 
 class TransposedASmallK final : public Kernel {
  public:
-  TransposedASmallK(std::int64_t m, std::int64_t k, std::int64_t n, bool column_sums)
-      : m_(m), k_(k), n_(n), column_sums_(column_sums) {}
+  TransposedASmallK(std::int64_t m, std::int64_t k, std::int64_t n, bool column_sums,
+                    SmallKUpdate update)
+      : m_(m), k_(k), n_(n), column_sums_(column_sums), update_(update) {
+    // Partial sums of C between chunks of k, when C is a parameter updated at the last one.
+    if (update_.weights && k_ > small_k_chunk) {
+      partial_ = scratch_.reserve(static_cast<std::size_t>(m_ * n_) * sizeof(float));
+    }
+    if (update_.bias) sums_ = scratch_.reserve(static_cast<std::size_t>(n_) * sizeof(float));
+  }
 
-  // Inputs A [K, M], B [K, N]; outputs C [M, N] [, column sums of B].
+  std::size_t scratch_bytes() const override { return scratch_.bytes(); }
+
+  // Inputs A [K, M], B [K, N] [, the parameter W [M, N] (update.weights)] [, the parameter b [N]
+  // (update.bias)]; outputs [C [M, N] (unless update.weights)] [, column sums of B (column_sums,
+  // unless update.bias)].
   void run(const KernelCall& call) override {
     const float* a = call.inputs[0].data<float>();
     const float* b = call.inputs[1].data<float>();
-    float* c = call.outputs[0].data<float>();
-    float* sums = column_sums_ ? call.outputs[1].data<float>() : nullptr;
+    std::size_t input = 2, output = 0;
+    // Parameters are leaves bound at each run: their own storage, updated in place.
+    float* c = update_.weights ? const_cast<float*>(call.inputs[input++].data<float>())
+                               : call.outputs[output++].data<float>();
+    float* bias = update_.bias ? const_cast<float*>(call.inputs[input++].data<float>()) : nullptr;
+    std::byte* scratch =
+        scratch_.bytes() > 0 ? scratch_.base(call.context, "small-batch matmul") : nullptr;
+    float* partial = partial_ ? reinterpret_cast<float*>(scratch + *partial_) : nullptr;
+    float* sums = !column_sums_  ? nullptr
+                  : update_.bias ? reinterpret_cast<float*>(scratch + *sums_)
+                                 : call.outputs[output++].data<float>();
+    const float eta = static_cast<float>(call.context.learning_rate);
+    const float lambda = static_cast<float>(update_.weight_decay);
     const std::int64_t blocks = (m_ + 5) / 6;
 #pragma omp parallel
     {
@@ -115,13 +167,18 @@ class TransposedASmallK final : public Kernel {
       // k in chunks of small_k_chunk, outermost: a chunk of B (small_k_chunk × N) stays in
       // this core's L2 while the thread's row blocks pass, and each block's 6 columns of A for
       // the chunk stay in L1 while its column blocks pass. Each chunk continues the sums of the
-      // one before, so every C element is summed over k in order, as in one pass.
+      // one before, so every C element is summed over k in order, as in one pass. With the
+      // update, the sums before the last chunk go to `partial` and the last chunk updates W.
       for (std::int64_t k0 = 0; k0 < k_; k0 += small_k_chunk) {
         const std::int64_t depth = std::min(small_k_chunk, k_ - k0);
+        const bool update = update_.weights && k0 + depth == k_;
+        float* sink = update_.weights && !update ? partial : c;
+        const float* acc = k0 == 0 ? nullptr : update_.weights ? partial : c;
         for (std::int64_t q = blocks * t / threads; q < blocks * (t + 1) / threads; ++q) {
           const std::int64_t i = 6 * q;
-          by_rows[std::min<std::int64_t>(6, m_ - i)](a + k0 * m_ + i, b + k0 * n_, c + i * n_, m_,
-                                                     depth, n_, k0 > 0);
+          by_rows[update][std::min<std::int64_t>(6, m_ - i)](
+              a + k0 * m_ + i, b + k0 * n_, acc ? acc + i * n_ : nullptr, sink + i * n_, m_, depth,
+              n_, eta, lambda);
         }
       }
       if (sums != nullptr) {  // columns [first, last) of B, summed over k in order
@@ -132,6 +189,7 @@ class TransposedASmallK final : public Kernel {
 #pragma omp simd
           for (std::int64_t j = first; j < last; ++j) sums[j] += row[j];
         }
+        if (bias != nullptr) sgd_update(bias, sums, first, last, eta, lambda);
       }
     }
   }
@@ -139,20 +197,24 @@ class TransposedASmallK final : public Kernel {
  private:
   std::int64_t m_, k_, n_;
   bool column_sums_;
+  SmallKUpdate update_;
+  ScratchLayout scratch_;
+  std::optional<std::size_t> partial_, sums_;  // offsets in the scratch
 };
 
 }  // namespace
 #endif
 
 std::unique_ptr<Kernel> transposed_a_small_k_kernel(std::int64_t m, std::int64_t k, std::int64_t n,
-                                                    bool column_sums) {
+                                                    bool column_sums, SmallKUpdate update) {
 #ifdef DAGRAD_X86
   if (cpu_has_avx2_fma() && m > 0 && n > 0 && k > 0 && k <= small_k_limit &&
       m * n <= small_k_max_outputs) {
-    return std::make_unique<TransposedASmallK>(m, k, n, column_sums);
+    if (update.bias && !column_sums) return nullptr;
+    return std::make_unique<TransposedASmallK>(m, k, n, column_sums, update);
   }
 #endif
-  (void)m, (void)k, (void)n, (void)column_sums;
+  (void)m, (void)k, (void)n, (void)column_sums, (void)update;
   return nullptr;
 }
 

@@ -35,7 +35,18 @@ inline constexpr std::int64_t small_k_chunk = 128;
 // stays in L2: one pass per row block over the whole B ran 1.9–2.3 ms. Slower, so excluded by the
 // limits: large C (1024×32×1024 852 against 774 µs, 3136×32×1024 2.3 against 1.5 ms,
 // 3136×64×1024 4.8 against 2.9 ms: with large C this kernel runs at ~85 GFLOP/s).
+//
+// With an SGDUpdate fused in (SmallKUpdate), C is not written: it is the gradient of a parameter
+// W [M, N], read as an extra input after A and B and updated in place as its 6 × 16 blocks are
+// summed, W ← W − η (C + λ W), with η from RunContext::learning_rate (as sgd_update, the same
+// bits); likewise the column sums for a bias parameter b [N], an input after W. Between chunks of
+// k (K > small_k_chunk) the partial sums of C go to the kernel's scratch (M × N floats).
+struct SmallKUpdate {
+  bool weights = false;  // update W instead of writing C
+  bool bias = false;     // update b instead of writing the column sums (needs column_sums)
+  double weight_decay = 0;
+};
 std::unique_ptr<Kernel> transposed_a_small_k_kernel(std::int64_t m, std::int64_t k, std::int64_t n,
-                                                    bool column_sums);
+                                                    bool column_sums, SmallKUpdate update = {});
 
 }  // namespace dagrad

@@ -301,20 +301,55 @@ std::vector<FusedStep> plan_fusions(const FusionContext& c, std::vector<NodeId>&
         break;
       }
     }
-    std::vector<ValueKey> outputs{{id, 0}};
-    std::size_t first = position.at(id);
+    // With the plan's SGDUpdate: when dW (and the bias gradient) are only the update's, the
+    // kernel updates the parameters in place and writes neither. Not when an operand is itself
+    // a parameter the update changes (update steps read no other update's parameter).
+    const auto read_only = [&](const ValueKey& key) {
+      return c.graph.node(key.first).kind != NodeKind::parameter || !c.is_updated(key.first);
+    };
+    const std::optional<NodeId> weights = c.sole_update({id, 0});
+    std::optional<NodeId> bias_param;
+    const Node* bias_view = nullptr;  // reshape(sum) to the bias's shape, as grad() builds it
     if (bias) {
-      outputs.emplace_back(bias->id, 0);
-      first = std::min(first, position.at(bias->id));
+      bias_param = c.sole_update({bias->id, 0});
+      const Node* reader = sole_consumer(c, {bias->id, 0});
+      if (!bias_param && reader != nullptr && reader->op == "reshape") {
+        bias_param = c.sole_update({reader->id, 0});
+        if (bias_param) bias_view = reader;
+      }
     }
+    const bool update =
+        weights && (!bias || bias_param) && read_only(a.source) && read_only(b.source);
+    std::vector<ValueKey> inputs{a.source, b.source};
+    std::vector<ValueKey> outputs;
+    if (update) {
+      inputs.emplace_back(*weights, 0);
+      if (bias) inputs.emplace_back(*bias_param, 0);
+    } else {
+      outputs.emplace_back(id, 0);
+      if (bias) outputs.emplace_back(bias->id, 0);
+    }
+    std::size_t first = position.at(id);
+    if (bias) first = std::min(first, position.at(bias->id));
     std::optional<FusedStep> made =
-        multi_output_step(first, {a.source, b.source}, std::move(outputs), id, [&](auto, auto) {
-          return transposed_a_small_k_kernel(rows, depth, cols, bias != nullptr);
+        multi_output_step(first, std::move(inputs), std::move(outputs), id, [&](auto, auto) {
+          return transposed_a_small_k_kernel(
+              rows, depth, cols, bias != nullptr,
+              {.weights = update, .bias = update && bias, .weight_decay = c.weight_decay});
         });
     if (!made) continue;
     FusedStep& step = *made;
     step.pattern =
         bias ? "transposed-A matmul (small batch)+sum" : "transposed-A matmul (small batch)";
+    if (update) {
+      step.pattern += "+sgd";
+      step.updated.push_back(*weights);
+      if (bias) step.updated.push_back(*bias_param);
+      if (bias_view) {
+        step.absorbed.push_back(bias_view->id);
+        taken.insert(bias_view->id);
+      }
+    }
     for (const Node* n : {&m, bias}) {
       if (n == nullptr) continue;
       if (n->id != step.anchor) step.absorbed.push_back(n->id);

@@ -27,6 +27,7 @@
 #include <functional>
 #include <map>
 #include <memory>
+#include <optional>
 #include <string>
 #include <vector>
 
@@ -43,6 +44,8 @@ struct FusedStep {
   std::vector<ValueKey> outputs;  // what the kernel writes, in its order; empty: the anchor's
   std::vector<NodeId> absorbed;   // nodes no longer executed on their own
   std::string pattern;            // e.g. "matmul+bias+relu"
+  std::vector<NodeId> updated;    // parameters the kernel updates in place (SGDUpdate); a step
+                                  // with these and no outputs writes no value
   int threads = 0;                // see step_threads()
 };
 
@@ -53,6 +56,14 @@ struct FusionContext {
   const std::map<ValueKey, int>& consumers;  // number of reading input slots
   std::function<bool(const ValueKey&)> is_output;
   std::size_t single_thread_below_bytes = 0;  // CompileOptions; kernels are created under it
+  // The plan's SGDUpdate: the parameter whose update uses `key` as its gradient when that is the
+  // value's only use (no node reads it, it is not an output); whether a parameter is updated;
+  // the update's weight decay.
+  std::function<std::optional<NodeId>(const ValueKey&)> sole_update = [](const ValueKey&) {
+    return std::optional<NodeId>();
+  };
+  std::function<bool(NodeId)> is_updated = [](NodeId) { return false; };
+  double weight_decay = 0;
 };
 
 // Fused steps, plus in `dropped` the nodes that no step needs any more (folded transposes).

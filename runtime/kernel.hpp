@@ -14,9 +14,10 @@ namespace dagrad {
 
 // State of one run that kernels may read.
 struct RunContext {
-  bool training = false;   // dropout and batch_norm behave as in training
-  std::uint64_t seed = 0;  // with `step`, seeds random ops (dropout) reproducibly
-  std::uint64_t step = 0;  // counts training runs of the plan
+  bool training = false;     // dropout and batch_norm behave as in training
+  std::uint64_t seed = 0;    // with `step`, seeds random ops (dropout) reproducibly
+  std::uint64_t step = 0;    // counts training runs of the plan
+  double learning_rate = 0;  // η of the plan's parameter updates (RunOptions::learning_rate)
   dnnl::stream* stream = nullptr;
   // The plan's scratch block (64-byte aligned), shared by all its steps: see
   // Kernel::scratch_bytes.

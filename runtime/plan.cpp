@@ -10,6 +10,7 @@
 #include <optional>
 #include <set>
 
+#include "ops/sgd_update.hpp"
 #include "runtime/fusion.hpp"
 #include "runtime/kernel.hpp"
 
@@ -91,10 +92,11 @@ struct Plan::Specialization {
   struct Step {
     const Node* node = nullptr;
     std::unique_ptr<Kernel> kernel;
-    bool onednn = false;  // the oneDNN backend's kernel (see num_onednn_steps)
-    int threads = 0;      // 1: runs on one thread (small step); 0: all threads
-    std::string fused;    // the fused pattern this step runs, if any
-    double seconds = 0;   // with CompileOptions::profile
+    bool onednn = false;          // the oneDNN backend's kernel (see num_onednn_steps)
+    std::vector<NodeId> updated;  // parameters this step updates in place (SGDUpdate)
+    int threads = 0;              // 1: runs on one thread (small step); 0: all threads
+    std::string fused;            // the fused pattern this step runs, if any
+    double seconds = 0;           // with CompileOptions::profile
     std::uint64_t runs = 0;
     std::vector<Tensor> inputs;
     std::vector<Tensor> outputs;
@@ -117,11 +119,12 @@ struct Plan::Specialization {
   std::size_t unplanned_bytes = 0;
   std::size_t in_place_steps = 0;  // steps writing over their input 0
   std::size_t views = 0;           // reshapes run as views, without a step
+  std::size_t fused_updates = 0;   // parameters updated inside a fused step
   dnnl::stream stream{cpu_engine()};
 };
 
-Plan::Plan(Graph& graph, std::vector<Value> outputs, CompileOptions options)
-    : graph_(&graph), outputs_(std::move(outputs)), options_(options) {
+Plan::Plan(Graph& graph, std::vector<Value> outputs, CompileOptions options, SGDUpdate update)
+    : graph_(&graph), outputs_(std::move(outputs)), options_(options), update_(std::move(update)) {
   if (outputs_.empty()) throw GraphError("compile: no outputs requested");
   for (const auto& v : outputs_) {
     if (!v.valid() || &v.graph() != graph_) {
@@ -129,7 +132,10 @@ Plan::Plan(Graph& graph, std::vector<Value> outputs, CompileOptions options)
                                    v.valid() ? v.str() : "<empty>"));
     }
   }
-  order_ = graph_->prune(outputs_);
+  check_update();
+  std::vector<Value> needed = outputs_;
+  needed.insert(needed.end(), update_.grads.begin(), update_.grads.end());
+  order_ = graph_->prune(needed);
   for (NodeId id : order_) {
     if (graph_->node(id).kind == NodeKind::input) feed_nodes_.push_back(id);
   }
@@ -142,6 +148,65 @@ Plan& Plan::operator=(Plan&&) noexcept = default;
 
 Plan compile(Graph& graph, std::vector<Value> outputs, CompileOptions options) {
   return Plan(graph, std::move(outputs), options);
+}
+
+Plan compile(Graph& graph, std::vector<Value> outputs, SGDUpdate update, CompileOptions options) {
+  return Plan(graph, std::move(outputs), options, std::move(update));
+}
+
+void Plan::check_update() const {
+  const auto& u = update_;
+  if (u.params.size() != u.grads.size()) {
+    throw GraphError(fmt::format("compile: SGDUpdate has {} parameters but {} gradients",
+                                 u.params.size(), u.grads.size()));
+  }
+  if (!std::isfinite(u.weight_decay) || u.weight_decay < 0) {
+    throw GraphError(
+        fmt::format("compile: SGDUpdate weight decay {} must be finite and >= 0", u.weight_decay));
+  }
+  for (std::size_t i = 0; i < u.params.size(); ++i) {
+    const Value& p = u.params[i];
+    const Value& g = u.grads[i];
+    for (const auto& [v, what] : {std::pair{&p, "parameter"}, std::pair{&g, "gradient"}}) {
+      if (!v->valid() || &v->graph() != graph_) {
+        throw GraphError(
+            fmt::format("compile: SGDUpdate {} {} (\"{}\") does not belong to this graph", what, i,
+                        v->valid() ? v->str() : "<empty>"));
+      }
+    }
+    const Node& n = p.node();
+    if (n.kind != NodeKind::parameter || !n.trainable) {
+      const std::string kind = n.kind == NodeKind::parameter ? "a non-trainable parameter"
+                               : n.kind == NodeKind::input   ? "an input"
+                               : n.kind == NodeKind::constant
+                                   ? "a constant"
+                                   : fmt::format("a value computed by {}", n.op);
+      throw GraphError(fmt::format(
+          "compile: SGDUpdate parameter {} is \"{}\", {}; only trainable parameters are updated", i,
+          n.name, kind));
+    }
+    if (!is_floating(p.dtype())) {
+      throw GraphError(fmt::format("compile: SGDUpdate parameter \"{}\" is {}, not f32 or f64",
+                                   n.name, p.desc()));
+    }
+    if (g.desc() != p.desc()) {
+      throw GraphError(
+          fmt::format("compile: SGDUpdate gradient {} (\"{}\") is {} but parameter \"{}\" is {}", i,
+                      g.str(), g.desc(), n.name, p.desc()));
+    }
+    for (std::size_t j = 0; j < u.params.size(); ++j) {
+      if (j < i && u.params[j].node_id() == p.node_id()) {
+        throw GraphError(
+            fmt::format("compile: SGDUpdate parameter \"{}\" appears twice (positions {} and {})",
+                        n.name, j, i));
+      }
+      if (u.params[j].node_id() == g.node_id()) {
+        throw GraphError(fmt::format(
+            "compile: SGDUpdate gradient {} is parameter \"{}\", which the update changes", i,
+            u.params[j].node().name));
+      }
+    }
+  }
 }
 
 Plan::Specialization& Plan::specialize(const std::vector<Shape>& input_shapes) {
@@ -181,6 +246,16 @@ Plan::Specialization& Plan::specialize(const std::vector<Shape>& input_shapes) {
   // Fusion: some nodes run inside another node's kernel, some are not needed at all.
   std::vector<FusedStep> fusions;
   std::set<NodeId> skipped;
+  // The parameter each gradient of the update belongs to (gradients given twice: none).
+  std::map<ValueKey, std::optional<NodeId>> update_of;
+  std::set<NodeId> updated_params;
+  for (std::size_t i = 0; i < update_.params.size(); ++i) {
+    const ValueKey key{update_.grads[i].node_id(), update_.grads[i].index()};
+    const NodeId param = update_.params[i].node_id();
+    auto [it, added] = update_of.emplace(key, param);
+    if (!added) it->second.reset();
+    updated_params.insert(param);
+  }
   if (options_.fuse && options_.backend == Backend::onednn) {
     std::vector<NodeId> dropped;
     FusionContext context{*graph_,
@@ -189,6 +264,15 @@ Plan::Specialization& Plan::specialize(const std::vector<Shape>& input_shapes) {
                           consumers,
                           [&](const ValueKey& key) { return requested.count(key) != 0; },
                           options_.single_thread_below_bytes};
+    context.sole_update = [&](const ValueKey& key) -> std::optional<NodeId> {
+      const auto it = update_of.find(key);
+      if (it == update_of.end() || consumers.count(key) != 0 || requested.count(key) != 0) {
+        return std::nullopt;
+      }
+      return it->second;
+    };
+    context.is_updated = [&](NodeId param) { return updated_params.count(param) != 0; };
+    context.weight_decay = update_.weight_decay;
     fusions = plan_fusions(context, dropped);
     skipped.insert(dropped.begin(), dropped.end());
     for (const auto& f : fusions) skipped.insert(f.absorbed.begin(), f.absorbed.end());
@@ -227,9 +311,10 @@ Plan::Specialization& Plan::specialize(const std::vector<Shape>& input_shapes) {
       step.onednn = true;
       step.threads = it->second->threads;
       step.fused = it->second->pattern;
+      step.updated = it->second->updated;
       step_inputs.push_back(it->second->inputs);
       std::vector<ValueKey> written = it->second->outputs;
-      if (written.empty()) {
+      if (written.empty() && step.updated.empty()) {
         for (std::size_t k = 0; k < n.outputs.size(); ++k)
           written.emplace_back(id, static_cast<int>(k));
       }
@@ -270,6 +355,58 @@ Plan::Specialization& Plan::specialize(const std::vector<Shape>& input_shapes) {
       step_outputs.back().emplace_back(id, static_cast<int>(k));
     step_in_place.push_back(n.def->in_place && options_.reuse_memory);
     spec->steps.push_back(std::move(step));
+  }
+
+  // The SGDUpdate: parameters no fused step updates get a step of their own.
+  std::set<NodeId> fused_updates;
+  for (const auto& step : spec->steps)
+    fused_updates.insert(step.updated.begin(), step.updated.end());
+  spec->fused_updates = fused_updates.size();
+  for (std::size_t i = 0; i < update_.params.size(); ++i) {
+    const Node& param = update_.params[i].node();
+    if (fused_updates.count(param.id)) continue;
+    const ValueKey grad{update_.grads[i].node_id(), update_.grads[i].index()};
+    Specialization::Step step;
+    step.node = &param;
+    step.kernel = sgd_update_kernel(update_.weight_decay);
+    step.onednn = options_.backend == Backend::onednn;
+    step.threads = step_threads(2 * param.outputs[0].bytes(), options_.single_thread_below_bytes);
+    step.fused = "sgd update";
+    step.updated = {param.id};
+    step_inputs.push_back({{param.id, 0}, grad});
+    step_outputs.emplace_back();
+    step_in_place.push_back(false);
+    spec->steps.push_back(std::move(step));
+  }
+  // A step updating parameters writes no value, so nothing depends on it: it moves after the
+  // last other step reading one of its parameters (the forward and the data gradients read the
+  // weights before they change). Update steps read no parameter another update changes.
+  if (!update_.params.empty()) {
+    std::vector<double> key(spec->steps.size());
+    for (std::size_t s = 0; s < spec->steps.size(); ++s) {
+      key[s] = static_cast<double>(s);
+      for (NodeId param : spec->steps[s].updated) {
+        for (std::size_t t = 0; t < spec->steps.size(); ++t) {
+          if (!spec->steps[t].updated.empty()) continue;
+          for (const auto& input : step_inputs[t]) {
+            if (input.first == param) key[s] = std::max(key[s], static_cast<double>(t) + 0.5);
+          }
+        }
+      }
+    }
+    std::vector<std::size_t> by_key(spec->steps.size());
+    for (std::size_t s = 0; s < by_key.size(); ++s) by_key[s] = s;
+    std::stable_sort(by_key.begin(), by_key.end(),
+                     [&](std::size_t a, std::size_t b) { return key[a] < key[b]; });
+    const auto permute = [&](auto& items) {
+      std::remove_reference_t<decltype(items)> sorted;
+      for (std::size_t s : by_key) sorted.push_back(std::move(items[s]));
+      items = std::move(sorted);
+    };
+    permute(spec->steps);
+    permute(step_inputs);
+    permute(step_outputs);
+    permute(step_in_place);
   }
 
   // Lifetimes of buffers: the last step reading a value or any view of it; requested outputs
@@ -373,6 +510,13 @@ Plan::Specialization& Plan::specialize(const std::vector<Shape>& input_shapes) {
 }
 
 const std::vector<Tensor>& Plan::run(const Feeds& feeds, const RunOptions& options) {
+  if (!update_.params.empty() &&
+      !(std::isfinite(options.learning_rate) && options.learning_rate > 0)) {
+    throw Error(fmt::format(
+        "run: this plan updates {} parameters (SGDUpdate); RunOptions::learning_rate must be "
+        "finite and > 0, got {}",
+        update_.params.size(), options.learning_rate));
+  }
   // Validate every feed before touching memory. No allocation on the steady path: the
   // scratch vectors are members sized at construction.
   std::fill(fed_.begin(), fed_.end(), nullptr);
@@ -458,6 +602,7 @@ const std::vector<Tensor>& Plan::run(const Feeds& feeds, const RunOptions& optio
   } thread_setting;
 
   RunContext context;
+  context.learning_rate = options.learning_rate;
   context.training = options.training;
   context.seed = options.seed;
   context.step = runs_;
@@ -529,6 +674,11 @@ std::size_t Plan::unplanned_bytes() {
 std::size_t Plan::num_in_place_steps() {
   planned_peak_bytes();
   return last_->in_place_steps;
+}
+
+std::size_t Plan::num_fused_updates() {
+  planned_peak_bytes();
+  return last_->fused_updates;
 }
 
 std::size_t Plan::num_views() {

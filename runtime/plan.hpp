@@ -56,13 +56,39 @@ struct StepProfile {
 struct RunOptions {
   bool training = false;   // dropout and batch_norm in training mode
   std::uint64_t seed = 0;  // seeds random ops together with the plan's run counter
+  // η of a plan compiled with an SGDUpdate: must then be finite and > 0 (Error otherwise).
+  // Ignored by plans without one.
+  double learning_rate = 0;
+};
+
+// Plain SGD run by the plan itself: every run, after computing what the outputs need, sets
+//   params[i] ← params[i] − η (grads[i] + λ params[i])
+// in place (the nn::SGD update, the same bits), with η = RunOptions::learning_rate and
+// λ = weight_decay. grads[i] is any value of the graph with params[i]'s desc, usually
+// grad(loss, params)[i]; the gradients need not be outputs.
+//
+// Why: a dense layer's weight gradient at batches up to 512 (dW = xᵀ dy, with its bias
+// gradient) then updates the weights as it is summed, in registers, and is never written to
+// memory; the other parameters are updated by one vectorised step each at the end of the run.
+// That saves the separate optimiser pass over every weight and gradient (bench_train
+// mlp_train_step against mlp_train_step_optimizer).
+//
+// Order: outputs are computed from the parameters' values before the update (a step updating a
+// parameter runs after every step that reads it); a parameter requested as an output is returned
+// as its updated tensor. Error (GraphError) at compile when params and grads differ in count,
+// a params[i] is not a trainable parameter of the graph or appears twice, a grads[i] has another
+// dtype or shape than its parameter, or weight_decay is negative or not finite.
+struct SGDUpdate {
+  std::vector<Value> params;
+  std::vector<Value> grads;
+  double weight_decay = 0;
 };
 
 using Feeds = std::vector<std::pair<Value, Tensor>>;
 
 class Plan {
  public:
-  Plan(Graph& graph, std::vector<Value> outputs, CompileOptions options);
+  Plan(Graph& graph, std::vector<Value> outputs, CompileOptions options, SGDUpdate update = {});
   ~Plan();
   Plan(Plan&&) noexcept;
   Plan& operator=(Plan&&) noexcept;
@@ -94,6 +120,9 @@ class Plan {
   // write their output over their input 0 because that input dies there, and reshapes of
   // computed values that run as views of their input's buffer (no step, no copy).
   std::size_t num_in_place_steps();
+  // Parameters of the SGDUpdate updated inside a fused weight-gradient step (the rest are
+  // updated by a step of their own at the end of the run).
+  std::size_t num_fused_updates();
   std::size_t num_views();
   // The fused kernels the plan runs, e.g. "matmul+bias+relu", "transposed-A matmul".
   std::vector<std::string> fused_patterns();
@@ -108,10 +137,12 @@ class Plan {
 
  private:
   Specialization& specialize(const std::vector<Shape>& input_shapes);
+  void check_update() const;
 
   Graph* graph_;
   std::vector<Value> outputs_;
   CompileOptions options_;
+  SGDUpdate update_;
   std::vector<NodeId> order_;       // pruned, topological
   std::vector<NodeId> feed_nodes_;  // input leaves the outputs need
   std::map<std::vector<Shape>, std::unique_ptr<Specialization>> specializations_;
@@ -122,5 +153,8 @@ class Plan {
 };
 
 Plan compile(Graph& graph, std::vector<Value> outputs, CompileOptions options = {});
+// A plan that also applies `update` at every run (see SGDUpdate).
+Plan compile(Graph& graph, std::vector<Value> outputs, SGDUpdate update,
+             CompileOptions options = {});
 
 }  // namespace dagrad

@@ -1,0 +1,250 @@
+// The plan's own SGD update (SGDUpdate, runtime/plan.hpp): fused into the small-batch weight
+// gradient kernel or run as a step per parameter, it must leave the parameters with the same
+// bits as a plan returning the gradients followed by nn::SGD::step.
+#include <gtest/gtest.h>
+
+#include <cmath>
+#include <limits>
+
+#include "dagrad.hpp"
+#include "ops/small_gemm.hpp"
+#include "registry_support.hpp"
+
+namespace dagrad {
+namespace {
+
+using testing::bytes_of;
+using testing::uniform_tensor;
+
+// A dense network in its own graph: x [batch, sizes[0]] through dense layers (relu between
+// them) to a sparse cross-entropy loss over sizes.back() classes.
+struct Net {
+  Graph graph;
+  Value x, labels, loss;
+  std::vector<Value> params;
+  std::vector<Value> hidden;  // each layer's output before its activation
+};
+
+void build(Net& net, std::int64_t batch, const std::vector<std::int64_t>& sizes, bool bias,
+           DType dtype = DType::f32) {
+  net.x = net.graph.input("x", {batch, sizes[0]}, dtype);
+  net.labels = net.graph.input("labels", {batch}, DType::i32);
+  Value h = net.x;
+  for (std::size_t l = 1; l < sizes.size(); ++l) {
+    Value w = net.graph.parameter(
+        fmt::format("w{}", l), uniform_tensor({sizes[l - 1], sizes[l]}, 10 + l, -0.2, 0.2, dtype));
+    net.params.push_back(w);
+    h = matmul(h, w);
+    if (bias) {
+      Value b = net.graph.parameter(fmt::format("b{}", l),
+                                    uniform_tensor({sizes[l]}, 20 + l, -0.1, 0.1, dtype));
+      net.params.push_back(b);
+      h = h + b;
+    }
+    net.hidden.push_back(h);
+    if (l + 1 < sizes.size()) h = relu(h);
+  }
+  net.loss = sparse_cross_entropy(h, net.labels);
+}
+
+// A batch for nets of one shape: inputs in [0, 1), labels spread over the classes.
+struct Batch {
+  Tensor x, labels;
+};
+Batch batch_for(const Net& net, std::uint64_t seed, DType dtype = DType::f32) {
+  Tensor labels(net.labels.shape(), DType::i32);
+  const std::int64_t classes = net.hidden.back().shape()[1];
+  for (std::int64_t i = 0; i < labels.numel(); ++i) {
+    labels.data<std::int32_t>()[i] = static_cast<std::int32_t>((i * 7 + seed) % classes);
+  }
+  return {uniform_tensor(net.x.shape(), seed, 0.0, 1.0, dtype), labels};
+}
+Feeds feeds(const Net& net, const Batch& b) {
+  return {{net.x, b.x}, {net.labels, b.labels}};
+}
+
+std::vector<std::uint8_t> parameter_bits(Net& net) {
+  std::vector<std::uint8_t> bits;
+  for (const Value& p : net.params) {
+    const auto b = bytes_of(net.graph.value_of(p));
+    bits.insert(bits.end(), b.begin(), b.end());
+  }
+  return bits;
+}
+
+// Trains `steps` steps with nn::SGD after a plan returning the gradients.
+void train_with_optimizer(Net& net, const std::vector<Batch>& batches, double lr,
+                          double weight_decay, CompileOptions options = {}) {
+  std::vector<Value> outputs{net.loss};
+  for (const Value& g : grad(net.loss, net.params)) outputs.push_back(g);
+  Plan plan = compile(net.graph, outputs, options);
+  std::vector<Tensor> params;
+  for (const Value& p : net.params) params.push_back(net.graph.value_of(p));
+  SGD sgd({.learning_rate = lr, .weight_decay = weight_decay});
+  for (const Batch& b : batches) {
+    const auto& out = plan.run(feeds(net, b), {.training = true});
+    sgd.step(params, std::span<const Tensor>(out).subspan(1));
+  }
+}
+
+const bool small_gemm_available = transposed_a_small_k_kernel(1, 1, 1, false) != nullptr;
+
+TEST(SGDUpdate, FusedIntoTheWeightGradientGivesTheOptimizersBits) {
+  struct Case {
+    std::int64_t batch;
+    bool bias;
+    double weight_decay;
+  };
+  // Batch 200 sums k in two chunks (partial sums in the kernel's scratch); 37 and 13 leave
+  // masked column blocks and short row blocks.
+  for (const Case& k : {Case{32, true, 0.0}, Case{200, true, 1e-2}, Case{7, false, 0.0},
+                        Case{small_k_limit, true, 0.0}}) {
+    const std::vector<std::int64_t> sizes{50, 37, 24, 13};
+    for (int threads : {1, 2}) {
+      set_num_threads(threads);  // oneDNN's matmuls may round differently on other counts
+      std::vector<Batch> batches;
+      Net expected;
+      build(expected, k.batch, sizes, k.bias);
+      for (std::uint64_t s = 1; s <= 3; ++s) batches.push_back(batch_for(expected, s));
+      train_with_optimizer(expected, batches, 0.05, k.weight_decay,
+                           {.single_thread_below_bytes = 0});
+      Net net;
+      build(net, k.batch, sizes, k.bias);
+      Plan plan = compile(net.graph, {net.loss},
+                          SGDUpdate{.params = net.params,
+                                    .grads = grad(net.loss, net.params),
+                                    .weight_decay = k.weight_decay},
+                          {.single_thread_below_bytes = 0});
+      // Every weight and bias is updated inside its layer's weight-gradient kernel.
+      EXPECT_EQ(plan.num_fused_updates(), small_gemm_available ? net.params.size() : 0)
+          << "batch " << k.batch;
+      for (const Batch& b : batches) {
+        // The loss is computed from the parameters before this run's update.
+        Net before;
+        build(before, k.batch, sizes, k.bias);
+        for (std::size_t i = 0; i < net.params.size(); ++i) {
+          before.graph.value_of(before.params[i]) = net.graph.value_of(net.params[i]).clone();
+        }
+        Plan loss_only = compile(before.graph, {before.loss});
+        const double loss_before = loss_only.run(feeds(before, b))[0].item();
+        EXPECT_EQ(plan.run(feeds(net, b), {.training = true, .learning_rate = 0.05})[0].item(),
+                  loss_before);
+      }
+      EXPECT_EQ(parameter_bits(net), parameter_bits(expected))
+          << "batch " << k.batch << ", " << threads << " threads";
+    }
+    set_num_threads(0);
+  }
+}
+
+TEST(SGDUpdate, StepsOfTheirOwnMatchTheOptimizerOnEveryBackend) {
+  // Without fusion, on the reference backend and in f64, every parameter gets an update step at
+  // the end of the run.
+  struct Case {
+    CompileOptions options;
+    DType dtype;
+  };
+  for (const Case& k :
+       {Case{{.fuse = false}, DType::f32}, Case{{.backend = Backend::reference}, DType::f32},
+        Case{{.backend = Backend::reference}, DType::f64},
+        Case{{.reuse_memory = false}, DType::f32}}) {
+    const std::vector<std::int64_t> sizes{20, 16, 5};
+    Net expected;
+    build(expected, 9, sizes, true, k.dtype);
+    std::vector<Batch> batches;
+    for (std::uint64_t s = 1; s <= 2; ++s) batches.push_back(batch_for(expected, s, k.dtype));
+    train_with_optimizer(expected, batches, 0.1, 1e-3, k.options);
+    Net net;
+    build(net, 9, sizes, true, k.dtype);
+    Plan plan = compile(
+        net.graph, {net.loss},
+        SGDUpdate{.params = net.params, .grads = grad(net.loss, net.params), .weight_decay = 1e-3},
+        k.options);
+    for (const Batch& b : batches) plan.run(feeds(net, b), {.learning_rate = 0.1});
+    const bool fused = k.options.fuse && k.options.backend == Backend::onednn &&
+                       k.dtype == DType::f32 && small_gemm_available;
+    EXPECT_EQ(plan.num_fused_updates(), fused ? net.params.size() : 0);
+    EXPECT_EQ(parameter_bits(net), parameter_bits(expected)) << to_string(k.dtype);
+  }
+}
+
+TEST(SGDUpdate, RequestedValuesAreThoseBeforeTheUpdate) {
+  // The first layer's output, the last weight gradient and the last bias are requested: the
+  // output and the gradient come from the weights before the update, the requested parameter
+  // is returned updated, and the requested gradient's update runs as a step of its own.
+  const std::vector<std::int64_t> sizes{30, 20, 6};
+  Net expected;
+  build(expected, 16, sizes, true);
+  const Batch batch = batch_for(expected, 5);
+  const auto expected_grads = grad(expected.loss, expected.params);
+  Plan reference = compile(expected.graph, {expected.hidden[0], expected_grads[2]});
+  const auto before = reference.run(feeds(expected, batch));
+  const Tensor hidden = before[0].clone(), w2_grad = before[1].clone();
+  train_with_optimizer(expected, {batch}, 0.2, 0.0);
+
+  Net net;
+  build(net, 16, sizes, true);
+  const auto grads = grad(net.loss, net.params);
+  Plan plan = compile(net.graph, {net.hidden[0], grads[2], net.params[3]},
+                      SGDUpdate{.params = net.params, .grads = grads});
+  const auto& out = plan.run(feeds(net, batch), {.learning_rate = 0.2});
+  EXPECT_EQ(bytes_of(out[0]), bytes_of(hidden));
+  EXPECT_EQ(bytes_of(out[1]), bytes_of(w2_grad));
+  EXPECT_EQ(bytes_of(out[2]), bytes_of(net.graph.value_of(net.params[3])));
+  EXPECT_EQ(bytes_of(out[2]), bytes_of(expected.graph.value_of(expected.params[3])));
+  EXPECT_EQ(parameter_bits(net), parameter_bits(expected));
+  // Layer 1's weights and bias are fused; layer 2's gradient is an output, so both of its
+  // parameters are updated by steps of their own.
+  EXPECT_EQ(plan.num_fused_updates(), small_gemm_available ? 2u : 0u);
+}
+
+TEST(SGDUpdate, RefusesBadUpdatesAndLearningRates) {
+  Net net;
+  build(net, 4, {6, 5, 3}, true);
+  const auto grads = grad(net.loss, net.params);
+  Value frozen = net.graph.parameter("frozen", Tensor::full({5, 3}, 1.0), false);
+  Value other_shape = net.graph.parameter("other", Tensor::full({5}, 1.0));
+  const auto refused = [&](SGDUpdate update, const std::string& fragment) {
+    try {
+      compile(net.graph, {net.loss}, std::move(update));
+      ADD_FAILURE() << "no Error for " << fragment;
+    } catch (const GraphError& e) {
+      EXPECT_NE(std::string(e.what()).find(fragment), std::string::npos) << e.what();
+    }
+  };
+  refused({.params = net.params, .grads = {grads[0]}}, "has 4 parameters but 1 gradients");
+  refused({.params = {net.x}, .grads = {net.x}}, "\"x\", an input");
+  refused({.params = {frozen}, .grads = {net.params[2]}}, "a non-trainable parameter");
+  refused({.params = {net.params[0], net.params[0]}, .grads = {grads[0], grads[0]}},
+          "\"w1\" appears twice (positions 0 and 1)");
+  refused({.params = {other_shape}, .grads = {grads[0]}},
+          "is f32[6,5] but parameter \"other\" is f32[5]");
+  refused({.params = {net.params[1], other_shape}, .grads = {other_shape, grads[1]}},
+          "gradient 0 is parameter \"other\", which the update changes");
+  refused({.params = net.params, .grads = grads, .weight_decay = -1},
+          "weight decay -1 must be finite and >= 0");
+  refused({.params = net.params,
+           .grads = grads,
+           .weight_decay = std::numeric_limits<double>::quiet_NaN()},
+          "weight decay nan");
+
+  Plan plan = compile(net.graph, {net.loss}, SGDUpdate{.params = net.params, .grads = grads});
+  const Batch batch = batch_for(net, 1);
+  const auto bits = parameter_bits(net);
+  for (double lr : {0.0, -0.1, std::numeric_limits<double>::infinity()}) {
+    try {
+      plan.run(feeds(net, batch), {.learning_rate = lr});
+      ADD_FAILURE() << "no Error for learning rate " << lr;
+    } catch (const Error& e) {
+      EXPECT_NE(std::string(e.what()).find("RunOptions::learning_rate must be finite and > 0"),
+                std::string::npos)
+          << e.what();
+    }
+  }
+  EXPECT_EQ(parameter_bits(net), bits);  // nothing ran
+  plan.run(feeds(net, batch), {.learning_rate = 0.1});
+  EXPECT_NE(parameter_bits(net), bits);
+}
+
+}  // namespace
+}  // namespace dagrad
