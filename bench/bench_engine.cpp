@@ -6,6 +6,7 @@
 #include <benchmark/benchmark.h>
 
 #include <oneapi/dnnl/dnnl.hpp>
+#include <optional>
 
 #include "dagrad.hpp"
 
@@ -143,6 +144,48 @@ BENCHMARK(weight_gradient)
     ->ArgsProduct({{784}, {32, 128, 512}, {256}, {0, 1}})
     ->ArgsProduct({{256}, {32, 128, 512}, {128}, {0, 1}})
     ->ArgsProduct({{128}, {32, 128, 512}, {10}, {0, 1}})
+    ->Unit(benchmark::kMicrosecond)
+    ->UseRealTime();
+
+// A dense layer's weight and bias gradients followed by a plain SGD update of W [m, n] and
+// b [n] from x [k, m] and dy [k, n]: in_plan = 1 runs the plan's SGDUpdate (fused into the
+// weight-gradient kernel), 0 the plan returning dW and db and then nn::SGD::step. The plans
+// also output the column sums of x (a cheap value that does not read dW): a plan needs one.
+void weight_update(benchmark::State& state) {
+  const std::int64_t m = state.range(0), k = state.range(1), n = state.range(2);
+  const bool in_plan = state.range(3) != 0;
+  set_num_threads(2);
+  Graph g;
+  Value xv = g.input("x", {k, m});
+  Value dyv = g.input("dy", {k, n});
+  Value w = g.parameter("w", filled_tensor({m, n}, 0.1));
+  Value b = g.parameter("b", filled_tensor({n}, 0.1));
+  const std::vector<Value> grads{matmul(transpose(xv), dyv), sum(dyv, {0})};
+  Value other = sum(xv, {0});
+  const Feeds feeds{{xv, filled_tensor({k, m}, 1e-3)}, {dyv, filled_tensor({k, n}, 1e-3)}};
+  std::vector<Tensor> params{g.value_of(w), g.value_of(b)};
+  SGD sgd({.learning_rate = 1e-3});
+  std::optional<Plan> plan;
+  if (in_plan) {
+    plan.emplace(compile(g, {other}, SGDUpdate{.params = {w, b}, .grads = grads}));
+  } else {
+    plan.emplace(compile(g, {other, grads[0], grads[1]}));
+  }
+  const RunOptions options{.learning_rate = 1e-3};
+  auto step = [&] {
+    const auto& out = plan->run(feeds, options);
+    if (!in_plan) sgd.step(params, std::span<const Tensor>(out).subspan(1));
+  };
+  step();
+  for (auto _ : state) step();
+  state.counters["GFLOPs"] = benchmark::Counter(2.0 * static_cast<double>(m * k * n) * 1e-9,
+                                                benchmark::Counter::kIsIterationInvariantRate);
+  const auto patterns = plan->fused_patterns();
+  state.SetLabel(patterns.empty() ? "" : patterns.back());
+}
+BENCHMARK(weight_update)
+    ->ArgsProduct({{784}, {32, 128, 512}, {256}, {0, 1}})
+    ->ArgsProduct({{256}, {32, 128}, {128}, {0, 1}})
     ->Unit(benchmark::kMicrosecond)
     ->UseRealTime();
 

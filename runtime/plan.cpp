@@ -240,6 +240,8 @@ Plan::Specialization& Plan::specialize(const std::vector<Shape>& input_shapes) {
     std::vector<TensorDesc> out = same ? n.outputs : n.def->shape(ShapeCall{n.attrs, in, n.site()});
     for (std::size_t k = 0; k < out.size(); ++k) descs[{id, static_cast<int>(k)}] = out[k];
   }
+  // Parameters of the update that nothing else reads are not in the order.
+  for (const Value& p : update_.params) descs[{p.node_id(), 0}] = p.desc();
   std::set<ValueKey> requested;
   for (const auto& v : outputs_) requested.insert({v.node_id(), v.index()});
 
