@@ -198,6 +198,31 @@ TEST(SGDUpdate, RequestedValuesAreThoseBeforeTheUpdate) {
   EXPECT_EQ(plan.num_fused_updates(), small_gemm_available ? 2u : 0u);
 }
 
+TEST(SGDUpdate, UpdatesParametersTheOutputsDoNotRead) {
+  // W and b appear only in the update, their gradients computed from inputs: xᵀ dy and the
+  // column sums of dy, against the same values computed by a plan without the update.
+  for (std::int64_t k : {std::int64_t{24}, small_k_chunk + 9}) {
+    Graph g;
+    Value x = g.input("x", {k, 40});
+    Value dy = g.input("dy", {k, 19});
+    Value w = g.parameter("w", uniform_tensor({40, 19}, 1));
+    Value b = g.parameter("b", uniform_tensor({19}, 2));
+    const std::vector<Value> grads{matmul(transpose(x), dy), sum(dy, {0})};
+    const Feeds feeds{{x, uniform_tensor({k, 40}, 3)}, {dy, uniform_tensor({k, 19}, 4)}};
+    Plan gradients = compile(g, grads);
+    const auto& expected_grads = gradients.run(feeds);
+    std::vector<Tensor> expected{g.value_of(w).clone(), g.value_of(b).clone()};
+    SGD({.learning_rate = 0.3, .weight_decay = 0.5}).step(expected, expected_grads);
+
+    Plan plan = compile(g, {sum(x, {0})},
+                        SGDUpdate{.params = {w, b}, .grads = grads, .weight_decay = 0.5});
+    plan.run(feeds, {.learning_rate = 0.3});
+    EXPECT_EQ(plan.num_fused_updates(), small_gemm_available ? 2u : 0u);
+    EXPECT_EQ(bytes_of(g.value_of(w)), bytes_of(expected[0])) << "k " << k;
+    EXPECT_EQ(bytes_of(g.value_of(b)), bytes_of(expected[1])) << "k " << k;
+  }
+}
+
 TEST(SGDUpdate, RefusesBadUpdatesAndLearningRates) {
   Net net;
   build(net, 4, {6, 5, 3}, true);
