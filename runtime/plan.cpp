@@ -364,6 +364,7 @@ Plan::Specialization& Plan::specialize(const std::vector<Shape>& input_shapes) {
   for (const auto& step : spec->steps)
     fused_updates.insert(step.updated.begin(), step.updated.end());
   spec->fused_updates = fused_updates.size();
+  const std::size_t first_update_step = spec->steps.size();
   for (std::size_t i = 0; i < update_.params.size(); ++i) {
     const Node& param = update_.params[i].node();
     if (fused_updates.count(param.id)) continue;
@@ -382,11 +383,23 @@ Plan::Specialization& Plan::specialize(const std::vector<Shape>& input_shapes) {
   }
   // A step updating parameters writes no value, so nothing depends on it: it moves after the
   // last other step reading one of its parameters (the forward and the data gradients read the
-  // weights before they change). Update steps read no parameter another update changes.
+  // weights before they change). Update steps read no parameter another update changes. An
+  // update step of its own runs as early as that allows, right after its gradient is computed:
+  // the gradient is still in cache, and its buffer is free for the rest of the backward.
   if (!update_.params.empty()) {
     std::vector<double> key(spec->steps.size());
     for (std::size_t s = 0; s < spec->steps.size(); ++s) {
       key[s] = static_cast<double>(s);
+      if (s >= first_update_step) {
+        key[s] = -1;
+        const ValueKey grad = root(step_inputs[s][1]);
+        for (std::size_t t = 0; t < first_update_step; ++t) {
+          if (std::find(step_outputs[t].begin(), step_outputs[t].end(), grad) !=
+              step_outputs[t].end()) {
+            key[s] = std::max(key[s], static_cast<double>(t) + 0.5);
+          }
+        }
+      }
       for (NodeId param : spec->steps[s].updated) {
         for (std::size_t t = 0; t < spec->steps.size(); ++t) {
           if (!spec->steps[t].updated.empty()) continue;
