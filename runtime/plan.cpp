@@ -644,6 +644,13 @@ const std::vector<Tensor>& Plan::run(const Feeds& feeds, const RunOptions& optio
                                   step.node->site()));
         }
       }
+      for (NodeId id : step.updated) {
+        if (!all_finite(graph_->node(id).data)) {
+          throw Error(fmt::format(
+              "check_finite: parameter \"{}\" holds a NaN or infinity after its SGD update ({})",
+              graph_->node(id).name, step.fused));
+        }
+      }
     }
   }
   if (!spec.steps.empty()) spec.stream.wait();

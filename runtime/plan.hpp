@@ -29,7 +29,8 @@ struct CompileOptions {
                               // reshapes copy (for debugging)
   bool fuse = true;           // off: no kernel fusion (for debugging)
   bool check_finite = false;  // after each node, raise Error naming the first op whose output
-                              // holds a NaN or infinity
+                              // holds a NaN or infinity (and the first parameter an SGDUpdate
+                              // step left so)
   bool profile = false;       // time every step (waits for each kernel); see Plan::profile()
   // Steps whose inputs and outputs together hold fewer bytes than this run on one thread; the
   // rest use all threads (set_num_threads). A parallel region costs a fork and a barrier, and on

@@ -214,8 +214,8 @@ TEST(SGDUpdate, UpdatesParametersTheOutputsDoNotRead) {
     std::vector<Tensor> expected{g.value_of(w).clone(), g.value_of(b).clone()};
     SGD({.learning_rate = 0.3, .weight_decay = 0.5}).step(expected, expected_grads);
 
-    Plan plan = compile(g, {sum(x, {0})},
-                        SGDUpdate{.params = {w, b}, .grads = grads, .weight_decay = 0.5});
+    Plan plan =
+        compile(g, {sum(x, {0})}, SGDUpdate{.params = {w, b}, .grads = grads, .weight_decay = 0.5});
     plan.run(feeds, {.learning_rate = 0.3});
     EXPECT_EQ(plan.num_fused_updates(), small_gemm_available ? 2u : 0u);
     EXPECT_EQ(bytes_of(g.value_of(w)), bytes_of(expected[0])) << "k " << k;
@@ -269,6 +269,29 @@ TEST(SGDUpdate, RefusesBadUpdatesAndLearningRates) {
   EXPECT_EQ(parameter_bits(net), bits);  // nothing ran
   plan.run(feeds(net, batch), {.learning_rate = 0.1});
   EXPECT_NE(parameter_bits(net), bits);
+}
+
+TEST(SGDUpdate, CheckFiniteNamesTheParameterAnUpdateBroke) {
+  // A learning rate of 1e300 (infinite in f32) sends the first weights to infinity or NaN:
+  // check_finite names them, on
+  // the fused and on the unfused path.
+  for (bool fuse : {true, false}) {
+    Net net;
+    build(net, 8, {12, 6, 4}, true);
+    Plan plan = compile(net.graph, {net.loss},
+                        SGDUpdate{.params = net.params, .grads = grad(net.loss, net.params)},
+                        {.fuse = fuse, .check_finite = true});
+    const Batch batch = batch_for(net, 2);
+    plan.run(feeds(net, batch), {.learning_rate = 0.1});
+    try {
+      plan.run(feeds(net, batch), {.learning_rate = 1e300});
+      ADD_FAILURE() << "no Error";
+    } catch (const Error& e) {
+      EXPECT_NE(std::string(e.what()).find("check_finite: parameter \"w"), std::string::npos)
+          << e.what();
+      EXPECT_NE(std::string(e.what()).find("after its SGD update"), std::string::npos) << e.what();
+    }
+  }
 }
 
 }  // namespace
