@@ -273,8 +273,7 @@ TEST(SGDUpdate, RefusesBadUpdatesAndLearningRates) {
 
 TEST(SGDUpdate, CheckFiniteNamesTheParameterAnUpdateBroke) {
   // A learning rate of 1e300 (infinite in f32) sends the first weights to infinity or NaN:
-  // check_finite names them, on
-  // the fused and on the unfused path.
+  // check_finite names them, on the fused and on the unfused path.
   for (bool fuse : {true, false}) {
     Net net;
     build(net, 8, {12, 6, 4}, true);
