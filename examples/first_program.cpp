@@ -34,4 +34,10 @@ int main() {
   }
   const Tensor& y_out = plan.run({{x, xs}, {t, ts}})[1];
   std::printf("XOR: %.2f %.2f %.2f %.2f\n", y_out.at(0), y_out.at(1), y_out.at(2), y_out.at(3));
+
+  // The same update run by the plan itself (plain SGD, runtime/plan.hpp): 1000 more steps.
+  Plan train = compile(g, {loss}, SGDUpdate{.params = params, .grads = grads});
+  for (int step = 0; step < 1000; ++step) train.run({{x, xs}, {t, ts}}, {.learning_rate = 4.0});
+  std::printf("1000 more steps with SGDUpdate: loss %.5f\n",
+              plan.run({{x, xs}, {t, ts}})[0].item());
 }
