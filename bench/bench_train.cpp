@@ -184,8 +184,10 @@ Value dense(TrainGraph& m, const Value& x, std::int64_t in, std::int64_t out, st
   Value b = m.graph.parameter(name + ".b", init::zeros({out}));
   m.params.push_back(w);
   m.params.push_back(b);
-  // forward 2·batch·in·out; backward dX and dW, each as much again.
-  m.flops_per_step += 3.0 * 2.0 * static_cast<double>(batch * in * out);
+  // forward 2·batch·in·out; backward dW and (unless x is the fed input, which needs no
+  // gradient) dX, each as much again.
+  const double passes = x == m.x ? 2.0 : 3.0;
+  m.flops_per_step += passes * 2.0 * static_cast<double>(batch * in * out);
   return matmul(x, w) + b;
 }
 
@@ -196,9 +198,11 @@ Value conv_same5x5(TrainGraph& m, const Value& x, std::int64_t in_channels, std:
   Value b = m.graph.parameter(name + ".b", init::zeros({filters}));
   m.params.push_back(w);
   m.params.push_back(b);
-  // forward 2·N·O·OH·OW·C·KH·KW; backward data and backward weights, each as much again.
+  // forward 2·N·O·OH·OW·C·KH·KW; backward weights and (unless x is the fed input) backward
+  // data, each as much again.
+  const double passes = x == m.x ? 2.0 : 3.0;
   m.flops_per_step +=
-      3.0 * 2.0 * static_cast<double>(batch * filters * size * size * in_channels * 5 * 5);
+      passes * 2.0 * static_cast<double>(batch * filters * size * size * in_channels * 5 * 5);
   return conv2d(x, w, b, {.padding = {2, 2}});
 }
 

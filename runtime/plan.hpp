@@ -70,15 +70,18 @@ struct RunOptions {
 //
 // Why: a dense layer's weight gradient at batches up to 512 (dW = xᵀ dy, with its bias
 // gradient) then updates the weights as it is summed, in registers, and is never written to
-// memory; the other parameters are updated by one vectorised step each at the end of the run.
-// That saves the separate optimiser pass over every weight and gradient (bench_train
-// mlp_train_step against mlp_train_step_optimizer).
+// memory; every other parameter is updated by a vectorised step of its own as soon as its
+// gradient is computed and nothing else needs the parameter, while the gradient is in cache
+// and before its buffer is reused. That saves the separate optimiser pass over every weight and
+// gradient: bench_engine weight_update, bench_train mlp_train_step against
+// mlp_train_step_optimizer (bench/README.md).
 //
 // Order: outputs are computed from the parameters' values before the update (a step updating a
 // parameter runs after every step that reads it); a parameter requested as an output is returned
 // as its updated tensor. Error (GraphError) at compile when params and grads differ in count,
 // a params[i] is not a trainable parameter of the graph or appears twice, a grads[i] has another
-// dtype or shape than its parameter, or weight_decay is negative or not finite.
+// dtype or shape than its parameter or is itself one of the params, or weight_decay is negative
+// or not finite.
 struct SGDUpdate {
   std::vector<Value> params;
   std::vector<Value> grads;
