@@ -223,6 +223,51 @@ TEST(SGDUpdate, UpdatesParametersTheOutputsDoNotRead) {
   }
 }
 
+TEST(SGDUpdate, EveryBatchSizeOfADynamicInputGetsTheUpdate) {
+  // A trainer's last batch is often smaller: each batch size is a specialisation with its own
+  // fused kernels (K 24 and 150, the latter in two chunks), and both update the same weights.
+  const auto make = [](Graph& g, Value& x, Value& labels, std::vector<Value>& params) {
+    x = g.input("x", {24, 30}, DType::f32, /*batch_dynamic=*/true);
+    labels = g.input("labels", {24}, DType::i32, /*batch_dynamic=*/true);
+    params = {g.parameter("w1", uniform_tensor({30, 20}, 1, -0.3, 0.3)),
+              g.parameter("b1", uniform_tensor({20}, 2, -0.1, 0.1)),
+              g.parameter("w2", uniform_tensor({20, 7}, 3, -0.3, 0.3))};
+    return sparse_cross_entropy(matmul(relu(matmul(x, params[0]) + params[1]), params[2]), labels);
+  };
+  std::vector<std::pair<Tensor, Tensor>> batches;
+  for (std::int64_t rows : {24, 150, 24}) {
+    Tensor labels({rows}, DType::i32);
+    for (std::int64_t i = 0; i < rows; ++i) labels.data<std::int32_t>()[i] = (i * 5 + 1) % 7;
+    batches.emplace_back(uniform_tensor({rows, 30}, 40 + rows, 0.0, 1.0), labels);
+  }
+  Graph expected_graph;
+  Value ex, el;
+  std::vector<Value> eparams;
+  Value eloss = make(expected_graph, ex, el, eparams);
+  std::vector<Value> outputs{eloss};
+  for (const Value& gv : grad(eloss, eparams)) outputs.push_back(gv);
+  Plan reference = compile(expected_graph, outputs);
+  std::vector<Tensor> param_tensors;
+  for (const Value& p : eparams) param_tensors.push_back(expected_graph.value_of(p));
+  SGD sgd({.learning_rate = 0.2});
+
+  Graph g;
+  Value x, labels;
+  std::vector<Value> params;
+  Value loss = make(g, x, labels, params);
+  Plan plan = compile(g, {loss}, SGDUpdate{.params = params, .grads = grad(loss, params)});
+  for (const auto& [xs, ls] : batches) {
+    const auto& out = reference.run({{ex, xs}, {el, ls}});
+    sgd.step(param_tensors, std::span<const Tensor>(out).subspan(1));
+    plan.run({{x, xs}, {labels, ls}}, {.learning_rate = 0.2});
+    for (std::size_t i = 0; i < params.size(); ++i) {
+      EXPECT_EQ(bytes_of(g.value_of(params[i])), bytes_of(param_tensors[i]))
+          << "parameter " << i << " after the batch of " << xs.shape()[0];
+    }
+  }
+  EXPECT_EQ(plan.num_specializations(), 2u);
+}
+
 TEST(SGDUpdate, RefusesBadUpdatesAndLearningRates) {
   Net net;
   build(net, 4, {6, 5, 3}, true);
