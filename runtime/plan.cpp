@@ -725,8 +725,10 @@ std::vector<StepProfile> Plan::profile() {
   for (const auto& s : shown->steps) {
     out.push_back({s.node->name, s.fused.empty() ? s.node->op : s.fused,
                    s.onednn ? s.kernel->library() : "reference", s.threads,
-                   s.outputs.empty() ? "" : s.outputs[0].desc().str(), s.seconds, s.runs,
-                   s.kernel->scratch_bytes()});
+                   !s.outputs.empty()   ? s.outputs[0].desc().str()
+                   : !s.updated.empty() ? graph_->node(s.updated[0]).outputs[0].str() + " (updated)"
+                                        : "",
+                   s.seconds, s.runs, s.kernel->scratch_bytes()});
   }
   std::sort(out.begin(), out.end(),
             [](const auto& a, const auto& b) { return a.seconds > b.seconds; });

@@ -48,7 +48,8 @@ struct StepProfile {
   std::string op;      // op name, or the fused pattern
   std::string kernel;  // "oneDNN" or "dagrad" (Kernel::library()), or "reference"
   int threads = 0;     // 1 for a step run on one thread, 0 for all threads
-  std::string output;  // first output's desc
+  std::string output;  // first output's desc ("<desc> (updated)": the first parameter an
+                       // SGDUpdate step changes)
   double seconds = 0;  // total
   std::uint64_t runs = 0;
   std::size_t scratch_bytes = 0;  // the kernel's temporary memory (Kernel::scratch_bytes)

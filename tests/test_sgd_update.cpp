@@ -3,6 +3,7 @@
 // bits as a plan returning the gradients followed by nn::SGD::step.
 #include <gtest/gtest.h>
 
+#include <algorithm>
 #include <cmath>
 #include <limits>
 
@@ -196,6 +197,22 @@ TEST(SGDUpdate, RequestedValuesAreThoseBeforeTheUpdate) {
   // Layer 1's weights and bias are fused; layer 2's gradient is an output, so both of its
   // parameters are updated by steps of their own.
   EXPECT_EQ(plan.num_fused_updates(), small_gemm_available ? 2u : 0u);
+  // The profile names the update steps and the parameters they change.
+  std::vector<std::string> updates;
+  for (const StepProfile& step : plan.profile()) {
+    if (step.output.ends_with(" (updated)")) updates.push_back(step.op + ": " + step.output);
+  }
+  std::sort(updates.begin(), updates.end());
+  std::vector<std::string> expected_updates{"sgd update: f32[20,6] (updated)",
+                                            "sgd update: f32[6] (updated)"};
+  if (small_gemm_available) {
+    expected_updates.push_back("transposed-A matmul (small batch)+sum+sgd: f32[30,20] (updated)");
+  } else {
+    expected_updates.push_back("sgd update: f32[20] (updated)");
+    expected_updates.push_back("sgd update: f32[30,20] (updated)");
+  }
+  std::sort(expected_updates.begin(), expected_updates.end());
+  EXPECT_EQ(updates, expected_updates);
 }
 
 TEST(SGDUpdate, UpdatesParametersTheOutputsDoNotRead) {
