@@ -255,27 +255,9 @@ void Momentum::update(Tensor& param, const Tensor& grad, std::span<Tensor> slots
                       std::int64_t begin, std::int64_t end) const {
   visit_floating(param.dtype(), [&](auto zero) {
     using T = decltype(zero);
-    T* w = param.data<T>();
-    const T* dw = grad.data<T>();
-    T* v = slots[0].data<T>();
-    const T eta = static_cast<T>(learning_rate());
-    const T lambda = static_cast<T>(weight_decay());
-    const T gamma = static_cast<T>(momentum_);
-    if (nesterov_) {
-#pragma omp simd
-      for (std::int64_t i = begin; i < end; ++i) {
-        const T g = dw[i] + lambda * w[i];
-        v[i] = gamma * v[i] - eta * g;
-        w[i] += gamma * v[i] - eta * g;
-      }
-    } else {
-#pragma omp simd
-      for (std::int64_t i = begin; i < end; ++i) {
-        const T g = dw[i] + lambda * w[i];
-        v[i] = gamma * v[i] - eta * g;
-        w[i] += v[i];
-      }
-    }
+    momentum_update(param.data<T>(), grad.data<T>(), slots[0].data<T>(), begin, end,
+                    static_cast<T>(learning_rate()), static_cast<T>(weight_decay()),
+                    static_cast<T>(momentum_), nesterov_);
   });
 }
 

@@ -11,7 +11,7 @@ constexpr std::int64_t parallel_elements = 32 * 1024;
 
 class SGDUpdateKernel final : public Kernel {
  public:
-  explicit SGDUpdateKernel(double weight_decay) : weight_decay_(weight_decay) {}
+  SGDUpdateKernel(SGDRule rule, Tensor velocity) : rule_(rule), velocity_(std::move(velocity)) {}
 
   void run(const KernelCall& call) override {
     if (call.inputs[0].dtype() == DType::f32) {
@@ -29,26 +29,37 @@ class SGDUpdateKernel final : public Kernel {
     const T* g = call.inputs[1].data<T>();
     const std::int64_t n = call.inputs[0].numel();
     const T eta = static_cast<T>(call.context.learning_rate);
-    const T lambda = static_cast<T>(weight_decay_);
+    const T lambda = static_cast<T>(rule_.weight_decay);
+    const T gamma = static_cast<T>(rule_.momentum);
+    Tensor velocity = velocity_;  // a handle on the same storage, written through
+    T* v = rule_.momentum > 0 ? velocity.data<T>() : nullptr;
+    const auto update_range = [&](std::int64_t begin, std::int64_t end) {
+      if (v != nullptr) {
+        momentum_update(w, g, v, begin, end, eta, lambda, gamma, rule_.nesterov);
+      } else {
+        sgd_update(w, g, begin, end, eta, lambda);
+      }
+    };
     if (n < parallel_elements || omp_get_max_threads() == 1) {
-      sgd_update(w, g, 0, n, eta, lambda);
+      update_range(0, n);
       return;
     }
 #pragma omp parallel
     {
       const std::int64_t team = omp_get_num_threads(), t = omp_get_thread_num();
       const auto boundary = [&](std::int64_t k) { return k == team ? n : k * n / team / 16 * 16; };
-      sgd_update(w, g, boundary(t), boundary(t + 1), eta, lambda);
+      update_range(boundary(t), boundary(t + 1));
     }
   }
 
-  double weight_decay_;
+  SGDRule rule_;
+  Tensor velocity_;  // shares the plan's velocity storage
 };
 
 }  // namespace
 
-std::unique_ptr<Kernel> sgd_update_kernel(double weight_decay) {
-  return std::make_unique<SGDUpdateKernel>(weight_decay);
+std::unique_ptr<Kernel> sgd_update_kernel(SGDRule rule, Tensor velocity) {
+  return std::make_unique<SGDUpdateKernel>(rule, std::move(velocity));
 }
 
 }  // namespace dagrad

@@ -3,6 +3,7 @@
 #include <omp.h>
 
 #include <algorithm>
+#include <array>
 #include <optional>
 
 #include "ops/cpu.hpp"
@@ -43,21 +44,46 @@ template <bool Masked>
     _mm256_storeu_ps(p, v);
   }
 }
-// w − η (g + λ w), as sgd_update.
-[[gnu::target("avx2")]] inline __m256 sgd_step(__m256 w, __m256 g, __m256 eta, __m256 lambda) {
-  return _mm256_sub_ps(w, _mm256_mul_ps(eta, _mm256_add_ps(g, _mm256_mul_ps(lambda, w))));
+// How a block ends: C written (none), or the parameter in C updated from the sums g by plain
+// SGD, momentum or Nesterov momentum, each as ops/sgd_update.hpp computes it (products, sums and
+// differences rounded one by one, no FMA).
+enum Epilogue { store_sums = 0, sgd = 1, momentum = 2, nesterov = 3 };
+// η, λ, γ, read from memory by the epilogue only (see block()).
+struct Scalars {
+  float eta, lambda, gamma;
+};
+
+// The epilogue's update of 8 parameters w (in place) from their gradients g, velocities at v.
+template <int E, bool Masked>
+[[gnu::target("avx2")]] inline __m256 update(__m256 w, __m256 g, float* v, __m256i mask,
+                                             const Scalars& s) {
+  const __m256 eta = _mm256_broadcast_ss(&s.eta), lambda = _mm256_broadcast_ss(&s.lambda);
+  const __m256 d = _mm256_add_ps(g, _mm256_mul_ps(lambda, w));
+  if constexpr (E == sgd) {
+    return _mm256_sub_ps(w, _mm256_mul_ps(eta, d));
+  } else {
+    const __m256 gamma = _mm256_broadcast_ss(&s.gamma);
+    const __m256 step = _mm256_mul_ps(eta, d);
+    const __m256 velocity = _mm256_sub_ps(_mm256_mul_ps(gamma, load<Masked>(v, mask)), step);
+    store<Masked>(v, mask, velocity);
+    if constexpr (E == momentum) {
+      return _mm256_add_ps(w, velocity);
+    } else {
+      return _mm256_add_ps(w, _mm256_sub_ps(_mm256_mul_ps(gamma, velocity), step));
+    }
+  }
 }
 
 // C[0..R, 0..16) (the first `cols` columns when Masked) = Σ_k a[k·lda + r] · b[k·ldb + j], or
 // with Accumulate acc + that sum, continuing the sums of earlier k (held in `acc`, laid out as
 // C) in the same order: R × 2 accumulators in registers, one broadcast of a and two loads of b
-// per k. With Update, C holds a parameter w and the sum g is its gradient: w ← w − η (g + λ w),
-// as sgd_update computes it (ops/sgd_update.hpp: two products, a sum and a difference, no FMA).
-template <int R, bool Masked, bool Accumulate, bool Update>
+// per k. With an update epilogue E, C holds a parameter w and the sum g is its gradient, and v
+// (laid out as C) the parameter's velocity: w is updated as ops/sgd_update.hpp computes it.
+template <int R, bool Masked, bool Accumulate, int E>
 [[gnu::target("avx2,fma")]] void block(const float* a, std::int64_t lda, const float* b,
                                        std::int64_t ldb, const float* acc, float* c,
                                        std::int64_t ldc, std::int64_t k, std::int64_t cols,
-                                       const float* eta_lambda) {
+                                       float* v, const Scalars* scalars) {
   __m256 lo[R], hi[R];
   __m256i mask_lo = _mm256_setzero_si256(), mask_hi = mask_lo;
   if constexpr (Masked) {
@@ -84,16 +110,16 @@ template <int R, bool Masked, bool Accumulate, bool Update>
     a += lda;
     b += ldb;
   }
-  if constexpr (Update) {
-    // η and λ are read from memory only here: as register arguments they would stay live
+  if constexpr (E != store_sums) {
+    // η, λ and γ are read from memory only here: as register arguments they would stay live
     // through the k loop, and 12 accumulators, two rows of b and a broadcast leave no register
     // for them (the loop spilled, and the fused kernel ran 20–45 % slower than the plain one).
-    const __m256 eta8 = _mm256_broadcast_ss(eta_lambda),
-                 lambda8 = _mm256_broadcast_ss(eta_lambda + 1);
 #pragma GCC unroll 6
     for (int r = 0; r < R; ++r) {
-      lo[r] = sgd_step(load<Masked>(c + r * ldc, mask_lo), lo[r], eta8, lambda8);
-      hi[r] = sgd_step(load<Masked>(c + r * ldc + 8, mask_hi), hi[r], eta8, lambda8);
+      lo[r] = update<E, Masked>(load<Masked>(c + r * ldc, mask_lo), lo[r], v + r * ldc, mask_lo,
+                                *scalars);
+      hi[r] = update<E, Masked>(load<Masked>(c + r * ldc + 8, mask_hi), hi[r], v + r * ldc + 8,
+                                mask_hi, *scalars);
     }
   }
 #pragma GCC unroll 6
@@ -105,35 +131,40 @@ template <int R, bool Masked, bool Accumulate, bool Update>
 
 // Rows [i, i + R) of C over `depth` values of k: all column blocks, the last one masked when N
 // is not a multiple of 16; with `acc`, continuing the sums held there (acc may be c).
-template <int R, bool Update>
+template <int R, int E>
 [[gnu::target("avx2,fma")]] void rows(const float* a, const float* b, const float* acc, float* c,
-                                      std::int64_t m, std::int64_t depth, std::int64_t n,
-                                      const float* eta_lambda) {
+                                      std::int64_t m, std::int64_t depth, std::int64_t n, float* v,
+                                      const Scalars* scalars) {
   std::int64_t j = 0;
   if (acc == nullptr) {
     for (; j + 16 <= n; j += 16) {
-      block<R, false, false, Update>(a, m, b + j, n, nullptr, c + j, n, depth, 16, eta_lambda);
+      block<R, false, false, E>(a, m, b + j, n, nullptr, c + j, n, depth, 16, v ? v + j : v,
+                                scalars);
     }
     if (j < n) {
-      block<R, true, false, Update>(a, m, b + j, n, nullptr, c + j, n, depth, n - j, eta_lambda);
+      block<R, true, false, E>(a, m, b + j, n, nullptr, c + j, n, depth, n - j, v ? v + j : v,
+                               scalars);
     }
   } else {
     for (; j + 16 <= n; j += 16) {
-      block<R, false, true, Update>(a, m, b + j, n, acc + j, c + j, n, depth, 16, eta_lambda);
+      block<R, false, true, E>(a, m, b + j, n, acc + j, c + j, n, depth, 16, v ? v + j : v,
+                               scalars);
     }
     if (j < n) {
-      block<R, true, true, Update>(a, m, b + j, n, acc + j, c + j, n, depth, n - j, eta_lambda);
+      block<R, true, true, E>(a, m, b + j, n, acc + j, c + j, n, depth, n - j, v ? v + j : v,
+                              scalars);
     }
   }
 }
 
-// rows<R, Update> for R = 1..6 (index 0 unused).
+// rows<R, E> for each epilogue E and R = 1..6 (index 0 unused).
 using RowsFn = void (*)(const float*, const float*, const float*, float*, std::int64_t,
-                        std::int64_t, std::int64_t, const float*);
-constexpr RowsFn by_rows[2][7] = {{nullptr, rows<1, false>, rows<2, false>, rows<3, false>,
-                                   rows<4, false>, rows<5, false>, rows<6, false>},
-                                  {nullptr, rows<1, true>, rows<2, true>, rows<3, true>,
-                                   rows<4, true>, rows<5, true>, rows<6, true>}};
+                        std::int64_t, std::int64_t, float*, const Scalars*);
+template <int E>
+constexpr std::array<RowsFn, 7> rows_of = {nullptr,    rows<1, E>, rows<2, E>, rows<3, E>,
+                                           rows<4, E>, rows<5, E>, rows<6, E>};
+constexpr std::array<std::array<RowsFn, 7>, 4> by_rows = {rows_of<store_sums>, rows_of<sgd>,
+                                                          rows_of<momentum>, rows_of<nesterov>};
 
 class TransposedASmallK final : public Kernel {
  public:
@@ -167,8 +198,12 @@ class TransposedASmallK final : public Kernel {
                   : update_.bias ? reinterpret_cast<float*>(scratch + *sums_)
                                  : call.outputs[output++].data<float>();
     const float eta = static_cast<float>(call.context.learning_rate);
-    const float lambda = static_cast<float>(update_.weight_decay);
-    const float eta_lambda[2] = {eta, lambda};
+    const float lambda = static_cast<float>(update_.rule.weight_decay);
+    const float gamma = static_cast<float>(update_.rule.momentum);
+    const Scalars scalars{eta, lambda, gamma};
+    const int epilogue = update_.rule.momentum == 0 ? sgd
+                         : update_.rule.nesterov    ? nesterov
+                                                    : momentum;
     const std::int64_t blocks = (m_ + 5) / 6;
 #pragma omp parallel
     {
@@ -185,9 +220,10 @@ class TransposedASmallK final : public Kernel {
         const float* acc = k0 == 0 ? nullptr : update_.weights ? partial : c;
         for (std::int64_t q = blocks * t / threads; q < blocks * (t + 1) / threads; ++q) {
           const std::int64_t i = 6 * q;
-          by_rows[update][std::min<std::int64_t>(6, m_ - i)](
+          float* v = update_.weights_velocity ? update_.weights_velocity + i * n_ : nullptr;
+          by_rows[update ? epilogue : store_sums][std::min<std::int64_t>(6, m_ - i)](
               a + k0 * m_ + i, b + k0 * n_, acc ? acc + i * n_ : nullptr, sink + i * n_, m_, depth,
-              n_, eta_lambda);
+              n_, v, &scalars);
         }
       }
       if (sums != nullptr) {  // columns [first, last) of B, summed over k in order
@@ -198,7 +234,12 @@ class TransposedASmallK final : public Kernel {
 #pragma omp simd
           for (std::int64_t j = first; j < last; ++j) sums[j] += row[j];
         }
-        if (bias != nullptr) sgd_update(bias, sums, first, last, eta, lambda);
+        if (bias != nullptr && epilogue == sgd) {
+          sgd_update(bias, sums, first, last, eta, lambda);
+        } else if (bias != nullptr) {
+          momentum_update(bias, sums, update_.bias_velocity, first, last, eta, lambda, gamma,
+                          epilogue == nesterov);
+        }
       }
     }
   }
@@ -220,6 +261,11 @@ std::unique_ptr<Kernel> transposed_a_small_k_kernel(std::int64_t m, std::int64_t
   if (cpu_has_avx2_fma() && m > 0 && n > 0 && k > 0 && k <= small_k_limit &&
       m * n <= small_k_max_outputs) {
     if (update.bias && !column_sums) return nullptr;
+    // With momentum, the velocities are needed.
+    if (update.rule.momentum > 0 && ((update.weights && update.weights_velocity == nullptr) ||
+                                     (update.bias && update.bias_velocity == nullptr))) {
+      return nullptr;
+    }
     return std::make_unique<TransposedASmallK>(m, k, n, column_sums, update);
   }
 #endif

@@ -5,6 +5,7 @@
 #include <cstdint>
 #include <memory>
 
+#include "ops/sgd_update.hpp"
 #include "runtime/kernel.hpp"
 
 namespace dagrad {
@@ -38,13 +39,17 @@ inline constexpr std::int64_t small_k_chunk = 128;
 //
 // With an SGDUpdate fused in (SmallKUpdate), C is not written: it is the gradient of a parameter
 // W [M, N], read as an extra input after A and B and updated in place as its 6 × 16 blocks are
-// summed, W ← W − η (C + λ W), with η from RunContext::learning_rate (as sgd_update, the same
-// bits); likewise the column sums for a bias parameter b [N], an input after W. Between chunks of
-// k (K > small_k_chunk) the partial sums of C go to the kernel's scratch (M × N floats).
+// summed, by `rule` (ops/sgd_update.hpp, the same bits as sgd_update or momentum_update) with η
+// from RunContext::learning_rate and, with momentum, W's velocity [M, N] at weights_velocity;
+// likewise the column sums for a bias parameter b [N], an input after W, velocity at
+// bias_velocity. Between chunks of k (K > small_k_chunk) the partial sums of C go to the
+// kernel's scratch (M × N floats).
 struct SmallKUpdate {
   bool weights = false;  // update W instead of writing C
   bool bias = false;     // update b instead of writing the column sums (needs column_sums)
-  double weight_decay = 0;
+  SGDRule rule;
+  float* weights_velocity = nullptr;  // with rule.momentum > 0: M × N floats, kept between runs
+  float* bias_velocity = nullptr;     // likewise N floats
 };
 std::unique_ptr<Kernel> transposed_a_small_k_kernel(std::int64_t m, std::int64_t k, std::int64_t n,
                                                     bool column_sums, SmallKUpdate update = {});

@@ -335,7 +335,11 @@ std::vector<FusedStep> plan_fusions(const FusionContext& c, std::vector<NodeId>&
         multi_output_step(first, std::move(inputs), std::move(outputs), id, [&](auto, auto) {
           return transposed_a_small_k_kernel(
               rows, depth, cols, bias != nullptr,
-              {.weights = update, .bias = update && bias, .weight_decay = c.weight_decay});
+              {.weights = update,
+               .bias = update && bias,
+               .rule = c.rule,
+               .weights_velocity = update ? c.velocity_of(*weights) : nullptr,
+               .bias_velocity = update && bias ? c.velocity_of(*bias_param) : nullptr});
         });
     if (!made) continue;
     FusedStep& step = *made;

@@ -6,7 +6,8 @@
 //     with a bias and an eltwise post-op;
 //   - a dense layer's weight gradient dW = xᵀ dy at a small batch, with its bias gradient
 //     sum(dy, {0}), as one step of dagrad's own kernel (ops/small_gemm.hpp), faster than
-//     oneDNN's SGEMM for short sums;
+//     oneDNN's SGEMM for short sums; with the plan's SGDUpdate, when the gradients serve only
+//     the update, that kernel updates W and b in place instead of writing dW and db;
 //   - an op absorbing its only reader through OpDef::fuse_consumer: conv2d + relu | tanh |
 //     sigmoid (a post-op), max_pool2d_backward + relu_grad of the pooled input (one pass);
 //   - a convolution's conv2d_backward_weights and conv2d_backward_data, which read the same
@@ -31,6 +32,7 @@
 #include <string>
 #include <vector>
 
+#include "ops/sgd_update.hpp"
 #include "runtime/kernel.hpp"
 
 namespace dagrad {
@@ -58,12 +60,14 @@ struct FusionContext {
   std::size_t single_thread_below_bytes = 0;  // CompileOptions; kernels are created under it
   // The plan's SGDUpdate: the parameter whose update uses `key` as its gradient when that is the
   // value's only use (no node reads it, it is not an output); whether a parameter is updated;
-  // the update's weight decay.
+  // the update's rule.
   std::function<std::optional<NodeId>(const ValueKey&)> sole_update = [](const ValueKey&) {
     return std::optional<NodeId>();
   };
   std::function<bool(NodeId)> is_updated = [](NodeId) { return false; };
-  double weight_decay = 0;
+  SGDRule rule;
+  // With momentum, the velocity of an updated f32 parameter (the plan's storage).
+  std::function<float*(NodeId)> velocity_of = [](NodeId) -> float* { return nullptr; };
 };
 
 // Fused steps, plus in `dropped` the nodes that no step needs any more (folded transposes).

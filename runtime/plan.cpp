@@ -133,6 +133,9 @@ Plan::Plan(Graph& graph, std::vector<Value> outputs, CompileOptions options, SGD
     }
   }
   check_update();
+  if (update_.momentum > 0) {
+    for (const Value& p : update_.params) velocities_.emplace_back(p.desc());
+  }
   std::vector<Value> needed = outputs_;
   needed.insert(needed.end(), update_.grads.begin(), update_.grads.end());
   order_ = graph_->prune(needed);
@@ -159,6 +162,9 @@ void Plan::check_update() const {
   if (u.params.size() != u.grads.size()) {
     throw GraphError(fmt::format("compile: SGDUpdate has {} parameters but {} gradients",
                                  u.params.size(), u.grads.size()));
+  }
+  if (!(u.momentum >= 0 && u.momentum < 1)) {
+    throw GraphError(fmt::format("compile: SGDUpdate momentum {} is outside [0, 1)", u.momentum));
   }
   if (!std::isfinite(u.weight_decay) || u.weight_decay < 0) {
     throw GraphError(
@@ -248,6 +254,7 @@ Plan::Specialization& Plan::specialize(const std::vector<Shape>& input_shapes) {
   // Fusion: some nodes run inside another node's kernel, some are not needed at all.
   std::vector<FusedStep> fusions;
   std::set<NodeId> skipped;
+  const SGDRule rule{update_.weight_decay, update_.momentum, update_.nesterov};
   // The parameter each gradient of the update belongs to (gradients given twice: none).
   std::map<ValueKey, std::optional<NodeId>> update_of;
   std::set<NodeId> updated_params;
@@ -274,7 +281,14 @@ Plan::Specialization& Plan::specialize(const std::vector<Shape>& input_shapes) {
       return it->second;
     };
     context.is_updated = [&](NodeId param) { return updated_params.count(param) != 0; };
-    context.weight_decay = update_.weight_decay;
+    context.rule = rule;
+    context.velocity_of = [&](NodeId param) -> float* {
+      if (velocities_.empty()) return nullptr;
+      for (std::size_t i = 0; i < update_.params.size(); ++i) {
+        if (update_.params[i].node_id() == param) return velocities_[i].data<float>();
+      }
+      return nullptr;
+    };
     fusions = plan_fusions(context, dropped);
     skipped.insert(dropped.begin(), dropped.end());
     for (const auto& f : fusions) skipped.insert(f.absorbed.begin(), f.absorbed.end());
@@ -371,7 +385,7 @@ Plan::Specialization& Plan::specialize(const std::vector<Shape>& input_shapes) {
     const ValueKey grad{update_.grads[i].node_id(), update_.grads[i].index()};
     Specialization::Step step;
     step.node = &param;
-    step.kernel = sgd_update_kernel(update_.weight_decay);
+    step.kernel = sgd_update_kernel(rule, velocities_.empty() ? Tensor() : velocities_[i]);
     step.onednn = options_.backend == Backend::onednn;
     step.threads = step_threads(2 * param.outputs[0].bytes(), options_.single_thread_below_bytes);
     step.fused = "sgd update";

@@ -63,11 +63,12 @@ struct RunOptions {
   double learning_rate = 0;
 };
 
-// Plain SGD run by the plan itself: every run, after computing what the outputs need, sets
+// SGD run by the plan itself: every run, after computing what the outputs need, sets
 //   params[i] ← params[i] − η (grads[i] + λ params[i])
 // in place (the nn::SGD update, the same bits), with η = RunOptions::learning_rate and
-// λ = weight_decay. grads[i] is any value of the graph with params[i]'s desc, usually
-// grad(loss, params)[i]; the gradients need not be outputs.
+// λ = weight_decay; with `momentum`, nn::Momentum's or nn::Nesterov's update instead (below).
+// grads[i] is any value of the graph with params[i]'s desc, usually grad(loss, params)[i]; the
+// gradients need not be outputs.
 //
 // Why: a dense layer's weight gradient at batches up to 512 (dW = xᵀ dy, with its bias
 // gradient) then updates the weights as it is summed, in registers, and is never written to
@@ -81,12 +82,17 @@ struct RunOptions {
 // parameter runs after every step that reads it); a parameter requested as an output is returned
 // as its updated tensor. Error (GraphError) at compile when params and grads differ in count,
 // a params[i] is not a trainable parameter of the graph or appears twice, a grads[i] has another
-// dtype or shape than its parameter or is itself one of the params, or weight_decay is negative
-// or not finite.
+// dtype or shape than its parameter or is itself one of the params, weight_decay is negative or
+// not finite, or momentum is outside [0, 1).
 struct SGDUpdate {
   std::vector<Value> params;
   std::vector<Value> grads;
   double weight_decay = 0;
+  // γ in [0, 1): with γ > 0 the update is nn::Momentum's (or, with nesterov, nn::Nesterov's),
+  // the same bits: v ← γ v − η (g + λ w); w ← w + v (Nesterov: w ← w + γ v − η (g + λ w)),
+  // the velocities v held by the plan (Plan::velocities()), zero at compile.
+  double momentum = 0;
+  bool nesterov = false;
 };
 
 using Feeds = std::vector<std::pair<Value, Tensor>>;
@@ -128,6 +134,11 @@ class Plan {
   // Parameters of the SGDUpdate updated inside a fused weight-gradient step (the rest are
   // updated by a step of their own at the end of the run).
   std::size_t num_fused_updates();
+  // With SGDUpdate::momentum > 0, the velocity of each parameter (in the update's order), zero
+  // at compile and carried from run to run; empty otherwise. They share storage with the
+  // plan's: copy into them to restore a state (e.g. nn::Momentum's "velocity.<i>" from a
+  // checkpoint), clone() what must be kept.
+  std::vector<Tensor>& velocities() { return velocities_; }
   std::size_t num_views();
   // The fused kernels the plan runs, e.g. "matmul+bias+relu", "transposed-A matmul".
   std::vector<std::string> fused_patterns();
@@ -148,6 +159,7 @@ class Plan {
   std::vector<Value> outputs_;
   CompileOptions options_;
   SGDUpdate update_;
+  std::vector<Tensor> velocities_;  // SGDUpdate with momentum: one per parameter
   std::vector<NodeId> order_;       // pruned, topological
   std::vector<NodeId> feed_nodes_;  // input leaves the outputs need
   std::map<std::vector<Shape>, std::unique_ptr<Specialization>> specializations_;

@@ -285,6 +285,68 @@ TEST(SGDUpdate, EveryBatchSizeOfADynamicInputGetsTheUpdate) {
   EXPECT_EQ(plan.num_specializations(), 2u);
 }
 
+TEST(SGDUpdate, MomentumAndNesterovGiveTheOptimizersBitsAndVelocities) {
+  // Three steps against nn::Momentum and nn::Nesterov (with weight decay): fused at batch 32
+  // and 200 (two chunks), on 1 and 2 threads, and unfused; the plan's velocities equal the
+  // optimiser's "velocity.<i>" state.
+  struct Case {
+    std::int64_t batch;
+    bool nesterov;
+    bool fuse;
+  };
+  for (const Case& k : {Case{32, false, true}, Case{32, true, true}, Case{200, false, true},
+                        Case{200, true, true}, Case{13, true, false}}) {
+    for (int threads : {1, 2}) {
+      set_num_threads(threads);
+      const std::vector<std::int64_t> sizes{50, 37, 24, 13};
+      const CompileOptions options{.fuse = k.fuse, .single_thread_below_bytes = 0};
+      Net expected;
+      build(expected, k.batch, sizes, true);
+      std::vector<Batch> batches;
+      for (std::uint64_t s = 1; s <= 3; ++s) batches.push_back(batch_for(expected, s));
+      std::vector<Value> outputs{expected.loss};
+      for (const Value& g : grad(expected.loss, expected.params)) outputs.push_back(g);
+      Plan reference = compile(expected.graph, outputs, options);
+      std::vector<Tensor> params;
+      for (const Value& p : expected.params) params.push_back(expected.graph.value_of(p));
+      const MomentumOptions momentum{.learning_rate = 0.05, .momentum = 0.9, .weight_decay = 1e-3};
+      std::unique_ptr<Optimizer> optimizer =
+          k.nesterov ? std::unique_ptr<Optimizer>(new Nesterov(momentum))
+                     : std::unique_ptr<Optimizer>(new Momentum(momentum));
+      Net net;
+      build(net, k.batch, sizes, true);
+      Plan plan = compile(net.graph, {net.loss},
+                          SGDUpdate{.params = net.params,
+                                    .grads = grad(net.loss, net.params),
+                                    .weight_decay = 1e-3,
+                                    .momentum = 0.9,
+                                    .nesterov = k.nesterov},
+                          options);
+      ASSERT_EQ(plan.velocities().size(), net.params.size());
+      for (const Batch& b : batches) {
+        const auto& out = reference.run(feeds(expected, b));
+        optimizer->step(params, std::span<const Tensor>(out).subspan(1));
+        plan.run(feeds(net, b), {.learning_rate = 0.05});
+      }
+      EXPECT_EQ(plan.num_fused_updates(), k.fuse && small_gemm_available ? net.params.size() : 0);
+      const std::string where =
+          fmt::format("batch {}, {}, {}, {} threads", k.batch, k.nesterov ? "Nesterov" : "momentum",
+                      k.fuse ? "fused" : "unfused", threads);
+      EXPECT_EQ(parameter_bits(net), parameter_bits(expected)) << where;
+      const NamedTensors state = optimizer->state();
+      for (std::size_t i = 0; i < net.params.size(); ++i) {
+        const auto it = std::find_if(state.begin(), state.end(), [&](const auto& entry) {
+          return entry.first == fmt::format("velocity.{}", i);
+        });
+        ASSERT_NE(it, state.end());
+        EXPECT_EQ(bytes_of(plan.velocities()[i]), bytes_of(it->second))
+            << where << ", velocity " << i;
+      }
+    }
+  }
+  set_num_threads(0);
+}
+
 TEST(SGDUpdate, RefusesBadUpdatesAndLearningRates) {
   Net net;
   build(net, 4, {6, 5, 3}, true);
@@ -314,6 +376,9 @@ TEST(SGDUpdate, RefusesBadUpdatesAndLearningRates) {
            .grads = grads,
            .weight_decay = std::numeric_limits<double>::quiet_NaN()},
           "weight decay nan");
+  refused({.params = net.params, .grads = grads, .momentum = 1.0}, "momentum 1 is outside [0, 1)");
+  refused({.params = net.params, .grads = grads, .momentum = -0.5},
+          "momentum -0.5 is outside [0, 1)");
 
   Plan plan = compile(net.graph, {net.loss}, SGDUpdate{.params = net.params, .grads = grads});
   const Batch batch = batch_for(net, 1);
