@@ -147,13 +147,16 @@ BENCHMARK(weight_gradient)
     ->Unit(benchmark::kMicrosecond)
     ->UseRealTime();
 
-// A dense layer's weight and bias gradients followed by a plain SGD update of W [m, n] and
-// b [n] from x [k, m] and dy [k, n]: in_plan = 1 runs the plan's SGDUpdate (fused into the
-// weight-gradient kernel), 0 the plan returning dW and db and then nn::SGD::step. The plans
-// also output the column sums of x (a cheap value that does not read dW): a plan needs one.
+// A dense layer's weight and bias gradients followed by an SGD update of W [m, n] and b [n] from
+// x [k, m] and dy [k, n]. Mode: 0 the plan returning dW and db, then nn::SGD::step; 1 the plan's
+// SGDUpdate (fused into the weight-gradient kernel); 2 and 3 the same with momentum 0.9
+// (nn::Momentum against SGDUpdate{.momentum = 0.9}). The plans also output the column sums of x
+// (a cheap value that does not read dW): a plan needs one.
 void weight_update(benchmark::State& state) {
   const std::int64_t m = state.range(0), k = state.range(1), n = state.range(2);
-  const bool in_plan = state.range(3) != 0;
+  const std::int64_t mode = state.range(3);
+  const bool in_plan = mode % 2 == 1;
+  const double momentum = mode >= 2 ? 0.9 : 0.0;
   set_num_threads(2);
   Graph g;
   Value xv = g.input("x", {k, m});
@@ -164,17 +167,23 @@ void weight_update(benchmark::State& state) {
   Value other = sum(xv, {0});
   const Feeds feeds{{xv, filled_tensor({k, m}, 1e-3)}, {dyv, filled_tensor({k, n}, 1e-3)}};
   std::vector<Tensor> params{g.value_of(w), g.value_of(b)};
-  SGD sgd({.learning_rate = 1e-3});
+  std::unique_ptr<Optimizer> optimizer;
+  if (momentum > 0) {
+    optimizer = std::make_unique<Momentum>(MomentumOptions{.learning_rate = 1e-3});
+  } else {
+    optimizer = std::make_unique<SGD>(SGDOptions{.learning_rate = 1e-3});
+  }
   std::optional<Plan> plan;
   if (in_plan) {
-    plan.emplace(compile(g, {other}, SGDUpdate{.params = {w, b}, .grads = grads}));
+    plan.emplace(
+        compile(g, {other}, SGDUpdate{.params = {w, b}, .grads = grads, .momentum = momentum}));
   } else {
     plan.emplace(compile(g, {other, grads[0], grads[1]}));
   }
   const RunOptions options{.learning_rate = 1e-3};
   auto step = [&] {
     const auto& out = plan->run(feeds, options);
-    if (!in_plan) sgd.step(params, std::span<const Tensor>(out).subspan(1));
+    if (!in_plan) optimizer->step(params, std::span<const Tensor>(out).subspan(1));
   };
   step();
   for (auto _ : state) step();
@@ -184,8 +193,8 @@ void weight_update(benchmark::State& state) {
   state.SetLabel(patterns.empty() ? "" : patterns.back());
 }
 BENCHMARK(weight_update)
-    ->ArgsProduct({{784}, {32, 128, 512}, {256}, {0, 1}})
-    ->ArgsProduct({{256}, {32, 128}, {128}, {0, 1}})
+    ->ArgsProduct({{784}, {32, 128, 512}, {256}, {0, 1, 2, 3}})
+    ->ArgsProduct({{256}, {32, 128}, {128}, {0, 1, 2, 3}})
     ->Unit(benchmark::kMicrosecond)
     ->UseRealTime();
 
