@@ -10,6 +10,7 @@
 #include <cstdint>
 #include <map>
 #include <memory>
+#include <span>
 #include <string>
 #include <utility>
 #include <vector>
@@ -138,7 +139,7 @@ class Plan {
   // at compile and carried from run to run; empty otherwise. They share storage with the
   // plan's: copy into them to restore a state (e.g. nn::Momentum's "velocity.<i>" from a
   // checkpoint), clone() what must be kept.
-  std::vector<Tensor>& velocities() { return velocities_; }
+  std::span<Tensor> velocities() { return velocities_; }
   std::size_t num_views();
   // The fused kernels the plan runs, e.g. "matmul+bias+relu", "transposed-A matmul".
   std::vector<std::string> fused_patterns();
