@@ -712,6 +712,22 @@ std::size_t Plan::num_in_place_steps() {
   return last_->in_place_steps;
 }
 
+void Plan::load_velocities(std::span<const Tensor> values) {
+  if (values.size() != velocities_.size()) {
+    throw Error(fmt::format(
+        "Plan::load_velocities: the plan has {} velocities{}, got {}", velocities_.size(),
+        velocities_.empty() ? " (its SGDUpdate has no momentum)" : "", values.size()));
+  }
+  for (std::size_t i = 0; i < values.size(); ++i) {
+    if (values[i].desc() != velocities_[i].desc()) {
+      throw Error(fmt::format("Plan::load_velocities: velocity {} (parameter \"{}\") is {}, got {}",
+                              i, update_.params[i].node().name, velocities_[i].desc(),
+                              values[i].desc()));
+    }
+  }
+  for (std::size_t i = 0; i < values.size(); ++i) velocities_[i].copy_from(values[i]);
+}
+
 std::size_t Plan::num_fused_updates() {
   planned_peak_bytes();
   return last_->fused_updates;

@@ -136,10 +136,13 @@ class Plan {
   // updated by a step of their own at the end of the run).
   std::size_t num_fused_updates();
   // With SGDUpdate::momentum > 0, the velocity of each parameter (in the update's order), zero
-  // at compile and carried from run to run; empty otherwise. They share storage with the
-  // plan's: copy into them to restore a state (e.g. nn::Momentum's "velocity.<i>" from a
-  // checkpoint), clone() what must be kept.
-  std::span<Tensor> velocities() { return velocities_; }
+  // at compile and carried from run to run; empty otherwise. Views of the plan's storage:
+  // clone() what must be kept.
+  std::span<const Tensor> velocities() const { return velocities_; }
+  // Copies `values` into the velocities (to restore a state, e.g. nn::Momentum's "velocity.<i>"
+  // from a checkpoint). Error, before copying anything, when the count or a dtype or shape
+  // differs.
+  void load_velocities(std::span<const Tensor> values);
   std::size_t num_views();
   // The fused kernels the plan runs, e.g. "matmul+bias+relu", "transposed-A matmul".
   std::vector<std::string> fused_patterns();

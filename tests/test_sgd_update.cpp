@@ -347,6 +347,65 @@ TEST(SGDUpdate, MomentumAndNesterovGiveTheOptimizersBitsAndVelocities) {
   set_num_threads(0);
 }
 
+TEST(SGDUpdate, LoadedVelocitiesContinueARun) {
+  // Two steps with momentum, then the parameters and velocities go to a new plan on a new
+  // graph, which takes the third step: the same bits as three steps of one plan.
+  const std::vector<std::int64_t> sizes{20, 12, 5};
+  const auto compile_momentum = [](Net& net) {
+    return compile(net.graph, {net.loss},
+                   SGDUpdate{.params = net.params,
+                             .grads = grad(net.loss, net.params),
+                             .momentum = 0.8,
+                             .nesterov = true});
+  };
+  Net whole, first, second;
+  for (Net* net : {&whole, &first, &second}) build(*net, 32, sizes, true);
+  std::vector<Batch> batches;
+  for (std::uint64_t s = 1; s <= 3; ++s) batches.push_back(batch_for(whole, s));
+  Plan all = compile_momentum(whole);
+  for (const Batch& b : batches) all.run(feeds(whole, b), {.learning_rate = 0.1});
+  Plan two = compile_momentum(first);
+  for (std::size_t s = 0; s < 2; ++s) two.run(feeds(first, batches[s]), {.learning_rate = 0.1});
+
+  Plan last = compile_momentum(second);
+  for (std::size_t i = 0; i < second.params.size(); ++i) {
+    second.graph.value_of(second.params[i]).copy_from(first.graph.value_of(first.params[i]));
+  }
+  last.load_velocities(two.velocities());
+  last.run(feeds(second, batches[2]), {.learning_rate = 0.1});
+  EXPECT_EQ(parameter_bits(second), parameter_bits(whole));
+  for (std::size_t i = 0; i < whole.params.size(); ++i) {
+    EXPECT_EQ(bytes_of(last.velocities()[i]), bytes_of(all.velocities()[i])) << i;
+  }
+
+  // Wrong counts and shapes change nothing.
+  const auto refused = [&](std::span<const Tensor> values, const std::string& fragment) {
+    try {
+      last.load_velocities(values);
+      ADD_FAILURE() << "no Error for " << fragment;
+    } catch (const Error& e) {
+      EXPECT_NE(std::string(e.what()).find(fragment), std::string::npos) << e.what();
+    }
+  };
+  std::vector<Tensor> values(two.velocities().begin(), two.velocities().end());
+  values.pop_back();
+  refused(values, "the plan has 4 velocities, got 3");
+  values.push_back(Tensor({4}, DType::f32));
+  refused(values, "velocity 3 (parameter \"b2\") is f32[5], got f32[4]");
+  Plan plain =
+      compile(second.graph, {second.loss},
+              SGDUpdate{.params = second.params, .grads = grad(second.loss, second.params)});
+  EXPECT_TRUE(plain.velocities().empty());
+  try {
+    plain.load_velocities(two.velocities());
+    ADD_FAILURE() << "no Error without momentum";
+  } catch (const Error& e) {
+    EXPECT_NE(std::string(e.what()).find("has 0 velocities (its SGDUpdate has no momentum), got 4"),
+              std::string::npos)
+        << e.what();
+  }
+}
+
 TEST(SGDUpdate, RefusesBadUpdatesAndLearningRates) {
   Net net;
   build(net, 4, {6, 5, 3}, true);
