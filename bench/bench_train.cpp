@@ -7,6 +7,9 @@
 //                                       before its relu
 //   mlp_train_step_threads/<batch>/<t>  the MLP step with t threads (ignores DAGRAD_THREADS)
 //   mlp_train_step_optimizer/<batch>    the MLP step with the update as a separate nn::SGD step
+//   trainer_epoch/<batch>/<opt>/<plan>  one epoch of Trainer::fit on the `mlp` preset (100
+//                                       batches; opt 0 SGD, 1 momentum, 2 Adam; plan 1: the
+//                                       update inside the plan)
 // One iteration = plan.run: forward + backward (loss sparse_cross_entropy) + a plain SGD update
 // (lr 0.01) of every parameter, run by the plan itself (SGDUpdate, runtime/plan.hpp). The
 // *_optimizer variant runs the same update as most frameworks do, after the run, with
@@ -29,6 +32,7 @@
 #include <atomic>
 #include <cstdlib>
 #include <fstream>
+#include <memory>
 #include <new>
 #include <random>
 #include <span>
@@ -349,6 +353,56 @@ void mlp_train_step_optimizer(benchmark::State& state) {
   run_train_step(state, build_mlp, threads_from_env(), Update::optimizer);
 }
 
+// One epoch of Trainer::fit (nn/trainer.hpp) on the `mlp` preset (nn/model.hpp: the same
+// 784-256-128-10 MLP, He-normal weights) over 100 batches of random pixels and labels, no
+// validation, nothing written: the step a user of the Trainer (and dagrad-train) gets, with the
+// loader's shuffled batches, the loss and error read back, the gradient norm and the optimiser.
+// Optimiser: 0 SGD (lr 0.01), 1 momentum 0.9 (lr 0.01), 2 Adam (lr 1e-3, dagrad-train's
+// default). Last argument: TrainerOptions::update_in_plan (1: SGD and momentum run inside the
+// plan; 0: nn::SGD / nn::Momentum after it, the Trainer's only path before the fifth session).
+// Compare its samples/s with mlp_train_step's at the same batch.
+void trainer_epoch(benchmark::State& state) {
+  set_num_threads(threads_from_env());
+  const std::int64_t batch = state.range(0), examples = 100 * batch;
+  Model model(parse_layers(preset_layers("mlp")),
+              {.example_shape = {784}, .batch_size = batch, .seed = 1});
+  data::Dataset train;
+  std::mt19937_64 rng(7);
+  std::uniform_real_distribution<double> pixel(0.0, 1.0);
+  std::uniform_int_distribution<std::int32_t> label(0, classes - 1);
+  train.images = Tensor({examples, 784}, DType::f32);
+  for (float& v : train.images.span<float>()) v = static_cast<float>(pixel(rng));
+  train.labels = Tensor({examples}, DType::i32);
+  for (std::int32_t& v : train.labels.span<std::int32_t>()) v = label(rng);
+  train.num_classes = classes;
+  std::unique_ptr<Optimizer> optimizer;
+  switch (state.range(1)) {
+    case 0:
+      optimizer = std::make_unique<SGD>(SGDOptions{.learning_rate = learning_rate});
+      break;
+    case 1:
+      optimizer = std::make_unique<Momentum>(MomentumOptions{.learning_rate = learning_rate});
+      break;
+    default:
+      optimizer = std::make_unique<Adam>(AdamOptions{.learning_rate = 1e-3});
+      break;
+  }
+  Trainer trainer(model, *optimizer, nullptr,
+                  {.epochs = 1,
+                   .batch_size = batch,
+                   .seed = 1,
+                   .progress = 0,
+                   .quiet = true,
+                   .update_in_plan = state.range(2) != 0});
+  trainer.fit(train);  // warm-up: plans specialised, optimiser state created
+  double last_loss = 0;
+  for (auto _ : state) last_loss = trainer.fit(train).epochs.back().train_loss;
+  state.SetItemsProcessed(state.iterations() * examples);
+  state.counters["threads"] = num_threads();
+  state.SetLabel(fmt::format("{}{}, epoch loss {:.3f}", optimizer->name(),
+                             trainer.updates_in_plan() ? " in the plan" : "", last_loss));
+}
+
 BENCHMARK(mlp_train_step)
     ->Arg(32)
     ->Arg(128)
@@ -361,6 +415,13 @@ BENCHMARK(mlp_train_step_optimizer)
     ->Arg(32)
     ->Arg(128)
     ->Arg(512)
+    ->Unit(benchmark::kMillisecond)
+    ->UseRealTime();
+BENCHMARK(trainer_epoch)
+    ->ArgsProduct({{32, 128, 512}, {0, 1}, {0, 1}})
+    ->Args({32, 2, 0})
+    ->Args({128, 2, 0})
+    ->Args({512, 2, 0})
     ->Unit(benchmark::kMillisecond)
     ->UseRealTime();
 BENCHMARK(mlp_train_step_threads)

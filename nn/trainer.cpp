@@ -86,7 +86,13 @@ Trainer::Trainer(Model& model, Optimizer& optimizer, const Schedule* schedule,
   CompileOptions compile_options;
   compile_options.check_finite = options_.check_finite;
   compile_options.profile = options_.profile;
-  train_plan_.emplace(compile(model_.graph(), outputs, compile_options));
+  if (std::optional<SGDUpdate> update = plan_update()) {
+    outputs.resize(3);  // the loss terms and the error; the gradients stay inside the plan
+    train_plan_.emplace(compile(model_.graph(), outputs, *update, compile_options));
+    update_in_plan_ = true;
+  } else {
+    train_plan_.emplace(compile(model_.graph(), outputs, compile_options));
+  }
   if (options_.augment.mixup_alpha > 0) {
     Value soft_total = model_.soft_data_loss() + model_.regularization_loss();
     soft_grads_ = grad(soft_total, model_.parameters());
@@ -95,6 +101,49 @@ Trainer::Trainer(Model& model, Optimizer& optimizer, const Schedule* schedule,
     soft_plan_.emplace(compile(model_.graph(), soft_outputs, compile_options));
   }
   eval_plan_.emplace(compile(model_.graph(), {model_.logits(), model_.data_loss()}));
+}
+
+std::optional<SGDUpdate> Trainer::plan_update() const {
+  const auto& o = options_;
+  if (!o.update_in_plan || o.record_gradient_norm || o.clip_norm > 0 || o.clip_value > 0 ||
+      o.augment.mixup_alpha > 0) {
+    return std::nullopt;
+  }
+  SGDUpdate update{
+      .params = model_.parameters(), .grads = grads_, .weight_decay = optimizer_.weight_decay()};
+  if (const auto* momentum = dynamic_cast<const Momentum*>(&optimizer_)) {
+    // γ = 0 would make the plan's update plain SGD, which keeps no velocities to write back.
+    if (momentum->momentum() == 0) return std::nullopt;
+    update.momentum = momentum->momentum();
+    update.nesterov = dynamic_cast<const Nesterov*>(&optimizer_) != nullptr;
+  } else if (dynamic_cast<const SGD*>(&optimizer_) == nullptr) {
+    return std::nullopt;  // AdaGrad, RMSProp, Adam(W), L-BFGS: after the plan
+  }
+  return update;
+}
+
+void Trainer::load_plan_state() {
+  std::vector<Tensor> velocities;
+  for (const auto& [name, tensor] : optimizer_.state()) {
+    if (name != "step") velocities.push_back(tensor);
+  }
+  if (velocities.empty()) {  // no step taken yet: zero velocities
+    for (const Tensor& v : train_plan_->velocities()) velocities.emplace_back(v.desc());
+  }
+  train_plan_->load_velocities(velocities);
+  plan_updates_ = 0;
+}
+
+void Trainer::store_plan_state() {
+  if (!update_in_plan_) return;
+  NamedTensors state;
+  state.emplace_back(
+      "step", Tensor::scalar(static_cast<double>(optimizer_.steps() + plan_updates_), DType::f64));
+  const auto velocities = train_plan_->velocities();
+  for (std::size_t i = 0; i < velocities.size(); ++i)
+    state.emplace_back(fmt::format("velocity.{}", i), velocities[i]);
+  optimizer_.load_state(state);
+  plan_updates_ = 0;
 }
 
 void Trainer::check_options() const {
@@ -143,6 +192,7 @@ History Trainer::fit(const data::Dataset& train, const data::Dataset* validation
   std::vector<Tensor> grads(grads_.size());
   if (history.best_epoch == 0) best_val_loss_ = INFINITY;
   bool stop_requested = false;
+  if (update_in_plan_) load_plan_state();
 
   for (std::int64_t epoch = start_epoch_ + 1; epoch <= start_epoch_ + options_.epochs; ++epoch) {
     const auto started = Clock::now();
@@ -160,7 +210,8 @@ History Trainer::fit(const data::Dataset& train, const data::Dataset* validation
       }
       const std::uint64_t step_seed =
           data::mix_seed(options_.seed, static_cast<std::uint64_t>(step_) + 1);
-      RunOptions run{.training = true, .seed = step_seed};
+      RunOptions run{
+          .training = true, .seed = step_seed, .learning_rate = optimizer_.learning_rate()};
       Tensor images = b->images;
       double data_loss = 0, regularization = 0, error_fraction = NAN;
       const std::vector<Tensor>* out = nullptr;
@@ -196,15 +247,19 @@ History Trainer::fit(const data::Dataset& train, const data::Dataset* validation
             "learning rate, clip gradients, or set check_finite to find the op",
             data_loss + regularization, step_ + 1, epoch, optimizer_.learning_rate()));
       }
-      for (std::size_t k = 0; k < grads.size(); ++k) grads[k] = (*out)[first_grad + k];
-      double norm = 0;
-      if (options_.clip_norm > 0) {
-        norm = clip_grad_norm(grads, options_.clip_norm);
+      double norm = NAN;
+      if (update_in_plan_) {
+        ++plan_updates_;  // the plan has updated the parameters
       } else {
-        norm = global_norm(grads);
+        for (std::size_t k = 0; k < grads.size(); ++k) grads[k] = (*out)[first_grad + k];
+        if (options_.clip_norm > 0) {
+          norm = clip_grad_norm(grads, options_.clip_norm);
+        } else if (options_.record_gradient_norm) {
+          norm = global_norm(grads);
+        }
+        if (options_.clip_value > 0) clip_grad_value(grads, options_.clip_value);
+        optimizer_.step(params, grads);
       }
-      if (options_.clip_value > 0) clip_grad_value(grads, options_.clip_value);
-      optimizer_.step(params, grads);
       ++step_;
       ++steps_this_epoch;
       const auto n = b->size();
@@ -283,6 +338,7 @@ History Trainer::fit(const data::Dataset& train, const data::Dataset* validation
       std::fflush(stdout);
     }
     if (!options_.out_dir.empty()) {
+      store_plan_state();
       std::filesystem::create_directories(options_.out_dir);
       CheckpointInfo info;
       info.epoch = epoch;
@@ -312,6 +368,7 @@ History Trainer::fit(const data::Dataset& train, const data::Dataset* validation
       break;
     }
   }
+  store_plan_state();
   // With a validation set (or early stopping) the run ends with the weights of its best epoch.
   if ((validation != nullptr || options_.patience > 0) && history.best_epoch > 0)
     restore(model_, best);

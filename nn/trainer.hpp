@@ -22,6 +22,7 @@
 // `check_finite` additionally names the first op whose output stopped being finite.
 #pragma once
 
+#include <cmath>
 #include <cstdint>
 #include <functional>
 #include <optional>
@@ -63,6 +64,20 @@ struct TrainerOptions {
   double smoothing = 0.98;  // moving average factor of the per-step loss
   std::int64_t eval_batch_size = 1000;
   bool profile = false;  // time every op of the training step (see Trainer::profile_report)
+  // SGD, Momentum and Nesterov (with their weight decay) then run inside the training plan
+  // (SGDUpdate, runtime/plan.hpp): the same update, bit for bit, as optimizer.step() after the
+  // plan, but the gradients are never returned, a dense layer's weights are updated inside its
+  // weight-gradient kernel and the separate pass over every parameter and gradient is gone
+  // (bench_train trainer_epoch, bench/README.md). Used only where nothing else needs the
+  // gradients: no clipping, no mixup, record_gradient_norm off. Trainer::updates_in_plan() says
+  // whether it is used. The optimiser's state (step count, velocities) is kept in the plan during
+  // fit() and written back to the optimiser before each checkpoint and when fit() returns.
+  // Differences, when used: a step's update has been applied before on_step sees its loss, and
+  // before a NaN or infinite loss stops training.
+  bool update_in_plan = true;
+  // Record EpochRecord::gradient_norm (a pass over every gradient each step; keeps the update out
+  // of the plan). Clipping by norm records it too.
+  bool record_gradient_norm = false;
   // Called after every step with the step number (1-based) and that step's data loss (which may
   // be NaN); returning false ends training after this step (used by the learning-rate finder).
   std::function<bool(std::int64_t step, double loss)> on_step;
@@ -77,7 +92,8 @@ struct EpochRecord {
   double val_loss = NAN;
   double val_accuracy = NAN;
   double seconds = 0;
-  double gradient_norm = 0;  // mean global norm before clipping
+  double gradient_norm = NAN;  // mean global norm before clipping (record_gradient_norm or
+                               // clip_norm; NaN otherwise)
 };
 
 struct History {
@@ -108,11 +124,19 @@ class Trainer {
   // next fit() continues after its epoch.
   void resume(const std::string& checkpoint_path);
   std::int64_t steps() const { return step_; }
+  // Whether the optimiser's update runs inside the training plan (TrainerOptions::update_in_plan).
+  bool updates_in_plan() const { return update_in_plan_; }
   // Per-op times of the training step (with TrainerOptions::profile), slowest first.
   std::string profile_report(std::size_t top = 25) { return train_plan_->profile_report(top); }
 
  private:
   void check_options() const;
+  // The SGDUpdate of the optimiser, when TrainerOptions::update_in_plan can be honoured.
+  std::optional<SGDUpdate> plan_update() const;
+  // Copies the optimiser's velocities (zeros when it has none yet) into the plan, and back with
+  // the step count.
+  void load_plan_state();
+  void store_plan_state();
   void write_outputs(const History& history) const;
 
   Model& model_;
@@ -124,6 +148,8 @@ class Trainer {
   std::optional<Plan> train_plan_, soft_plan_, eval_plan_;
   std::int64_t start_epoch_ = 0;  // epochs already done (resume)
   std::int64_t step_ = 0;
+  bool update_in_plan_ = false;
+  std::int64_t plan_updates_ = 0;  // steps the plan took since store_plan_state()
   History resumed_;
   double best_val_loss_ = INFINITY;
   std::int64_t bad_epochs_ = 0;

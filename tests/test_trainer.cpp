@@ -4,6 +4,8 @@
 
 #include <filesystem>
 #include <fstream>
+#include <functional>
+#include <memory>
 #include <random>
 
 #include "dagrad.hpp"
@@ -142,16 +144,20 @@ TEST(Trainer, EarlyStoppingRestoresTheBestWeights) {
   EXPECT_NEAR(trainer.evaluate(validation).loss, best, 1e-5);
 }
 
-TEST(Trainer, ResumingGivesTheSameResultAsAnUninterruptedRun) {
+// Trains 4 epochs straight, then 2 + resume + 2 in fresh models; the parameters must match bit
+// for bit. `make` builds the optimiser (its state must come back from the checkpoint too).
+void expect_resume_matches(const std::function<std::unique_ptr<Optimizer>()>& make,
+                           const std::string& name, bool in_plan) {
   auto train = blobs(96, 1);
   auto layers = parse_layers("dense:16,relu,dropout:0.2,dense:3");
-  auto dir = temp_dir("resume");
+  auto dir = temp_dir("resume_" + name);
   std::vector<double> straight, resumed;
   {
     Model model(layers, small_options());
-    Adam adam(AdamOptions{.learning_rate = 0.01});
-    Trainer trainer(model, adam, nullptr,
+    auto optimizer = make();
+    Trainer trainer(model, *optimizer, nullptr,
                     {.epochs = 4, .batch_size = 16, .seed = 2, .quiet = true});
+    EXPECT_EQ(trainer.updates_in_plan(), in_plan) << name;
     trainer.fit(train);
     for (const auto& p : model.parameters()) {
       for (double v : model.graph().value_of(p).to_doubles()) straight.push_back(v);
@@ -159,29 +165,41 @@ TEST(Trainer, ResumingGivesTheSameResultAsAnUninterruptedRun) {
   }
   {
     Model model(layers, small_options());
-    Adam adam(AdamOptions{.learning_rate = 0.01});
+    auto optimizer = make();
     Trainer trainer(
-        model, adam, nullptr,
+        model, *optimizer, nullptr,
         {.epochs = 2, .batch_size = 16, .seed = 2, .out_dir = dir.string(), .quiet = true});
     trainer.fit(train);
   }
   {
     Model model(layers, small_options());  // fresh weights: everything must come from the file
-    Adam adam(AdamOptions{.learning_rate = 0.01});
+    auto optimizer = make();
     Trainer trainer(
-        model, adam, nullptr,
+        model, *optimizer, nullptr,
         {.epochs = 2, .batch_size = 16, .seed = 2, .out_dir = dir.string(), .quiet = true});
     trainer.resume((dir / "last.safetensors").string());
+    EXPECT_EQ(optimizer->steps(), 12) << name;  // 2 epochs of 6 steps, from the checkpoint
     History h = trainer.fit(train);
     EXPECT_EQ(h.epochs.back().epoch, 4);
     EXPECT_EQ(h.epochs.size(), 4u);  // epochs 1-2 come back from metrics.csv
+    EXPECT_EQ(optimizer->steps(), 24) << name;
     for (const auto& p : model.parameters()) {
       for (double v : model.graph().value_of(p).to_doubles()) resumed.push_back(v);
     }
   }
   ASSERT_EQ(straight.size(), resumed.size());
   for (std::size_t i = 0; i < straight.size(); ++i)
-    ASSERT_EQ(straight[i], resumed[i]) << "element " << i;
+    ASSERT_EQ(straight[i], resumed[i]) << name << ", element " << i;
+}
+
+TEST(Trainer, ResumingGivesTheSameResultAsAnUninterruptedRun) {
+  expect_resume_matches([] { return std::make_unique<Adam>(AdamOptions{.learning_rate = 0.01}); },
+                        "adam", false);
+  // Momentum runs inside the plan, which holds the velocities during fit(): they must reach the
+  // checkpoint and come back from it.
+  expect_resume_matches(
+      [] { return std::make_unique<Momentum>(MomentumOptions{.learning_rate = 0.05}); }, "momentum",
+      true);
 }
 
 TEST(Trainer, WritesCheckpointsMetricsAndTheGraph) {
@@ -261,6 +279,108 @@ TEST(Trainer, ScheduleSetsTheLearningRatePerEpoch) {
   EXPECT_DOUBLE_EQ(h.epochs[0].learning_rate, 0.1);
   EXPECT_DOUBLE_EQ(h.epochs[1].learning_rate, 0.05);
   EXPECT_DOUBLE_EQ(h.epochs[2].learning_rate, 0.025);
+}
+
+// The update inside the plan (TrainerOptions::update_in_plan) against the optimiser after it:
+// the same losses, parameters and optimiser state, bit for bit, with weight decay, dropout, a
+// learning rate changed by a schedule and a smaller last batch (100 = 6 × 16 + 4).
+TEST(Trainer, UpdateInThePlanGivesTheSameBitsAsTheOptimiserAfterIt) {
+  auto train = blobs(100, 1);
+  auto layers = parse_layers("dense:16,relu,dropout:0.2,dense:3");
+  const std::vector<std::pair<std::string, std::function<std::unique_ptr<Optimizer>()>>> kinds{
+      {"SGD",
+       [] {
+         return std::make_unique<SGD>(SGDOptions{.learning_rate = 0.1, .weight_decay = 1e-3});
+       }},
+      {"Momentum",
+       [] {
+         return std::make_unique<Momentum>(
+             MomentumOptions{.learning_rate = 0.05, .momentum = 0.9, .weight_decay = 1e-3});
+       }},
+      {"Nesterov", [] {
+         return std::make_unique<Nesterov>(MomentumOptions{.learning_rate = 0.05, .momentum = 0.8});
+       }}};
+  for (const auto& [name, make] : kinds) {
+    std::vector<History> histories;
+    std::vector<std::vector<Tensor>> params, states;
+    std::vector<std::int64_t> steps;
+    for (bool in_plan : {true, false}) {
+      Model model(layers, small_options());
+      auto optimizer = make();
+      StepDecay schedule(optimizer->learning_rate(), {1, 2}, 0.5);
+      Trainer trainer(
+          model, *optimizer, &schedule,
+          {.epochs = 3, .batch_size = 16, .seed = 4, .quiet = true, .update_in_plan = in_plan});
+      ASSERT_EQ(trainer.updates_in_plan(), in_plan) << name;
+      histories.push_back(trainer.fit(train));
+      params.emplace_back();
+      for (const auto& p : model.parameters()) params.back().push_back(model.graph().value_of(p));
+      states.emplace_back();
+      for (const auto& [slot, tensor] : optimizer->state()) states.back().push_back(tensor);
+      steps.push_back(optimizer->steps());
+    }
+    EXPECT_EQ(steps[0], 21) << name;
+    EXPECT_EQ(steps[0], steps[1]) << name;
+    ASSERT_EQ(histories[0].epochs.size(), 3u);
+    for (std::size_t e = 0; e < 3; ++e) {
+      EXPECT_EQ(histories[0].epochs[e].train_loss, histories[1].epochs[e].train_loss) << name;
+      EXPECT_EQ(histories[0].epochs[e].train_accuracy, histories[1].epochs[e].train_accuracy);
+    }
+    EXPECT_LT(histories[0].epochs[2].train_loss, histories[0].epochs[0].train_loss) << name;
+    // "step" and, with momentum, one velocity per parameter
+    ASSERT_EQ(states[0].size(), name == "SGD" ? 1u : 1u + params[0].size()) << name;
+    ASSERT_EQ(states[0].size(), states[1].size());
+    for (std::size_t i = 0; i < states[0].size(); ++i) {
+      EXPECT_EQ(states[0][i].to_doubles(), states[1][i].to_doubles()) << name << ", state " << i;
+    }
+    for (std::size_t i = 0; i < params[0].size(); ++i) {
+      EXPECT_EQ(params[0][i].to_doubles(), params[1][i].to_doubles()) << name << ", param " << i;
+    }
+  }
+}
+
+TEST(Trainer, UpdateInThePlanOnlyWhereNothingElseNeedsTheGradients) {
+  auto train = blobs(48, 1);
+  struct Case {
+    std::string what;
+    std::function<std::unique_ptr<Optimizer>()> make;
+    TrainerOptions options;
+    bool in_plan;
+  };
+  auto sgd = [] { return std::make_unique<SGD>(SGDOptions{.learning_rate = 0.1}); };
+  const TrainerOptions base{.epochs = 1, .batch_size = 16, .quiet = true};
+  auto with = [&](auto change) {
+    TrainerOptions o = base;
+    change(o);
+    return o;
+  };
+  const std::vector<Case> cases{
+      {"SGD", sgd, base, true},
+      {"Adam", [] { return std::make_unique<Adam>(); }, base, false},
+      {"RMSProp", [] { return std::make_unique<RMSProp>(); }, base, false},
+      {"momentum 0", [] { return std::make_unique<Momentum>(MomentumOptions{.momentum = 0}); },
+       base, false},
+      {"clip_norm", sgd, with([](TrainerOptions& o) { o.clip_norm = 1; }), false},
+      {"clip_value", sgd, with([](TrainerOptions& o) { o.clip_value = 1; }), false},
+      {"mixup", sgd, with([](TrainerOptions& o) { o.augment.mixup_alpha = 0.2; }), false},
+      {"record_gradient_norm", sgd, with([](TrainerOptions& o) { o.record_gradient_norm = true; }),
+       false},
+      {"update_in_plan off", sgd, with([](TrainerOptions& o) { o.update_in_plan = false; }),
+       false}};
+  for (const auto& c : cases) {
+    Model model(parse_layers("dense:3"), small_options());
+    auto optimizer = c.make();
+    Trainer trainer(model, *optimizer, nullptr, c.options);
+    EXPECT_EQ(trainer.updates_in_plan(), c.in_plan) << c.what;
+    if (c.what == "mixup") continue;  // mixup needs images, not the blobs' feature vectors
+    History h = trainer.fit(train);
+    // The gradient norm is recorded where asked for (or clipped by), NaN elsewhere.
+    const bool recorded = c.what == "record_gradient_norm" || c.what == "clip_norm";
+    EXPECT_EQ(std::isfinite(h.epochs[0].gradient_norm), recorded) << c.what;
+    if (recorded) {
+      EXPECT_GT(h.epochs[0].gradient_norm, 0) << c.what;
+    }
+  }
 }
 
 }  // namespace

@@ -424,6 +424,10 @@ int main(int argc, char** argv) {
     options.quiet = s.quiet;
     options.profile = s.profile;
     Trainer trainer(model, *optimizer, schedule.get(), options);
+    if (!s.quiet && s.eval_checkpoint.empty() && trainer.updates_in_plan()) {
+      std::printf("%s update inside the training plan (no separate pass over the gradients)\n",
+                  optimizer->name().c_str());
+    }
     if (!s.eval_checkpoint.empty()) {
       Checkpoint::load(s.eval_checkpoint, model.graph(), nullptr);
       Evaluation e = trainer.evaluate(test);
