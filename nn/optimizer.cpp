@@ -9,6 +9,7 @@
 #include <map>
 #include <optional>
 
+#include "ops/cpu.hpp"
 #include "ops/sgd_update.hpp"
 #include "runtime/kernel.hpp"
 
@@ -279,12 +280,14 @@ void AdaGrad::update(Tensor& param, const Tensor& grad, std::span<Tensor> slots,
     const T eta = static_cast<T>(learning_rate());
     const T lambda = static_cast<T>(weight_decay());
     const T eps = static_cast<T>(epsilon_);
+    run_vectorized([&]() __attribute__((always_inline)) {
 #pragma omp simd
-    for (std::int64_t i = begin; i < end; ++i) {
-      const T g = dw[i] + lambda * w[i];
-      sum_squares[i] += g * g;
-      w[i] -= eta * g / (std::sqrt(sum_squares[i]) + eps);
-    }
+      for (std::int64_t i = begin; i < end; ++i) {
+        const T g = dw[i] + lambda * w[i];
+        sum_squares[i] += g * g;
+        w[i] -= eta * g / (std::sqrt(sum_squares[i]) + eps);
+      }
+    });
   });
 }
 
@@ -307,12 +310,14 @@ void RMSProp::update(Tensor& param, const Tensor& grad, std::span<Tensor> slots,
     const T lambda = static_cast<T>(weight_decay());
     const T rho = static_cast<T>(decay_);
     const T eps = static_cast<T>(epsilon_);
+    run_vectorized([&]() __attribute__((always_inline)) {
 #pragma omp simd
-    for (std::int64_t i = begin; i < end; ++i) {
-      const T g = dw[i] + lambda * w[i];
-      mean_square[i] = rho * mean_square[i] + (T(1) - rho) * g * g;
-      w[i] -= eta * g / (std::sqrt(mean_square[i]) + eps);
-    }
+      for (std::int64_t i = begin; i < end; ++i) {
+        const T g = dw[i] + lambda * w[i];
+        mean_square[i] = rho * mean_square[i] + (T(1) - rho) * g * g;
+        w[i] -= eta * g / (std::sqrt(mean_square[i]) + eps);
+      }
+    });
   });
 }
 
@@ -352,15 +357,17 @@ void Adam::update(Tensor& param, const Tensor& grad, std::span<Tensor> slots, st
     const T eps = static_cast<T>(epsilon_);
     const T inverse_correction1 = static_cast<T>(inverse_correction1_);
     const T inverse_correction2 = static_cast<T>(inverse_correction2_);
+    run_vectorized([&]() __attribute__((always_inline)) {
 #pragma omp simd
-    for (std::int64_t i = begin; i < end; ++i) {
-      const T g = dw[i] + l2 * w[i];
-      m[i] = b1 * m[i] + (T(1) - b1) * g;
-      v[i] = b2 * v[i] + (T(1) - b2) * g * g;
-      const T m_hat = m[i] * inverse_correction1;
-      const T v_hat = v[i] * inverse_correction2;
-      w[i] = shrink * w[i] - eta * m_hat / (std::sqrt(v_hat) + eps);
-    }
+      for (std::int64_t i = begin; i < end; ++i) {
+        const T g = dw[i] + l2 * w[i];
+        m[i] = b1 * m[i] + (T(1) - b1) * g;
+        v[i] = b2 * v[i] + (T(1) - b2) * g * g;
+        const T m_hat = m[i] * inverse_correction1;
+        const T v_hat = v[i] * inverse_correction2;
+        w[i] = shrink * w[i] - eta * m_hat / (std::sqrt(v_hat) + eps);
+      }
+    });
   });
 }
 
