@@ -91,6 +91,35 @@ TEST(Dropout, SameSeedGivesTheSameMaskAndOtherSeedsOtherMasks) {
   EXPECT_NE(first, run_one(g, z, feeds, training(11)));
 }
 
+// The f32 kernel (parallel, AVX2: eight splitmix64 at a time and an integer threshold) against
+// the reference's scalar double test, bit for bit, on 1 and 2 threads, with a ragged tail and
+// rates whose threshold rate · 2⁵³ is exact (0.5), tiny or close to 1.
+TEST(Dropout, TheFastKernelDrawsTheReferenceMaskBitForBit) {
+  const int saved_threads = num_threads();
+  const std::int64_t n = 100003;
+  std::vector<double> values(static_cast<std::size_t>(n));
+  for (std::size_t i = 0; i < values.size(); ++i)
+    values[i] = std::sin(0.1 * static_cast<double>(i));
+  const Tensor fed = Tensor::from(values, {n}, DType::f32);
+  for (double rate : {0.5, 0.3, 0.1, 0.9, 1e-9, 0.999999}) {
+    Graph g;
+    Value x = g.input("x", {n});
+    auto outputs = dropout_with_mask(x, rate, 11);
+    Plan reference = compile(g, outputs, {.backend = Backend::reference});
+    const auto expected = reference.run({{x, fed}}, training(4));
+    const std::vector<double> expected_y = expected[0].to_doubles();
+    const std::vector<double> expected_mask = expected[1].to_doubles();
+    for (int threads : {1, 2}) {
+      set_num_threads(threads);
+      Plan fast = compile(g, outputs);
+      const auto got = fast.run({{x, fed}}, training(4));
+      ASSERT_EQ(got[1].to_doubles(), expected_mask) << "rate " << rate << ", " << threads;
+      ASSERT_EQ(got[0].to_doubles(), expected_y) << "rate " << rate << ", " << threads;
+    }
+    set_num_threads(saved_threads);
+  }
+}
+
 TEST(Dropout, TwoNodesWithOneSeedDrawDifferentMasks) {
   Graph g;
   Value x = g.input("x", {1000});
