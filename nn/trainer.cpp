@@ -237,20 +237,21 @@ History Trainer::fit(const data::Dataset& train, const data::Dataset* validation
       }
       data_loss = (*out)[0].item();
       regularization = (*out)[1].item();
+      if (update_in_plan_) ++plan_updates_;  // the plan has updated the parameters already
       if (options_.on_step && !options_.on_step(step_ + 1, data_loss)) {
+        if (update_in_plan_) ++step_;  // a step taken, though not counted in the epoch's means
         stop_requested = true;
         break;
       }
       if (!std::isfinite(data_loss) || !std::isfinite(regularization)) {
+        store_plan_state();
         throw Error(fmt::format(
             "Trainer: the loss became {} at step {} (epoch {}) with learning rate {}; lower the "
             "learning rate, clip gradients, or set check_finite to find the op",
             data_loss + regularization, step_ + 1, epoch, optimizer_.learning_rate()));
       }
       double norm = NAN;
-      if (update_in_plan_) {
-        ++plan_updates_;  // the plan has updated the parameters
-      } else {
+      if (!update_in_plan_) {
         for (std::size_t k = 0; k < grads.size(); ++k) grads[k] = (*out)[first_grad + k];
         if (options_.clip_norm > 0) {
           norm = clip_grad_norm(grads, options_.clip_norm);

@@ -339,6 +339,34 @@ TEST(Trainer, UpdateInThePlanGivesTheSameBitsAsTheOptimiserAfterIt) {
   }
 }
 
+// on_step sees a step's loss after the plan ran; with the update in the plan that step's update
+// has been applied, so stopping at step 3 leaves 3 updates (after the plan: 2, the third not
+// taken). Both leave the same parameters after the same number of updates.
+TEST(Trainer, OnStepStopsAfterTheUpdateWhenItRunsInThePlan) {
+  auto train = blobs(96, 1);
+  std::vector<std::vector<double>> params;
+  for (bool in_plan : {true, false}) {
+    Model model(parse_layers("dense:8,relu,dense:3"), small_options());
+    Momentum momentum(MomentumOptions{.learning_rate = 0.05});
+    const std::int64_t stop_at = in_plan ? 3 : 4;
+    Trainer trainer(model, momentum, nullptr,
+                    {.epochs = 2,
+                     .batch_size = 16,
+                     .quiet = true,
+                     .update_in_plan = in_plan,
+                     .on_step = [&](std::int64_t step, double) { return step < stop_at; }});
+    ASSERT_EQ(trainer.updates_in_plan(), in_plan);
+    trainer.fit(train);
+    EXPECT_EQ(trainer.steps(), 3) << in_plan;
+    EXPECT_EQ(momentum.steps(), 3) << in_plan;
+    params.emplace_back();
+    for (const auto& p : model.parameters()) {
+      for (double v : model.graph().value_of(p).to_doubles()) params.back().push_back(v);
+    }
+  }
+  EXPECT_EQ(params[0], params[1]);
+}
+
 TEST(Trainer, UpdateInThePlanOnlyWhereNothingElseNeedsTheGradients) {
   auto train = blobs(48, 1);
   struct Case {
