@@ -7,7 +7,8 @@
 //   Evaluation test = trainer.evaluate(test_set);
 //
 // Each epoch: seeded shuffling (the order is a function of seed and epoch), mini-batches (or the
-// full batch, or one example at a time), the optimiser step after optional gradient clipping,
+// full batch, or one example at a time), the optimiser step after optional gradient clipping
+// (SGD, momentum and Nesterov without clipping run inside the training plan: update_in_plan),
 // then validation in inference mode. The training loss is averaged over the epoch and reported
 // at mid-epoch (epoch − 0.5) so that train and validation curves line up; a moving average of
 // the per-step loss drives the progress line. The regularisation loss (penalties) is reported
