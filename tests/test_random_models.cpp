@@ -1,0 +1,400 @@
+// Randomly drawn models, each run four ways: the default plan (fusion, memory reuse, dagrad's
+// own kernels and oneDNN), the debugging plan (no fusion, every value in its own buffer), the
+// reference backend (plain loops) in f32, and the reference backend on the same model in f64,
+// which gives the exact loss and gradients to within ~1e-15. The f32 plans must be as close to
+// the exact values as f32 allows (see tolerance(): 1e-3 of each output's largest exact value,
+// plus 8x the f32 reference backend's own error on it, which is large where the model makes a
+// gradient ill-conditioned, plus 1e-5 of the model's largest value). Over 3,000 cases the
+// largest error was 0.34 of its bound; dropping one row from the small-batch kernel's bias sum,
+// or one image from the pooled convolution's bias gradient, fails dozens of cases. A plan with
+// the SGD update inside it must change the parameters as the formula says.
+// The pattern tests in test_fusion.cpp check each fusion on its own; these cases put fusions,
+// in-place steps and buffer reuse together in stacks nobody wrote by hand (odd sizes, batches
+// of one, layers of one unit, strides, padding, batch norm, dropout, tanh and sigmoid next to
+// relu, three losses).
+#include <fmt/format.h>
+#include <gtest/gtest.h>
+
+#include <algorithm>
+#include <cmath>
+#include <cstdlib>
+#include <random>
+#include <sstream>
+
+#include "dagrad.hpp"
+#include "registry_support.hpp"
+
+namespace dagrad {
+namespace {
+
+struct RandomModel {
+  Graph graph;
+  Value x;
+  std::vector<Value> params;  // trainable, in creation order
+  Value loss;
+  std::vector<Value> wrt;  // what gradients are asked for: params, and sometimes x
+  Feeds feeds;
+  bool training = false;
+  std::string description;
+};
+
+class ModelDrawer {
+ public:
+  // The same seed draws the same model and values in either dtype (f64 models hold the f32
+  // values, so that both compute the same function).
+  ModelDrawer(std::uint64_t seed, DType dtype) : rng_(seed), seed_(seed), dtype_(dtype) {}
+
+  std::unique_ptr<RandomModel> draw() {
+    auto m = std::make_unique<RandomModel>();
+    m->training = chance(0.7);
+    Value h = chance(0.5) ? convolutional(*m) : dense_input(*m);
+    const std::int64_t classes = pick<std::int64_t>({2, 3, 10});
+    h = dense(*m, h, classes, /*bias=*/chance(0.8));
+    loss(*m, h, classes);
+    m->wrt = m->params;
+    if (chance(0.3)) {
+      m->wrt.push_back(m->x);
+      out_ << " +dx";
+    }
+    m->description = out_.str();
+    return m;
+  }
+
+ private:
+  bool chance(double p) { return std::uniform_real_distribution<double>(0, 1)(rng_) < p; }
+  std::int64_t between(std::int64_t low, std::int64_t high) {
+    return std::uniform_int_distribution<std::int64_t>(low, high)(rng_);
+  }
+  template <class T>
+  T pick(std::initializer_list<T> values) {
+    return *(values.begin() + between(0, static_cast<std::int64_t>(values.size()) - 1));
+  }
+  Tensor random(Shape shape, double scale) {
+    return testing::uniform_tensor(std::move(shape), seed_ * 1000 + ++tensors_, -scale, scale)
+        .to(dtype_);
+  }
+  Value parameter(RandomModel& m, Shape shape, double scale) {
+    Value p = m.graph.parameter(fmt::format("p{}", m.params.size()), random(shape, scale));
+    m.params.push_back(p);
+    return p;
+  }
+
+  Value dense_input(RandomModel& m) {
+    const std::int64_t batch = pick<std::int64_t>({1, 2, 7, 32, 33, 64, 130});
+    const std::int64_t features = pick<std::int64_t>({3, 16, 31, 64, 100});
+    m.x = m.graph.input("x", {batch, features}, dtype_);
+    m.feeds.push_back({m.x, random({batch, features}, 1.0)});
+    out_ << "x[" << batch << "," << features << "]";
+    Value h = m.x;
+    const std::int64_t layers = between(0, 2);
+    for (std::int64_t l = 0; l < layers; ++l) {
+      // No bias before batch norm (models leave it out: its gradient is 0 up to rounding).
+      const bool batch_norm = batch > 1 && chance(0.2);
+      h = dense(m, h, pick<std::int64_t>({1, 5, 16, 24, 64, 100}), !batch_norm && chance(0.8));
+      if (batch_norm) h = norm(m, h);
+      h = activation(h);
+      if (m.training && chance(0.25)) {
+        h = dropout(h, 0.3, static_cast<std::int64_t>(l));
+        out_ << " dropout";
+      }
+    }
+    return h;
+  }
+
+  Value convolutional(RandomModel& m) {
+    const std::int64_t batch = pick<std::int64_t>({1, 2, 3, 5, 8});
+    std::int64_t channels = pick<std::int64_t>({1, 2, 3, 8, 9});
+    std::int64_t height = between(5, 12), width = between(5, 12);
+    m.x = m.graph.input("x", {batch, channels, height, width}, dtype_);
+    m.feeds.push_back({m.x, random({batch, channels, height, width}, 1.0)});
+    out_ << "x[" << batch << "," << channels << "," << height << "," << width << "]";
+    Value h = m.x;
+    const std::int64_t blocks = between(1, 2);
+    for (std::int64_t b = 0; b < blocks; ++b) {
+      const std::int64_t outputs = pick<std::int64_t>({1, 4, 7, 8, 16});
+      std::int64_t kernel = pick<std::int64_t>({1, 2, 3, 5});
+      kernel = std::min({kernel, height, width});
+      const std::int64_t padding = between(0, kernel / 2);
+      const std::int64_t stride = chance(0.25) ? 2 : 1;
+      const std::int64_t out_height = (height + 2 * padding - kernel) / stride + 1;
+      const std::int64_t out_width = (width + 2 * padding - kernel) / stride + 1;
+      const bool batch_norm = batch * out_height * out_width > 1 && chance(0.3);
+      const bool bias = !batch_norm && chance(0.7);
+      Value w = parameter(m, {outputs, channels, kernel, kernel},
+                          1.0 / std::sqrt(double(channels * kernel * kernel)));
+      std::optional<Value> bias_value;
+      if (bias) bias_value = parameter(m, {outputs}, 0.1);
+      h = conv2d(h, w, bias_value, {.stride = {stride, stride}, .padding = {padding, padding}});
+      out_ << " conv" << outputs << "k" << kernel << "p" << padding << "s" << stride
+           << (bias ? "b" : "");
+      channels = outputs;
+      height = h.shape()[2];
+      width = h.shape()[3];
+      if (batch_norm) h = norm(m, h);
+      h = activation(h);
+      const int pool = static_cast<int>(between(0, 3));  // 0, 1: 2x2 stride 2; 2: 3x3/1; 3: none
+      if (pool <= 1 && height >= 2 && width >= 2) {
+        h = max_pool2d(h, {2, 2}, {2, 2});
+        out_ << " pool2";
+      } else if (pool == 2 && height >= 3 && width >= 3) {
+        h = max_pool2d(h, {3, 3}, {1, 1});
+        out_ << " pool3s1";
+      }
+      height = h.shape()[2];
+      width = h.shape()[3];
+    }
+    out_ << " flatten";
+    return flatten(h);
+  }
+
+  Value dense(RandomModel& m, const Value& h, std::int64_t units, bool bias) {
+    const std::int64_t in = h.shape()[1];
+    Value w = parameter(m, {in, units}, 1.0 / std::sqrt(double(in)));
+    Value y = matmul(h, w);
+    if (bias) y = y + parameter(m, {units}, 0.1);
+    out_ << " dense" << units << (bias ? "b" : "");
+    return y;
+  }
+
+  Value norm(RandomModel& m, const Value& h) {
+    const std::int64_t c = h.shape()[1];
+    Value gamma = parameter(m, {c}, 1.0);
+    Value beta = parameter(m, {c}, 0.5);
+    Value mean =
+        m.graph.parameter(fmt::format("mean{}", m.params.size()), Tensor::full({c}, 0.0, dtype_),
+                          /*trainable=*/false);
+    Value var =
+        m.graph.parameter(fmt::format("var{}", m.params.size()), Tensor::full({c}, 1.0, dtype_),
+                          /*trainable=*/false);
+    out_ << " batchnorm";
+    return batch_norm(h, gamma, beta, mean, var);
+  }
+
+  Value activation(const Value& h) {
+    switch (between(0, 5)) {
+      case 0:
+        out_ << " tanh";
+        return tanh(h);
+      case 1:
+        out_ << " sigmoid";
+        return sigmoid(h);
+      case 2:
+        return h;
+      default:
+        out_ << " relu";
+        return relu(h);
+    }
+  }
+
+  void loss(RandomModel& m, const Value& z, std::int64_t classes) {
+    const std::int64_t batch = z.shape()[0];
+    switch (between(0, 3)) {
+      case 0: {
+        Value t = m.graph.input("t", {batch, classes}, dtype_);
+        m.feeds.push_back({t, random({batch, classes}, 1.0)});
+        m.loss = mse(z, t);
+        out_ << " mse";
+        return;
+      }
+      case 1:
+        m.loss = sum(z * z) * 0.01;
+        out_ << " sum(z*z)";
+        return;
+      default: {
+        Value labels = m.graph.input("labels", {batch}, DType::i32);
+        std::vector<std::int32_t> values(static_cast<std::size_t>(batch));
+        for (auto& v : values) v = static_cast<std::int32_t>(between(0, classes - 1));
+        m.feeds.push_back({labels, Tensor::from_ints(values, {batch})});
+        m.loss = sparse_cross_entropy(z, labels);
+        out_ << " sparse_cross_entropy";
+        return;
+      }
+    }
+  }
+
+  std::mt19937_64 rng_;
+  std::uint64_t seed_;
+  DType dtype_;
+  std::uint64_t tensors_ = 0;
+  std::ostringstream out_;
+};
+
+double max_abs(const Tensor& t) {
+  double m = 0;
+  for (std::int64_t i = 0; i < t.numel(); ++i) m = std::max(m, std::abs(t.at(i)));
+  return m;
+}
+
+double max_difference(const Tensor& a, const Tensor& b) {
+  double m = 0;
+  for (std::int64_t i = 0; i < a.numel(); ++i) m = std::max(m, std::abs(a.at(i) - b.at(i)));
+  return m;
+}
+
+// How far an f32 result may be from the exact one: 1e-3 of the exact output's largest value,
+// plus 8x the f32 reference backend's largest error on it, plus 1e-5 of `scale`, the largest
+// exact value of any output of the model (for gradients that are 0 up to rounding, such as
+// those of a channel that batch norm normalises away). Rounding stays well inside (f32 sums
+// that cancel, e.g. a bias gradient Σ (softmax − onehot), lose up to ~2e-4 of the largest
+// value); a wrong element, stale buffer or missed fusion input is off by the order of the
+// values themselves.
+double tolerance(const Tensor& exact, const Tensor& reference_f32, double scale) {
+  return 1e-3 * max_abs(exact) + 8 * max_difference(reference_f32, exact) + 1e-5 * scale;
+}
+
+double largest_of_all(const std::vector<Tensor>& values) {
+  double m = 0;
+  for (const Tensor& t : values) m = std::max(m, max_abs(t));
+  return m;
+}
+
+void expect_close(const Tensor& actual, const Tensor& exact, double bound,
+                  const std::string& what) {
+  ASSERT_EQ(actual.shape(), exact.shape()) << what;
+  for (std::int64_t i = 0; i < exact.numel(); ++i) {
+    ASSERT_TRUE(std::isfinite(actual.at(i))) << what << " element " << i;
+    ASSERT_NEAR(actual.at(i), exact.at(i), bound) << what << " element " << i;
+  }
+}
+
+std::vector<Tensor> run_cloned(Plan& plan, const Feeds& feeds, bool training) {
+  std::vector<Tensor> out;
+  for (const Tensor& t : plan.run(feeds, {.training = training, .seed = 5})) {
+    out.push_back(t.clone());
+  }
+  return out;
+}
+
+// 1,000 models per test (about 5 s each). Environment: DAGRAD_RANDOM_MODELS=N draws N instead;
+// DAGRAD_RANDOM_MODELS_ONLY=K runs case K alone; DAGRAD_RANDOM_MODELS_TRACE=1 prints each case
+// before running it (a crash inside a kernel prints nothing else).
+int case_count() {
+  const char* text = std::getenv("DAGRAD_RANDOM_MODELS");
+  return text != nullptr ? std::max(1, std::atoi(text)) : 1000;
+}
+
+bool skipped(int c, const std::string& description) {
+  if (std::getenv("DAGRAD_RANDOM_MODELS_TRACE") != nullptr) {
+    fmt::print(stderr, "case {}: {}\n", c, description);
+  }
+  const char* only = std::getenv("DAGRAD_RANDOM_MODELS_ONLY");
+  return only != nullptr && std::atoi(only) != c;
+}
+
+struct ModelPair {
+  std::unique_ptr<RandomModel> f32, f64;
+};
+
+ModelPair draw_pair(int c) {
+  const auto seed = static_cast<std::uint64_t>(c) + 1;
+  return {ModelDrawer(seed, DType::f32).draw(), ModelDrawer(seed, DType::f64).draw()};
+}
+
+TEST(RandomModels, DefaultAndDebugPlansAreAsExactAsTheReferenceBackend) {
+  const int cases = case_count();
+  int run = 0, fused_cases = 0;
+  for (int c = 0; c < cases; ++c) {
+    ModelPair m = draw_pair(c);
+    if (skipped(c, m.f32->description)) continue;
+    ++run;
+    SCOPED_TRACE(fmt::format("case {}: {}", c, m.f32->description));
+    ASSERT_EQ(m.f32->description, m.f64->description);
+    std::vector<Value> outputs = grad(m.f32->loss, m.f32->wrt);
+    outputs.insert(outputs.begin(), m.f32->loss);
+    std::vector<Value> outputs64 = grad(m.f64->loss, m.f64->wrt);
+    outputs64.insert(outputs64.begin(), m.f64->loss);
+
+    Plan exact_plan = compile(m.f64->graph, outputs64, {.backend = Backend::reference});
+    Plan reference = compile(m.f32->graph, outputs, {.backend = Backend::reference});
+    Plan debug = compile(m.f32->graph, outputs, {.reuse_memory = false, .fuse = false});
+    Plan fast = compile(m.f32->graph, outputs);
+    const auto exact = run_cloned(exact_plan, m.f64->feeds, m.f64->training);
+    const auto reference_f32 = run_cloned(reference, m.f32->feeds, m.f32->training);
+    const auto plain = run_cloned(debug, m.f32->feeds, m.f32->training);
+    const auto fused = run_cloned(fast, m.f32->feeds, m.f32->training);
+    if (!fast.fused_patterns().empty()) ++fused_cases;
+    const double scale = largest_of_all(exact);
+    for (std::size_t k = 0; k < outputs.size(); ++k) {
+      const std::string what = k == 0 ? "loss" : fmt::format("gradient {}", k - 1);
+      const double bound = tolerance(exact[k], reference_f32[k], scale);
+      expect_close(plain[k], exact[k], bound, "debug plan, " + what);
+      expect_close(fused[k], exact[k], bound, "default plan, " + what);
+    }
+    // A second run of the same plan gives the same bits (no state left behind by buffer reuse
+    // or in-place steps).
+    const auto again = run_cloned(fast, m.f32->feeds, m.f32->training);
+    for (std::size_t k = 0; k < outputs.size(); ++k) {
+      EXPECT_EQ(testing::bytes_of(again[k]), testing::bytes_of(fused[k])) << "output " << k;
+    }
+  }
+  EXPECT_GT(fused_cases, run / 2);  // the draws do exercise the fusion pass
+}
+
+// Two steps of SGD with weight decay, plain or with momentum or Nesterov, run by the plan,
+// against the formula applied to the exact gradients at the same parameters.
+TEST(RandomModels, TheUpdateInsideThePlanFollowsTheFormula) {
+  const int cases = case_count();
+  for (int c = 0; c < cases; ++c) {
+    ModelPair m = draw_pair(c);
+    if (skipped(c, m.f32->description)) continue;
+    SCOPED_TRACE(fmt::format("case {}: {}", c, m.f32->description));
+    const double lr = 0.05, decay = 1e-3, gamma = c % 3 == 0 ? 0.0 : 0.9;
+    const bool nesterov = c % 3 == 2;
+    Plan exact_plan =
+        compile(m.f64->graph, grad(m.f64->loss, m.f64->params), {.backend = Backend::reference});
+    std::vector<Value> grads = grad(m.f32->loss, m.f32->params);
+    Plan reference = compile(m.f32->graph, grads, {.backend = Backend::reference});
+    Plan update = compile(m.f32->graph, {m.f32->loss},
+                          SGDUpdate{.params = m.f32->params,
+                                    .grads = grads,
+                                    .weight_decay = decay,
+                                    .momentum = gamma,
+                                    .nesterov = nesterov});
+    const std::size_t count = m.f32->params.size();
+    std::vector<std::vector<double>> velocity(count);
+    std::vector<double> previous_tolerance(count, 0.0);
+    for (int step = 0; step < 2; ++step) {
+      // The exact gradients at the f32 model's current parameters.
+      for (std::size_t p = 0; p < count; ++p) {
+        m.f64->graph.mutable_node(m.f64->params[p].node_id())
+            .data.copy_from(m.f32->params[p].node().data.to(DType::f64));
+      }
+      const auto g = run_cloned(exact_plan, m.f64->feeds, m.f64->training);
+      const auto g32 = run_cloned(reference, m.f32->feeds, m.f32->training);
+      const double scale = largest_of_all(g);
+      std::vector<Tensor> before;
+      std::vector<std::vector<double>> change(count);
+      for (std::size_t p = 0; p < count; ++p) {
+        const Tensor& w = m.f32->params[p].node().data;
+        before.push_back(w.clone());
+        velocity[p].resize(static_cast<std::size_t>(w.numel()), 0.0);
+        for (std::int64_t i = 0; i < w.numel(); ++i) {
+          const double d = g[p].at(i) + decay * w.at(i);
+          double& v = velocity[p][static_cast<std::size_t>(i)];
+          v = gamma * v - lr * d;
+          change[p].push_back(gamma == 0 ? -lr * d : nesterov ? gamma * v - lr * d : v);
+        }
+      }
+      update.run(m.f32->feeds, {.training = m.f32->training, .seed = 5, .learning_rate = lr});
+      // Each change within what the gradients' tolerance allows through the formula (this
+      // step's and, through the velocity, the last one's), plus f32 rounding of the update.
+      for (std::size_t p = 0; p < count; ++p) {
+        const Tensor& w = m.f32->params[p].node().data;
+        double largest = 0;
+        for (double d : change[p]) largest = std::max(largest, std::abs(d));
+        ASSERT_GT(largest, 0.0) << "parameter " << p << " does not change";
+        const double gradient = tolerance(g[p], g32[p], scale);
+        const double bound = lr * (1 + gamma) * (gradient + gamma * previous_tolerance[p]) +
+                             1e-4 * largest + 4 * 6e-8 * (max_abs(w) + 1);
+        previous_tolerance[p] = gradient;
+        for (std::int64_t i = 0; i < w.numel(); ++i) {
+          ASSERT_NEAR(w.at(i) - before[p].at(i), change[p][static_cast<std::size_t>(i)], bound)
+              << "step " << step << ", parameter " << p << ", element " << i;
+        }
+      }
+    }
+  }
+}
+
+}  // namespace
+}  // namespace dagrad
