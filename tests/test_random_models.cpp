@@ -10,8 +10,9 @@
 // the SGD update inside it must change the parameters as the formula says.
 // The pattern tests in test_fusion.cpp check each fusion on its own; these cases put fusions,
 // in-place steps and buffer reuse together in stacks nobody wrote by hand (odd sizes, batches
-// of one, layers of one unit, strides, padding, batch norm, dropout, tanh and sigmoid next to
-// relu, three losses).
+// of one, layers of one unit, strides, dilation, groups, padding, residual connections,
+// transposed weights, batch and layer norm, dropout, max, average and global pooling, seven
+// activations, three losses).
 #include <fmt/format.h>
 #include <gtest/gtest.h>
 
@@ -80,7 +81,8 @@ class ModelDrawer {
   }
 
   Value dense_input(RandomModel& m) {
-    const std::int64_t batch = pick<std::int64_t>({1, 2, 7, 32, 33, 64, 130});
+    // Batches past 128 and 256 take the small-batch weight-gradient kernel's chunked path.
+    const std::int64_t batch = pick<std::int64_t>({1, 2, 7, 32, 33, 64, 130, 300});
     const std::int64_t features = pick<std::int64_t>({3, 16, 31, 64, 100});
     m.x = m.graph.input("x", {batch, features}, dtype_);
     m.feeds.push_back({m.x, random({batch, features}, 1.0)});
@@ -88,14 +90,28 @@ class ModelDrawer {
     Value h = m.x;
     const std::int64_t layers = between(0, 2);
     for (std::int64_t l = 0; l < layers; ++l) {
+      // A residual block keeps the width: h + f(h), f's input read twice.
+      const bool residual = chance(0.2);
+      const Value input = h;
+      const std::int64_t units =
+          residual ? h.shape()[1] : pick<std::int64_t>({1, 5, 16, 24, 64, 100});
       // No bias before batch norm (models leave it out: its gradient is 0 up to rounding).
       const bool batch_norm = batch > 1 && chance(0.2);
-      h = dense(m, h, pick<std::int64_t>({1, 5, 16, 24, 64, 100}), !batch_norm && chance(0.8));
-      if (batch_norm) h = norm(m, h);
+      h = dense(m, h, units, !batch_norm && chance(0.8));
+      if (batch_norm) {
+        h = norm(m, h);
+      } else if (units > 1 && chance(0.15)) {
+        h = layer_norm(h, parameter(m, {units}, 1.0), parameter(m, {units}, 0.5));
+        out_ << " layernorm";
+      }
       h = activation(h);
       if (m.training && chance(0.25)) {
         h = dropout(h, 0.3, static_cast<std::int64_t>(l));
         out_ << " dropout";
+      }
+      if (residual) {
+        h = h + input;
+        out_ << " +residual";
       }
     }
     return h;
@@ -104,55 +120,88 @@ class ModelDrawer {
   Value convolutional(RandomModel& m) {
     const std::int64_t batch = pick<std::int64_t>({1, 2, 3, 5, 8});
     std::int64_t channels = pick<std::int64_t>({1, 2, 3, 8, 9});
-    std::int64_t height = between(5, 12), width = between(5, 12);
+    // Sometimes images wide enough for the pooling kernels' 16- and 8-column vector loops.
+    const bool large = chance(0.2);
+    std::int64_t height = large ? between(16, 30) : between(5, 12);
+    std::int64_t width = large ? between(16, 30) : between(5, 12);
     m.x = m.graph.input("x", {batch, channels, height, width}, dtype_);
     m.feeds.push_back({m.x, random({batch, channels, height, width}, 1.0)});
     out_ << "x[" << batch << "," << channels << "," << height << "," << width << "]";
     Value h = m.x;
     const std::int64_t blocks = between(1, 2);
     for (std::int64_t b = 0; b < blocks; ++b) {
-      const std::int64_t outputs = pick<std::int64_t>({1, 4, 7, 8, 16});
-      std::int64_t kernel = pick<std::int64_t>({1, 2, 3, 5});
-      kernel = std::min({kernel, height, width});
-      const std::int64_t padding = between(0, kernel / 2);
-      const std::int64_t stride = chance(0.25) ? 2 : 1;
-      const std::int64_t out_height = (height + 2 * padding - kernel) / stride + 1;
-      const std::int64_t out_width = (width + 2 * padding - kernel) / stride + 1;
+      // A residual block: same channels and size (stride 1, odd kernel, same padding).
+      const bool residual = chance(0.15);
+      const Value input = h;
+      const std::int64_t outputs = residual ? channels : pick<std::int64_t>({1, 4, 7, 8, 16});
+      std::int64_t kernel = residual
+                                ? (std::min(height, width) >= 3 ? pick<std::int64_t>({1, 3}) : 1)
+                                : pick<std::int64_t>({1, 2, 3, 5});
+      const std::int64_t dilation = !residual && kernel > 1 && chance(0.15) ? 2 : 1;
+      while (kernel > 1 && dilation * (kernel - 1) + 1 > std::min(height, width)) --kernel;
+      const std::int64_t span = dilation * (kernel - 1) + 1;
+      const std::int64_t padding = residual ? span / 2 : between(0, kernel / 2);
+      const std::int64_t stride = !residual && chance(0.25) ? 2 : 1;
+      const std::int64_t groups = channels % 2 == 0 && outputs % 2 == 0 && chance(0.2) ? 2 : 1;
+      const std::int64_t out_height = (height + 2 * padding - span) / stride + 1;
+      const std::int64_t out_width = (width + 2 * padding - span) / stride + 1;
       const bool batch_norm = batch * out_height * out_width > 1 && chance(0.3);
       const bool bias = !batch_norm && chance(0.7);
-      Value w = parameter(m, {outputs, channels, kernel, kernel},
-                          1.0 / std::sqrt(double(channels * kernel * kernel)));
+      Value w = parameter(m, {outputs, channels / groups, kernel, kernel},
+                          1.0 / std::sqrt(double(channels / groups * kernel * kernel)));
       std::optional<Value> bias_value;
       if (bias) bias_value = parameter(m, {outputs}, 0.1);
-      h = conv2d(h, w, bias_value, {.stride = {stride, stride}, .padding = {padding, padding}});
+      h = conv2d(h, w, bias_value,
+                 {.stride = {stride, stride},
+                  .padding = {padding, padding},
+                  .dilation = {dilation, dilation},
+                  .groups = groups});
       out_ << " conv" << outputs << "k" << kernel << "p" << padding << "s" << stride
-           << (bias ? "b" : "");
+           << (dilation > 1 ? "d2" : "") << (groups > 1 ? "g2" : "") << (bias ? "b" : "");
       channels = outputs;
-      height = h.shape()[2];
-      width = h.shape()[3];
       if (batch_norm) h = norm(m, h);
       h = activation(h);
-      const int pool = static_cast<int>(between(0, 3));  // 0, 1: 2x2 stride 2; 2: 3x3/1; 3: none
+      if (residual) {
+        h = h + input;
+        out_ << " +residual";
+      }
+      height = h.shape()[2];
+      width = h.shape()[3];
+      // 0, 1: 2x2 max stride 2; 2: 3x3 max stride 1; 3: 2x2 average stride 2 (padding 1 when
+      // odd); 4: none
+      const int pool = static_cast<int>(between(0, 4));
       if (pool <= 1 && height >= 2 && width >= 2) {
         h = max_pool2d(h, {2, 2}, {2, 2});
         out_ << " pool2";
       } else if (pool == 2 && height >= 3 && width >= 3) {
         h = max_pool2d(h, {3, 3}, {1, 1});
         out_ << " pool3s1";
+      } else if (pool == 3 && height >= 2 && width >= 2) {
+        const std::int64_t pad = height % 2;
+        h = avg_pool2d(h, {2, 2}, {2, 2}, {pad, pad});
+        out_ << " avgpool2p" << pad;
       }
       height = h.shape()[2];
       width = h.shape()[3];
+    }
+    if (chance(0.2)) {
+      out_ << " globalavgpool";
+      return global_avg_pool(h);
     }
     out_ << " flatten";
     return flatten(h);
   }
 
+  // x·W (+ b); sometimes with W stored transposed, [units, in], and read through a transpose
+  // (which the plan folds into the product).
   Value dense(RandomModel& m, const Value& h, std::int64_t units, bool bias) {
     const std::int64_t in = h.shape()[1];
-    Value w = parameter(m, {in, units}, 1.0 / std::sqrt(double(in)));
-    Value y = matmul(h, w);
+    const bool transposed = chance(0.15);
+    Value y = transposed
+                  ? matmul(h, transpose(parameter(m, {units, in}, 1.0 / std::sqrt(double(in)))))
+                  : matmul(h, parameter(m, {in, units}, 1.0 / std::sqrt(double(in))));
     if (bias) y = y + parameter(m, {units}, 0.1);
-    out_ << " dense" << units << (bias ? "b" : "");
+    out_ << " dense" << units << (transposed ? "t" : "") << (bias ? "b" : "");
     return y;
   }
 
@@ -171,7 +220,7 @@ class ModelDrawer {
   }
 
   Value activation(const Value& h) {
-    switch (between(0, 5)) {
+    switch (between(0, 8)) {
       case 0:
         out_ << " tanh";
         return tanh(h);
@@ -180,6 +229,15 @@ class ModelDrawer {
         return sigmoid(h);
       case 2:
         return h;
+      case 3:
+        out_ << " leaky_relu";
+        return leaky_relu(h, 0.1);
+      case 4:
+        out_ << " gelu";
+        return gelu(h);
+      case 5:
+        out_ << " elu";
+        return elu(h);
       default:
         out_ << " relu";
         return relu(h);
