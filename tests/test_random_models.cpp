@@ -84,7 +84,7 @@ class ModelDrawer {
     // Batches past 128 and 256 take the small-batch weight-gradient kernel's chunked path.
     const std::int64_t batch = pick<std::int64_t>({1, 2, 7, 32, 33, 64, 130, 300});
     const std::int64_t features = pick<std::int64_t>({3, 16, 31, 64, 100});
-    m.x = m.graph.input("x", {batch, features}, dtype_);
+    m.x = m.graph.input("x", {batch, features}, dtype_, /*batch_dynamic=*/true);
     m.feeds.push_back({m.x, random({batch, features}, 1.0)});
     out_ << "x[" << batch << "," << features << "]";
     Value h = m.x;
@@ -124,7 +124,7 @@ class ModelDrawer {
     const bool large = chance(0.2);
     std::int64_t height = large ? between(16, 30) : between(5, 12);
     std::int64_t width = large ? between(16, 30) : between(5, 12);
-    m.x = m.graph.input("x", {batch, channels, height, width}, dtype_);
+    m.x = m.graph.input("x", {batch, channels, height, width}, dtype_, /*batch_dynamic=*/true);
     m.feeds.push_back({m.x, random({batch, channels, height, width}, 1.0)});
     out_ << "x[" << batch << "," << channels << "," << height << "," << width << "]";
     Value h = m.x;
@@ -248,7 +248,7 @@ class ModelDrawer {
     const std::int64_t batch = z.shape()[0];
     switch (between(0, 3)) {
       case 0: {
-        Value t = m.graph.input("t", {batch, classes}, dtype_);
+        Value t = m.graph.input("t", {batch, classes}, dtype_, /*batch_dynamic=*/true);
         m.feeds.push_back({t, random({batch, classes}, 1.0)});
         m.loss = mse(z, t);
         out_ << " mse";
@@ -259,7 +259,7 @@ class ModelDrawer {
         out_ << " sum(z*z)";
         return;
       default: {
-        Value labels = m.graph.input("labels", {batch}, DType::i32);
+        Value labels = m.graph.input("labels", {batch}, DType::i32, /*batch_dynamic=*/true);
         std::vector<std::int32_t> values(static_cast<std::size_t>(batch));
         for (auto& v : values) v = static_cast<std::int32_t>(between(0, classes - 1));
         m.feeds.push_back({labels, Tensor::from_ints(values, {batch})});
@@ -313,6 +313,20 @@ void expect_close(const Tensor& actual, const Tensor& exact, double bound,
     ASSERT_TRUE(std::isfinite(actual.at(i))) << what << " element " << i;
     ASSERT_NEAR(actual.at(i), exact.at(i), bound) << what << " element " << i;
   }
+}
+
+// The feeds' first `rows` examples (every input of these models has the batch first).
+Feeds first_rows(const Feeds& feeds, std::int64_t rows) {
+  Feeds out;
+  for (const auto& [value, tensor] : feeds) {
+    std::vector<std::int64_t> dims = tensor.shape().dims();
+    const std::int64_t per_row = tensor.numel() / dims[0];
+    dims[0] = rows;
+    std::vector<double> values = tensor.to_doubles();
+    values.resize(static_cast<std::size_t>(rows * per_row));
+    out.push_back({value, Tensor::from(values, Shape(dims), tensor.dtype())});
+  }
+  return out;
 }
 
 std::vector<Tensor> run_cloned(Plan& plan, const Feeds& feeds, bool training) {
@@ -378,8 +392,23 @@ TEST(RandomModels, DefaultAndDebugPlansAreAsExactAsTheReferenceBackend) {
       expect_close(plain[k], exact[k], bound, "debug plan, " + what);
       expect_close(fused[k], exact[k], bound, "default plan, " + what);
     }
-    // A second run of the same plan gives the same bits (no state left behind by buffer reuse
-    // or in-place steps).
+    // The same plans on about half the batch (the plan specialises again, as for a training
+    // set's short last batch), then the full batch again: the same bits as its first run (no
+    // state left behind by buffer reuse, in-place steps or the other specialisation).
+    const std::int64_t batch = m.f32->x.shape()[0];
+    if (batch >= 3) {
+      const std::int64_t half = (batch + 1) / 2;
+      const Feeds feeds = first_rows(m.f32->feeds, half), feeds64 = first_rows(m.f64->feeds, half);
+      const auto exact_half = run_cloned(exact_plan, feeds64, m.f64->training);
+      const auto reference_half = run_cloned(reference, feeds, m.f32->training);
+      const auto fused_half = run_cloned(fast, feeds, m.f32->training);
+      const double half_scale = largest_of_all(exact_half);
+      for (std::size_t k = 0; k < outputs.size(); ++k) {
+        expect_close(fused_half[k], exact_half[k],
+                     tolerance(exact_half[k], reference_half[k], half_scale),
+                     fmt::format("default plan at batch {}, output {}", half, k));
+      }
+    }
     const auto again = run_cloned(fast, m.f32->feeds, m.f32->training);
     for (std::size_t k = 0; k < outputs.size(); ++k) {
       EXPECT_EQ(testing::bytes_of(again[k]), testing::bytes_of(fused[k])) << "output " << k;
