@@ -8,6 +8,13 @@
 // largest error was 0.34 of its bound; dropping one row from the small-batch kernel's bias sum,
 // or one image from the pooled convolution's bias gradient, fails dozens of cases. A plan with
 // the SGD update inside it must change the parameters as the formula says.
+// One failure is not a bug: max pooling sends the gradient to each window's maximum, and where
+// two values of a window differ by a rounding error, f32 kernels (oneDNN sums in f32) and the
+// exact model may pick different ones. The loss and the forward values then agree, and only the
+// gradients behind that pooling differ (and so the update), in the default and the debug plan
+// alike. In 20,000
+// cases this happened twice (cases 16542 and 19273, both 3x3 stride-1 pooling of images over
+// 24 pixels wide); the 1,000 cases run by default have none.
 // The pattern tests in test_fusion.cpp check each fusion on its own; these cases put fusions,
 // in-place steps and buffer reuse together in stacks nobody wrote by hand (odd sizes, batches
 // of one, layers of one unit, strides, dilation, groups, padding, residual connections,
