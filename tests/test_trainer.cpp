@@ -1,5 +1,6 @@
 // Layers, models and the Trainer: layer text, presets, parameter counts, learning on a
 // synthetic problem, early stopping, resume equivalence, NaN handling, outputs on disk.
+#include <fmt/format.h>
 #include <gtest/gtest.h>
 
 #include <filesystem>
@@ -335,6 +336,86 @@ TEST(Trainer, UpdateInThePlanGivesTheSameBitsAsTheOptimiserAfterIt) {
     }
     for (std::size_t i = 0; i < params[0].size(); ++i) {
       EXPECT_EQ(params[0][i].to_doubles(), params[1][i].to_doubles()) << name << ", param " << i;
+    }
+  }
+}
+
+// The same comparison on randomly drawn layer stacks (dense or convolutional, with strides,
+// padding, batch norm, dropout, max and average pooling, several activations), optimisers
+// (SGD, momentum, Nesterov, with and without weight decay) and batch sizes (a short last batch
+// in most): the update inside the plan must leave the same bits as the optimiser after it.
+TEST(Trainer, RandomStacksUpdateInThePlanGiveTheSameBits) {
+  for (std::uint64_t seed = 1; seed <= 16; ++seed) {
+    std::mt19937_64 rng(seed);
+    auto between = [&](int low, int high) {
+      return std::uniform_int_distribution<int>(low, high)(rng);
+    };
+    const char* activations[] = {"relu", "tanh", "leaky_relu", "gelu", "identity"};
+    const bool image = between(0, 1) == 1;
+    const std::int64_t channels = between(1, 3), side = between(6, 10);
+    std::string text;
+    if (image) {
+      for (int b = between(1, 2); b > 0; --b) {
+        const int kernel = between(1, 3), stride = between(1, 2);
+        text += fmt::format("conv:{}:{}:{}:{},", between(1, 8), kernel, stride, kernel / 2);
+        if (between(0, 3) == 0) text += "batchnorm,";
+        text += fmt::format("{},", activations[between(0, 4)]);
+        if (between(0, 2) == 0) text += between(0, 1) ? "maxpool:2," : "avgpool:2,";
+      }
+    }
+    if (between(0, 1)) {
+      text += fmt::format("dense:{},{},", between(1, 20), activations[between(0, 4)]);
+      if (between(0, 2) == 0) text += "dropout:0.3,";
+    }
+    text += "dense:3";
+    const std::int64_t examples = between(20, 70), batch = between(4, 17);
+    SCOPED_TRACE(fmt::format("seed {}: {} ({} examples, batch {})", seed, text, examples, batch));
+    data::Dataset train;
+    train.num_classes = 3;
+    train.images = image ? Tensor({examples, channels, side, side}, DType::f32)
+                         : Tensor({examples, 8}, DType::f32);
+    train.labels = Tensor({examples}, DType::i32);
+    std::normal_distribution<double> normal(0.0, 1.0);
+    for (std::int64_t i = 0; i < train.images.numel(); ++i) train.images.set(i, normal(rng));
+    for (std::int64_t i = 0; i < examples; ++i) train.labels.set(i, between(0, 2));
+    ModelOptions options = small_options();
+    options.example_shape =
+        image ? std::vector<std::int64_t>{channels, side, side} : std::vector<std::int64_t>{8};
+    options.batch_size = batch;
+    const int kind = between(0, 2);
+    const double decay = between(0, 1) ? 1e-3 : 0.0;
+    std::vector<History> histories;
+    std::vector<std::vector<Tensor>> params, states;
+    for (bool in_plan : {true, false}) {
+      Model model(parse_layers(text), options);
+      std::unique_ptr<Optimizer> optimizer;
+      if (kind == 0) {
+        optimizer = std::make_unique<SGD>(SGDOptions{.learning_rate = 0.05, .weight_decay = decay});
+      } else {
+        const MomentumOptions o{.learning_rate = 0.02, .momentum = 0.9, .weight_decay = decay};
+        optimizer = kind == 1 ? std::unique_ptr<Optimizer>(std::make_unique<Momentum>(o))
+                              : std::make_unique<Nesterov>(o);
+      }
+      Trainer trainer(
+          model, *optimizer, nullptr,
+          {.epochs = 2, .batch_size = batch, .seed = 4, .quiet = true, .update_in_plan = in_plan});
+      ASSERT_EQ(trainer.updates_in_plan(), in_plan);
+      histories.push_back(trainer.fit(train));
+      params.emplace_back();
+      for (const auto& p : model.parameters()) params.back().push_back(model.graph().value_of(p));
+      states.emplace_back();
+      for (const auto& [slot, tensor] : optimizer->state()) states.back().push_back(tensor);
+    }
+    for (std::size_t e = 0; e < 2; ++e) {
+      EXPECT_EQ(histories[0].epochs[e].train_loss, histories[1].epochs[e].train_loss);
+    }
+    ASSERT_EQ(states[0].size(), states[1].size());
+    for (std::size_t i = 0; i < states[0].size(); ++i) {
+      EXPECT_EQ(states[0][i].to_doubles(), states[1][i].to_doubles()) << "state " << i;
+    }
+    ASSERT_EQ(params[0].size(), params[1].size());
+    for (std::size_t i = 0; i < params[0].size(); ++i) {
+      EXPECT_EQ(params[0][i].to_doubles(), params[1][i].to_doubles()) << "param " << i;
     }
   }
 }
