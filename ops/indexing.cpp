@@ -334,7 +334,9 @@ void register_concat(OpRegistry& registry) {
     }
     return {TensorDesc{first.dtype, joined}};
   };
-  // The gradient of each input is its slice of dy.
+  // The gradient of each input is its slice of dy. The other axes run to their end rather than
+  // to the declared size, so that the gradient graph also holds when a plan runs with another
+  // batch size (an input declared batch_dynamic).
   def.backward = [](const BackwardCall& c) -> std::vector<std::optional<Value>> {
     const Value g = c.grad();
     const int axis = axis_of(c.attrs(), g.rank());
@@ -348,7 +350,7 @@ void register_concat(OpRegistry& registry) {
         continue;
       }
       Dims starts(static_cast<std::size_t>(g.rank()), 0);
-      Dims ends = g.shape().dims();
+      Dims ends(static_cast<std::size_t>(g.rank()), slice_to_end);
       starts[static_cast<std::size_t>(axis)] = offsets[k];
       ends[static_cast<std::size_t>(axis)] = offsets[k] + c.inputs[k].shape()[axis];
       grads.emplace_back(slice(g, starts, ends));
@@ -606,13 +608,14 @@ void register_pad(OpRegistry& registry) {
     }
     return {TensorDesc{in.dtype, out}};
   };
-  // The gradient is the window of dy where x was copied; the padding value has none.
+  // The gradient is the window of dy where x was copied; the padding value has none. Its ends
+  // count from dy's end (−after, or to the end), so that the gradient graph also holds when a
+  // plan runs with another batch size (an input declared batch_dynamic).
   def.backward = [](const BackwardCall& c) -> std::vector<std::optional<Value>> {
     const Dims& before = c.attrs().integers("before");
+    const Dims& after = c.attrs().integers("after");
     Dims ends;
-    for (int k = 0; k < c.inputs[0].rank(); ++k) {
-      ends.push_back(before[static_cast<std::size_t>(k)] + c.inputs[0].shape()[k]);
-    }
+    for (std::int64_t a : after) ends.push_back(a > 0 ? -a : slice_to_end);
     return {slice(c.grad(), before, ends)};
   };
   def.second_order = true;

@@ -380,9 +380,13 @@ std::vector<FusedStep> plan_fusions(const FusionContext& c, std::vector<NodeId>&
     std::string pattern = "matmul";
     const std::int64_t n_cols = c.descs.at({id, 0}).shape[1];
 
-    // [+ bias row]
+    // [+ bias row]. Not an add another product already took: at batch 1, the sum of two
+    // products [1, N] (a layer input read by two dense layers: dx = dz₁ W₁ᵀ + dz₂ W₂ᵀ) looks like
+    // product + bias row from either side, and fusing both would leave the second product
+    // absorbed into a step whose input it is (found by tests/test_random_models.cpp).
     std::optional<dnnl::memory::desc> bias_md;
     const Node* next = sole_consumer(c, {id, 0});
+    if (next && taken.count(next->id)) next = nullptr;
     if (next && next->op == "add") {
       if (const std::optional<Value> bias = row_bias(c, *next, id, n_cols)) {
         bias_md = dnnl::memory::desc({1, n_cols}, dnnl::memory::data_type::f32,
@@ -397,7 +401,7 @@ std::vector<FusedStep> plan_fusions(const FusionContext& c, std::vector<NodeId>&
     }
     // [+ eltwise]
     dnnl::post_ops post_ops;
-    if (next && eltwise_algorithm(next->op) && next->inputs.size() == 1) {
+    if (next && !taken.count(next->id) && eltwise_algorithm(next->op) && next->inputs.size() == 1) {
       post_ops.append_eltwise(1.f, *eltwise_algorithm(next->op), 0.f, 0.f);
       chain.push_back(next->id);
       pattern += "+" + next->op;

@@ -153,6 +153,25 @@ TEST(Fusion, AnIntermediateReadElsewhereIsNotFused) {
   EXPECT_TRUE(plan.fused_patterns().empty());
 }
 
+// At batch 1 the sum of two products [1, N] looks like product + bias row from either side
+// (a layer input read by two dense layers has dx = dz₁ W₁ᵀ + dz₂ W₂ᵀ): only one of them may
+// take the add, or the other is absorbed into the step that reads it and the plan fails at its
+// first run.
+TEST(Fusion, TwoProductsAddedAtBatchOneFuseOnce) {
+  for (bool relu_after : {false, true}) {
+    Graph g;
+    Value x = g.input("x", {1, 5});
+    Value w1 = g.parameter("w1", random_tensor({5, 4}, 40));
+    Value w2 = g.parameter("w2", random_tensor({5, 4}, 41));
+    Value y = matmul(x, w1) + matmul(x, w2);
+    if (relu_after) y = relu(y);
+    Value loss = sum(y * y);
+    auto grads = grad(loss, {x, w1, w2});
+    expect_same_results(g, {y, grads[0], grads[1], grads[2]}, {{x, random_tensor({1, 5}, 42)}},
+                        relu_after ? "matmul+bias+relu" : "matmul+bias");
+  }
+}
+
 TEST(Fusion, TrainingGradientsMatchTheUnfusedPlan) {
   Graph g;
   Value x = g.input("x", {32, 20});

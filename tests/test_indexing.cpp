@@ -183,6 +183,42 @@ TEST(Pad, GradientIsTheWindowOfTheInput) {
   EXPECT_EQ(evaluate(g, dx, {{x, Tensor::from({1, 2}, {2})}}), (std::vector<double>{20, 30}));
 }
 
+// concat's and pad's gradients on an input declared batch_dynamic: one plan runs at the
+// declared batch and at two others (the Trainer's short last batch), against the reference
+// backend at each. Their backward slices used to end at the declared batch size, so any other
+// size was refused.
+TEST(Concat, AndPadGradientsFollowTheBatchSize) {
+  Graph g;
+  Value x = g.input("x", {4, 3}, DType::f32, /*batch_dynamic=*/true);
+  Value w = g.parameter("w", Tensor::from({0.5, -1, 0.25, 2, 1.5, -0.75}, {3, 2}));
+  Value joined = concat({matmul(x, w), x * 2.0}, 1);
+  Value padded = pad(joined, {0, 1}, {0, 2}, 0.5);
+  Value loss = sum(padded * padded * w.graph().scalar(0.5)) + sum(joined);
+  std::vector<Value> outputs = grad(loss, {x, w});
+  outputs.push_back(loss);
+  Plan plan = compile(g, outputs);
+  Plan reference = compile(g, outputs, {.backend = Backend::reference});
+  for (std::int64_t batch : {4, 2, 7}) {
+    SCOPED_TRACE(batch);
+    std::vector<double> values;
+    for (std::int64_t i = 0; i < batch * 3; ++i) values.push_back(std::sin(1.0 + i));
+    const Feeds feeds{{x, Tensor::from(values, {batch, 3})}};
+    std::vector<std::vector<double>> expected;
+    for (const Tensor& t : reference.run(feeds)) expected.push_back(t.to_doubles());
+    const auto& actual = plan.run(feeds);
+    ASSERT_EQ(actual.size(), expected.size());
+    EXPECT_EQ(actual[0].shape(), (Shape{batch, 3}));
+    for (std::size_t k = 0; k < expected.size(); ++k) {
+      const auto a = actual[k].to_doubles();
+      ASSERT_EQ(a.size(), expected[k].size());
+      for (std::size_t i = 0; i < a.size(); ++i) {
+        EXPECT_NEAR(a[i], expected[k][i], 1e-5 * (1 + std::abs(expected[k][i])))
+            << "output " << k << " element " << i;
+      }
+    }
+  }
+}
+
 TEST(ReshapeWrappers, SqueezeUnsqueezeAndFlatten) {
   Graph g;
   Value x = g.constant(Tensor::from(iota_values(6), {2, 1, 3, 1}));

@@ -8,6 +8,10 @@
 // largest error was 0.34 of its bound; dropping one row from the small-batch kernel's bias sum,
 // or one image from the pooled convolution's bias gradient, fails dozens of cases. A plan with
 // the SGD update inside it must change the parameters as the formula says.
+// Found so far: oneDNN 2.6's wrong NHWC 1x1 strided weights gradient (ops/conv.cpp
+// weights_gradient_layouts), concat's and pad's gradients refusing another batch size
+// (ops/indexing.cpp), and two products added at batch 1 both fused with the add
+// (runtime/fusion.cpp); each has its own regression test.
 // One failure is not a bug: max pooling sends the gradient to each window's maximum, and where
 // two values of a window differ by a rounding error, f32 kernels (oneDNN sums in f32) and the
 // exact model may pick different ones. The loss and the forward values then agree, and only the
@@ -17,8 +21,8 @@
 // The pattern tests in test_fusion.cpp check each fusion on its own; these cases put fusions,
 // in-place steps and buffer reuse together in stacks nobody wrote by hand (odd sizes, batches
 // of one, layers of one unit, strides, dilation, groups, padding, residual connections,
-// transposed weights, batch and layer norm, dropout, max, average and global pooling, seven
-// activations, three losses).
+// transposed weights, concatenated and gated branches, batch and layer norm, dropout, max,
+// average and global pooling, seven activations, four losses).
 #include <fmt/format.h>
 #include <gtest/gtest.h>
 
@@ -103,7 +107,22 @@ class ModelDrawer {
           residual ? h.shape()[1] : pick<std::int64_t>({1, 5, 16, 24, 64, 100});
       // No bias before batch norm (models leave it out: its gradient is 0 up to rounding).
       const bool batch_norm = batch > 1 && chance(0.2);
-      h = dense(m, h, units, !batch_norm && chance(0.8));
+      const int branches = residual || batch_norm ? 0 : static_cast<int>(between(0, 5));
+      if (branches == 1) {
+        // Two branches of the same input, concatenated: [dense(h) | tanh(dense(h))].
+        const std::int64_t a = std::max<std::int64_t>(1, units / 2);
+        Value left = dense(m, h, a, chance(0.8));
+        Value right = tanh(dense(m, h, units - a > 0 ? units - a : 1, chance(0.8)));
+        h = concat({left, right}, 1);
+        out_ << " concat";
+      } else if (branches == 2) {
+        // A gated unit: dense(h) · sigmoid(dense(h)).
+        Value value = dense(m, h, units, chance(0.8));
+        h = value * sigmoid(dense(m, h, units, chance(0.8)));
+        out_ << " gated";
+      } else {
+        h = dense(m, h, units, !batch_norm && chance(0.8));
+      }
       if (batch_norm) {
         h = norm(m, h);
       } else if (units > 1 && chance(0.15)) {
@@ -252,7 +271,14 @@ class ModelDrawer {
 
   void loss(RandomModel& m, const Value& z, std::int64_t classes) {
     const std::int64_t batch = z.shape()[0];
-    switch (between(0, 3)) {
+    switch (between(0, 4)) {
+      case 4: {  // soft targets: cross-entropy with the softmax of random scores
+        Value s = m.graph.input("t", {batch, classes}, dtype_, /*batch_dynamic=*/true);
+        m.feeds.push_back({s, random({batch, classes}, 2.0)});
+        m.loss = cross_entropy_with_logits(z, softmax(s));
+        out_ << " soft_cross_entropy";
+        return;
+      }
       case 0: {
         Value t = m.graph.input("t", {batch, classes}, dtype_, /*batch_dynamic=*/true);
         m.feeds.push_back({t, random({batch, classes}, 1.0)});
