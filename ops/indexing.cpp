@@ -495,10 +495,24 @@ void register_slice(OpRegistry& registry) {
         resolve_slice(in.shape, call.attrs, [&](const std::string& m) { call.fail("{}", m); });
     return {TensorDesc{in.dtype, slice_shape(axes)}};
   };
+  // With unit steps the gradient is dy padded with zeros back to x's shape: pad takes its size
+  // from dy, so the gradient graph also holds when a plan runs with another batch size (an
+  // input declared batch_dynamic, sliced over its whole batch). Other steps scatter dy into
+  // zeros of x's declared shape (slice_grad).
   def.backward = [](const BackwardCall& c) -> std::vector<std::optional<Value>> {
     const Attrs& a = c.attrs();
-    return {slice_grad(c.grad(), c.inputs[0].shape(), a.integers("starts"), a.integers("ends"),
-                       steps_of(a))};
+    const Shape& shape = c.inputs[0].shape();
+    const std::vector<AxisSlice> axes = resolved_slice(shape, a);
+    if (std::all_of(axes.begin(), axes.end(), [](const AxisSlice& s) { return s.step == 1; })) {
+      Dims before, after;
+      for (int k = 0; k < shape.rank(); ++k) {
+        const AxisSlice& s = axes[static_cast<std::size_t>(k)];
+        before.push_back(s.start);
+        after.push_back(shape[k] - s.start - s.count);
+      }
+      return {pad(c.grad(), before, after, 0.0)};
+    }
+    return {slice_grad(c.grad(), shape, a.integers("starts"), a.integers("ends"), steps_of(a))};
   };
   def.second_order = true;
   WindowFn windows_of = [](auto inputs, auto, const Attrs& attrs) {

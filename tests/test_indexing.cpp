@@ -183,17 +183,18 @@ TEST(Pad, GradientIsTheWindowOfTheInput) {
   EXPECT_EQ(evaluate(g, dx, {{x, Tensor::from({1, 2}, {2})}}), (std::vector<double>{20, 30}));
 }
 
-// concat's and pad's gradients on an input declared batch_dynamic: one plan runs at the
-// declared batch and at two others (the Trainer's short last batch), against the reference
-// backend at each. Their backward slices used to end at the declared batch size, so any other
-// size was refused.
-TEST(Concat, AndPadGradientsFollowTheBatchSize) {
+// concat's, pad's and slice's gradients on an input declared batch_dynamic: one plan runs at
+// the declared batch and at two others (the Trainer's short last batch), against the reference
+// backend at each. Their backward graphs used to hold the declared batch size (slices ending
+// there, slice_grad's shape), so any other size was refused.
+TEST(Concat, PadAndSliceGradientsFollowTheBatchSize) {
   Graph g;
   Value x = g.input("x", {4, 3}, DType::f32, /*batch_dynamic=*/true);
   Value w = g.parameter("w", Tensor::from({0.5, -1, 0.25, 2, 1.5, -0.75}, {3, 2}));
   Value joined = concat({matmul(x, w), x * 2.0}, 1);
   Value padded = pad(joined, {0, 1}, {0, 2}, 0.5);
-  Value loss = sum(padded * padded * w.graph().scalar(0.5)) + sum(joined);
+  Value sliced = slice(padded, {0, 2}, {slice_to_end, -1});
+  Value loss = sum(padded * padded * w.graph().scalar(0.5)) + sum(joined) + sum(sliced * sliced);
   std::vector<Value> outputs = grad(loss, {x, w});
   outputs.push_back(loss);
   Plan plan = compile(g, outputs);

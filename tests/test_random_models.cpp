@@ -9,7 +9,7 @@
 // or one image from the pooled convolution's bias gradient, fails dozens of cases. A plan with
 // the SGD update inside it must change the parameters as the formula says.
 // Found so far: oneDNN 2.6's wrong NHWC 1x1 strided weights gradient (ops/conv.cpp
-// weights_gradient_layouts), concat's and pad's gradients refusing another batch size
+// weights_gradient_layouts), concat's, pad's and slice's gradients refusing another batch size
 // (ops/indexing.cpp), and two products added at batch 1 both fused with the add
 // (runtime/fusion.cpp); each has its own regression test.
 // One failure is not a bug: max pooling sends the gradient to each window's maximum, and where
@@ -21,8 +21,8 @@
 // The pattern tests in test_fusion.cpp check each fusion on its own; these cases put fusions,
 // in-place steps and buffer reuse together in stacks nobody wrote by hand (odd sizes, batches
 // of one, layers of one unit, strides, dilation, groups, padding, residual connections,
-// transposed weights, concatenated and gated branches, batch and layer norm, dropout, max,
-// average and global pooling, seven activations, four losses).
+// transposed weights, concatenated, split, sliced and gated branches, batch and layer norm,
+// dropout, max, average and global pooling, seven activations, four losses).
 #include <fmt/format.h>
 #include <gtest/gtest.h>
 
@@ -107,7 +107,7 @@ class ModelDrawer {
           residual ? h.shape()[1] : pick<std::int64_t>({1, 5, 16, 24, 64, 100});
       // No bias before batch norm (models leave it out: its gradient is 0 up to rounding).
       const bool batch_norm = batch > 1 && chance(0.2);
-      const int branches = residual || batch_norm ? 0 : static_cast<int>(between(0, 5));
+      const int branches = residual || batch_norm ? 0 : static_cast<int>(between(0, 7));
       if (branches == 1) {
         // Two branches of the same input, concatenated: [dense(h) | tanh(dense(h))].
         const std::int64_t a = std::max<std::int64_t>(1, units / 2);
@@ -120,6 +120,16 @@ class ModelDrawer {
         Value value = dense(m, h, units, chance(0.8));
         h = value * sigmoid(dense(m, h, units, chance(0.8)));
         out_ << " gated";
+      } else if (branches == 3 && units > 1) {
+        // Split into two pieces with their own activations, joined again.
+        const std::int64_t a = between(1, units - 1);
+        std::vector<Value> pieces = split(dense(m, h, units, chance(0.8)), {a, units - a}, 1);
+        h = concat({tanh(pieces[0]), relu(pieces[1])}, 1);
+        out_ << " split" << a;
+      } else if (branches == 4 && h.shape()[1] > 1) {
+        // Drop the first feature (a slice over the whole batch) before the layer.
+        h = dense(m, slice(h, {0, 1}, {slice_to_end, slice_to_end}), units, chance(0.8));
+        out_ << " sliced";
       } else {
         h = dense(m, h, units, !batch_norm && chance(0.8));
       }
