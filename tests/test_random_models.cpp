@@ -22,8 +22,9 @@
 // The pattern tests in test_fusion.cpp check each fusion on its own; these cases put fusions,
 // in-place steps and buffer reuse together in stacks nobody wrote by hand (odd sizes, batches
 // of one, layers of one unit, strides, dilation, groups, padding, residual connections,
-// transposed weights, concatenated, split, sliced and gated branches, batch and layer norm,
-// dropout, max, average and global pooling, seven activations, four losses).
+// transposed and tied weights, concatenated, split, sliced, gated and softmax-weighted
+// branches, channel concatenation, batch and layer norm, dropout, max, average and global
+// pooling, seven activations, four losses).
 #include <fmt/format.h>
 #include <gtest/gtest.h>
 
@@ -110,7 +111,7 @@ class ModelDrawer {
           residual ? h.shape()[1] : pick<std::int64_t>({1, 5, 16, 24, 64, 100});
       // No bias before batch norm (models leave it out: its gradient is 0 up to rounding).
       const bool batch_norm = batch > 1 && chance(0.2);
-      const int branches = residual || batch_norm ? 0 : static_cast<int>(between(0, 7));
+      const int branches = residual || batch_norm ? 0 : static_cast<int>(between(0, 9));
       if (branches == 1) {
         // Two branches of the same input, concatenated: [dense(h) | tanh(dense(h))].
         const std::int64_t a = std::max<std::int64_t>(1, units / 2);
@@ -129,6 +130,19 @@ class ModelDrawer {
         std::vector<Value> pieces = split(dense(m, h, units, chance(0.8)), {a, units - a}, 1);
         h = concat({tanh(pieces[0]), relu(pieces[1])}, 1);
         out_ << " split" << a;
+      } else if (branches == 5) {
+        // Tied weights: one square W applied twice, its gradient the sum of two products (the
+        // update inside the plan must apply it once).
+        const std::int64_t n = h.shape()[1];
+        Value w = parameter(m, {n, n}, 1.0 / std::sqrt(double(n)));
+        h = matmul(tanh(matmul(h, w)), w);
+        h = dense(m, h, units, chance(0.8));
+        out_ << " tied" << n;
+      } else if (branches == 6 && units > 1) {
+        // Attention-like: the softmax of one projection weighting another.
+        Value scores = dense(m, h, units, chance(0.5));
+        h = softmax(scores) * dense(m, h, units, chance(0.5));
+        out_ << " softmaxgate";
       } else if (branches == 4 && h.shape()[1] > 1) {
         // Drop the first feature (a slice over the whole batch) before the layer.
         h = dense(m, slice(h, {0, 1}, {slice_to_end, slice_to_end}), units, chance(0.8));
@@ -189,14 +203,24 @@ class ModelDrawer {
                           1.0 / std::sqrt(double(channels / groups * kernel * kernel)));
       std::optional<Value> bias_value;
       if (bias) bias_value = parameter(m, {outputs}, 0.1);
-      h = conv2d(h, w, bias_value,
-                 {.stride = {stride, stride},
-                  .padding = {padding, padding},
-                  .dilation = {dilation, dilation},
-                  .groups = groups});
+      const Conv2dOptions options{.stride = {stride, stride},
+                                  .padding = {padding, padding},
+                                  .dilation = {dilation, dilation},
+                                  .groups = groups};
+      const Value block_input = h;
+      h = conv2d(h, w, bias_value, options);
       out_ << " conv" << outputs << "k" << kernel << "p" << padding << "s" << stride
            << (dilation > 1 ? "d2" : "") << (groups > 1 ? "g2" : "") << (bias ? "b" : "");
       channels = outputs;
+      if (!residual && chance(0.15)) {
+        // Inception-like: a second convolution of the same input, its channels concatenated.
+        const std::int64_t more = pick<std::int64_t>({1, 3, 4}) * groups;
+        Value w2 = parameter(m, {more, block_input.shape()[1] / groups, kernel, kernel},
+                             1.0 / std::sqrt(double(channels * kernel * kernel)));
+        h = concat({h, conv2d(block_input, w2, std::nullopt, options)}, 1);
+        channels += more;
+        out_ << " +concat" << more;
+      }
       if (batch_norm) h = norm(m, h);
       h = activation(h);
       if (residual) {
