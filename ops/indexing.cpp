@@ -218,6 +218,38 @@ std::vector<AxisSlice> resolve_slice(const Shape& shape, const Attrs& attrs, Fai
   return result;
 }
 
+// Whether slice attrs take axis `axis` whole at any size: not listed, or start 0, step 1 and
+// slice_to_end.
+bool takes_axis_whole(const Attrs& attrs, int axis) {
+  const Dims& starts = attrs.integers("starts");
+  const auto k = static_cast<std::size_t>(axis);
+  if (k >= starts.size()) return true;
+  const Dims steps = attrs.has("steps") ? attrs.integers("steps") : Dims{};
+  return starts[k] == 0 && attrs.integers("ends")[k] == slice_to_end &&
+         (steps.empty() || steps[k] == 1);
+}
+
+// slice_grad's output shape: attrs "shape", where −1 (allowed only on an axis the slice takes
+// whole) stands for dy's size on that axis.
+template <class Fail>
+Shape slice_grad_shape(const Attrs& attrs, const Shape& dy, Fail&& fail) {
+  Shape shape(attrs.integers("shape"));
+  if (shape.rank() != dy.rank()) {
+    fail(fmt::format("shape {} has {} axes but dy {} has {}", shape, shape.rank(), dy, dy.rank()));
+  }
+  for (int k = 0; k < shape.rank(); ++k) {
+    if (shape[k] == -1 && takes_axis_whole(attrs, k)) {
+      shape[k] = dy[k];
+    } else if (shape[k] <= 0) {
+      fail(
+          fmt::format("shape {} must have positive dimensions (or -1 on an axis the slice takes "
+                      "whole: start 0, slice_to_end, step 1)",
+                      Shape(attrs.integers("shape"))));
+    }
+  }
+  return shape;
+}
+
 std::vector<AxisSlice> resolved_slice(const Shape& shape, const Attrs& attrs) {
   return resolve_slice(shape, attrs, [](const std::string& message) -> void {
     throw Error(fmt::format("slice: {}", message));
@@ -498,7 +530,8 @@ void register_slice(OpRegistry& registry) {
   // With unit steps the gradient is dy padded with zeros back to x's shape: pad takes its size
   // from dy, so the gradient graph also holds when a plan runs with another batch size (an
   // input declared batch_dynamic, sliced over its whole batch). Other steps scatter dy into
-  // zeros of x's declared shape (slice_grad).
+  // zeros of x's shape (slice_grad), whose axes taken whole (the batch, usually) take their
+  // size from dy (−1 in slice_grad's shape) for the same reason.
   def.backward = [](const BackwardCall& c) -> std::vector<std::optional<Value>> {
     const Attrs& a = c.attrs();
     const Shape& shape = c.inputs[0].shape();
@@ -512,7 +545,12 @@ void register_slice(OpRegistry& registry) {
       }
       return {pad(c.grad(), before, after, 0.0)};
     }
-    return {slice_grad(c.grad(), shape, a.integers("starts"), a.integers("ends"), steps_of(a))};
+    Dims dims = shape.dims();
+    for (int k = 0; k < shape.rank(); ++k) {
+      if (takes_axis_whole(a, k)) dims[static_cast<std::size_t>(k)] = -1;
+    }
+    return {slice_grad(c.grad(), Shape(std::move(dims)), a.integers("starts"), a.integers("ends"),
+                       steps_of(a))};
   };
   def.second_order = true;
   WindowFn windows_of = [](auto inputs, auto, const Attrs& attrs) {
@@ -555,10 +593,8 @@ void register_slice_grad(OpRegistry& registry) {
       "zeros of `shape` with y[start_0 + i_0 * step_0, ...] = dy[i_0, ...] (slice's backward)";
   def.shape = [](const ShapeCall& call) -> std::vector<TensorDesc> {
     const TensorDesc& dy = call.inputs[0];
-    const Shape shape(call.attrs.integers("shape"));
-    for (auto d : shape.dims()) {
-      if (d <= 0) call.fail("shape {} must have positive dimensions", shape);
-    }
+    const Shape shape =
+        slice_grad_shape(call.attrs, dy.shape, [&](const std::string& m) { call.fail("{}", m); });
     auto axes = resolve_slice(shape, call.attrs, [&](const std::string& m) { call.fail("{}", m); });
     if (slice_shape(axes) != dy.shape) {
       call.fail("dy {} does not match the slice {} of {}", dy, slice_shape(axes), shape);
@@ -588,13 +624,19 @@ void register_slice_grad(OpRegistry& registry) {
         {"reversed rows",
          {spec({4, 3})},
          with_shape(slice_attrs({3, 0}, {slice_to_end, 3}, {-1, 1}), {4, 3})},
-        {"leading axis only", {spec({2, 4, 2})}, with_shape(slice_attrs({1}, {3}, {}), {3, 4, 2})}};
+        {"leading axis only", {spec({2, 4, 2})}, with_shape(slice_attrs({1}, {3}, {}), {3, 4, 2})},
+        {"whole axes sized by dy",
+         {spec({3, 2, 2})},
+         with_shape(slice_attrs({0, 1}, {slice_to_end, slice_to_end}, {1, 2}), {-1, 4, -1})}};
   };
   def.error_samples = [] {
     Attrs attrs = slice_attrs({0}, {2}, {});
     attrs.set("shape", Dims{4});
+    Attrs partial = slice_attrs({1, 0}, {slice_to_end, 4}, {1, 2});
+    partial.set("shape", Dims{-1, 4});
     return std::vector<ErrorSample>{
-        {"dy of the wrong shape", {spec({3})}, attrs, "does not match the slice"}};
+        {"dy of the wrong shape", {spec({3})}, attrs, "does not match the slice"},
+        {"-1 on an axis not taken whole", {spec({2, 2})}, partial, "or -1 on an axis"}};
   };
   registry.add(std::move(def));
 }

@@ -40,6 +40,9 @@ Value slice(const Value& x, std::vector<std::int64_t> starts, std::vector<std::i
 
 // slice's backward: zeros of `shape` with dy written at the positions
 // slice(·, starts, ends, steps) reads. Linear; its gradient is slice(g, starts, ends, steps).
+// A dimension of −1 in `shape` takes dy's size on that axis; it is allowed only on an axis the
+// slice takes whole (not listed, or start 0, slice_to_end, step 1). slice's gradient uses it for
+// every such axis, so that it also holds when a plan runs with another batch size.
 Value slice_grad(const Value& dy, const Shape& shape, std::vector<std::int64_t> starts,
                  std::vector<std::int64_t> ends, std::vector<std::int64_t> steps = {},
                  std::source_location where = std::source_location::current());

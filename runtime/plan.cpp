@@ -243,7 +243,26 @@ Plan::Specialization& Plan::specialize(const std::vector<Shape>& input_shapes) {
       same = same && in.back() == v.desc();
       ++consumers[{v.node_id(), v.index()}];
     }
-    std::vector<TensorDesc> out = same ? n.outputs : n.def->shape(ShapeCall{n.attrs, in, n.site()});
+    std::vector<TensorDesc> out;
+    if (same) {
+      out = n.outputs;
+    } else {
+      try {
+        out = n.def->shape(ShapeCall{n.attrs, in, n.site()});
+      } catch (const ShapeError& e) {
+        // Say which feeds made the shapes differ from the graph's: usually a batch size the
+        // node's attributes (or a gradient rule's) do not follow.
+        std::string fed;
+        for (std::size_t i = 0; i < feed_nodes_.size(); ++i) {
+          const Node& f = graph_->node(feed_nodes_[i]);
+          if (f.outputs[0].shape == input_shapes[i]) continue;
+          fed += fmt::format("{}\"{}\" {} (declared {})", fed.empty() ? "" : ", ", f.name,
+                             input_shapes[i], f.outputs[0].shape);
+        }
+        throw ShapeError(
+            fmt::format("{}; while specialising the plan for the feeds {}", e.what(), fed));
+      }
+    }
     for (std::size_t k = 0; k < out.size(); ++k) descs[{id, static_cast<int>(k)}] = out[k];
   }
   // Parameters of the update that nothing else reads are not in the order.

@@ -194,7 +194,11 @@ TEST(Concat, PadAndSliceGradientsFollowTheBatchSize) {
   Value joined = concat({matmul(x, w), x * 2.0}, 1);
   Value padded = pad(joined, {0, 1}, {0, 2}, 0.5);
   Value sliced = slice(padded, {0, 2}, {slice_to_end, -1});
-  Value loss = sum(padded * padded * w.graph().scalar(0.5)) + sum(joined) + sum(sliced * sliced);
+  // Steps other than 1 on the feature axis: slice_grad sizes the batch axis from dy.
+  Value strided = slice(padded, {0, 1}, {slice_to_end, slice_to_end}, {1, 3});
+  Value reversed = slice(joined, {0, -1}, {slice_to_end, slice_to_end}, {1, -2});
+  Value loss = sum(padded * padded * w.graph().scalar(0.5)) + sum(joined) + sum(sliced * sliced) +
+               sum(strided * strided * strided) + sum(reversed * joined.graph().scalar(3.0));
   std::vector<Value> outputs = grad(loss, {x, w});
   outputs.push_back(loss);
   Plan plan = compile(g, outputs);
@@ -216,6 +220,38 @@ TEST(Concat, PadAndSliceGradientsFollowTheBatchSize) {
         EXPECT_NEAR(a[i], expected[k][i], 1e-5 * (1 + std::abs(expected[k][i])))
             << "output " << k << " element " << i;
       }
+    }
+  }
+}
+
+// What still holds the declared batch size: a concat along the batch axis itself (its
+// gradient slices dy at the declared pieces' offsets) and a slice of the batch axis that is not
+// start 0, step 1 to the end. At another batch the plan refuses with an Error naming the node
+// and the sizes, before computing anything wrong.
+TEST(Concat, AlongTheBatchAxisKeepsTheDeclaredBatch) {
+  for (int which : {0, 1}) {
+    SCOPED_TRACE(which);
+    Graph g;
+    Value x = g.input("x", {4, 3}, DType::f32, /*batch_dynamic=*/true);
+    Value w = g.parameter("w", Tensor::from({0.5, -1, 0.25, 2, 1.5, -0.75}, {3, 2}));
+    Value y = matmul(x, w);
+    Value z = which == 0 ? concat({y, y * 2.0}, 0) : slice(y, {1}, {slice_to_end}, {2});
+    Plan plan = compile(g, grad(sum(z * z), {w}));
+    std::vector<double> values;
+    for (int i = 0; i < 12; ++i) values.push_back(0.1 * i);
+    EXPECT_EQ(plan.run({{x, Tensor::from(values, {4, 3})}}).size(), 1u);
+    values.resize(6);
+    try {
+      plan.run({{x, Tensor::from(values, {2, 3})}});
+      FAIL() << "a plan ran a batch-axis " << (which == 0 ? "concat" : "slice")
+             << "'s gradient at another batch";
+    } catch (const Error& e) {
+      const std::string message = e.what();
+      EXPECT_TRUE(contains(message, which == 0 ? "grad/concat" : "slice_grad")) << message;
+      EXPECT_TRUE(contains(message, which == 0 ? "out of range for axis 0 of size 4 in [4,2]"
+                                               : "does not match the slice [2,2] of [4,2]"))
+          << message;
+      EXPECT_TRUE(contains(message, "for the feeds \"x\" [2,3] (declared [4,3])")) << message;
     }
   }
 }

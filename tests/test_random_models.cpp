@@ -144,9 +144,12 @@ class ModelDrawer {
         h = softmax(scores) * dense(m, h, units, chance(0.5));
         out_ << " softmaxgate";
       } else if (branches == 4 && h.shape()[1] > 1) {
-        // Drop the first feature (a slice over the whole batch) before the layer.
-        h = dense(m, slice(h, {0, 1}, {slice_to_end, slice_to_end}), units, chance(0.8));
-        out_ << " sliced";
+        // Drop the first feature (a slice over the whole batch) before the layer, or take every
+        // second feature, or the features reversed (slice_grad, sized by the batch of dy).
+        const std::int64_t step = pick<std::int64_t>({1, 1, 2, -1});
+        h = dense(m, slice(h, {0, step > 0 ? 1 : -1}, {slice_to_end, slice_to_end}, {1, step}),
+                  units, chance(0.8));
+        out_ << " sliced" << step;
       } else {
         h = dense(m, h, units, !batch_norm && chance(0.8));
       }
