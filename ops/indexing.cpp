@@ -372,6 +372,17 @@ void register_concat(OpRegistry& registry) {
   def.backward = [](const BackwardCall& c) -> std::vector<std::optional<Value>> {
     const Value g = c.grad();
     const int axis = axis_of(c.attrs(), g.rank());
+    if (axis == 0 && c.inputs.size() > 1) {
+      // Along the batch axis the pieces' sizes are the inputs' own at run time: split_as reads
+      // them (the inputs then live until the backward).
+      std::vector<Value> pieces =
+          split_as(g, std::vector<Value>(c.inputs.begin(), c.inputs.end()), 0);
+      std::vector<std::optional<Value>> grads;
+      for (std::size_t k = 0; k < pieces.size(); ++k) {
+        grads.push_back(c.needs[k] ? std::optional<Value>(pieces[k]) : std::nullopt);
+      }
+      return grads;
+    }
     std::vector<TensorDesc> pieces;
     for (const auto& x : c.inputs) pieces.push_back(x.desc());
     const Dims offsets = piece_offsets(pieces, axis);
@@ -517,6 +528,73 @@ void register_split(OpRegistry& registry) {
   registry.add(std::move(def));
 }
 
+void register_split_as(OpRegistry& registry) {
+  OpDef def;
+  def.name = "split_as";
+  def.formula =
+      "out_k[..., i, ...] = x[..., offset_k + i, ...] along `axis`, out_k sized as like_k";
+  def.min_inputs = 2;
+  def.max_inputs = -1;
+  def.shape = [](const ShapeCall& call) -> std::vector<TensorDesc> {
+    const TensorDesc& in = call.inputs[0];
+    if (in.shape.rank() == 0) call.fail("cannot split a scalar ({})", in);
+    const int axis = normalize_axis(call.attrs.integer("axis"), in.shape.rank(), call.site);
+    std::int64_t total = 0;
+    std::vector<TensorDesc> outputs;
+    for (std::size_t k = 1; k < call.inputs.size(); ++k) {
+      const TensorDesc& like = call.inputs[k];
+      if (like.shape.rank() != in.shape.rank()) {
+        call.fail("like {} {} has {} axes, x {} has {}", k - 1, like, like.shape.rank(), in,
+                  in.shape.rank());
+      }
+      total += like.shape[axis];
+      Shape piece = in.shape;
+      piece[axis] = like.shape[axis];
+      outputs.push_back(TensorDesc{in.dtype, piece});
+    }
+    if (total != in.shape[axis]) {
+      call.fail("the likes' sizes on axis {} sum to {}, but x {} has {}", axis, total, in,
+                in.shape[axis]);
+    }
+    return outputs;
+  };
+  // x's gradient is the concat of the pieces' gradients; the likes only give sizes.
+  def.backward = [](const BackwardCall& c) -> std::vector<std::optional<Value>> {
+    std::vector<Value> grads;
+    for (std::size_t k = 0; k < c.outputs.size(); ++k) grads.push_back(c.grad(static_cast<int>(k)));
+    std::vector<std::optional<Value>> result{concat(grads, c.attrs().integer("axis"))};
+    result.resize(c.inputs.size());
+    return result;
+  };
+  def.second_order = true;
+  WindowFn windows_of = [](auto inputs, auto outputs, const Attrs& attrs) {
+    const Shape& joined = inputs[0].shape;
+    return WindowCopy{false, false, 0.0,
+                      piece_windows(outputs, joined, axis_of(attrs, joined.rank()))};
+  };
+  def.reference = window_reference(windows_of);
+  def.onednn = window_onednn(windows_of);
+  def.samples = [] {
+    auto like = [](Shape shape) {
+      return InputSpec{std::move(shape), std::nullopt, -1, 1, 0, false};
+    };
+    return std::vector<Sample>{
+        {"batch axis", {spec({5, 2}), like({2, 2}), like({3, 2})}, {{"axis", std::int64_t{0}}}},
+        {"last axis",
+         {spec({2, 3, 4}), like({2, 3, 1}), like({7, 1, 3})},
+         {{"axis", std::int64_t{-1}}}}};
+  };
+  def.error_samples = [] {
+    return std::vector<ErrorSample>{
+        {"sizes do not sum",
+         {spec({5, 2}), spec({2, 2}), spec({2, 2})},
+         {{"axis", std::int64_t{0}}},
+         "sum to 4"},
+        {"rank differs", {spec({5, 2}), spec({5})}, {{"axis", std::int64_t{0}}}, "has 1 axes"}};
+  };
+  registry.add(std::move(def));
+}
+
 void register_slice(OpRegistry& registry) {
   OpDef def;
   def.name = "slice";
@@ -531,7 +609,9 @@ void register_slice(OpRegistry& registry) {
   // from dy, so the gradient graph also holds when a plan runs with another batch size (an
   // input declared batch_dynamic, sliced over its whole batch). Other steps scatter dy into
   // zeros of x's shape (slice_grad), whose axes taken whole (the batch, usually) take their
-  // size from dy (−1 in slice_grad's shape) for the same reason.
+  // size from dy (−1 in slice_grad's shape) for the same reason. A slice of axis 0 itself that
+  // is not whole gives slice_grad x as its shape (its `like` input: x then lives until the
+  // backward, so that the gradient follows x's batch size too).
   def.backward = [](const BackwardCall& c) -> std::vector<std::optional<Value>> {
     const Attrs& a = c.attrs();
     const Shape& shape = c.inputs[0].shape();
@@ -544,6 +624,10 @@ void register_slice(OpRegistry& registry) {
         after.push_back(shape[k] - s.start - s.count);
       }
       return {pad(c.grad(), before, after, 0.0)};
+    }
+    if (shape.rank() > 0 && !takes_axis_whole(a, 0)) {
+      return {
+          slice_grad(c.grad(), c.inputs[0], a.integers("starts"), a.integers("ends"), steps_of(a))};
     }
     Dims dims = shape.dims();
     for (int k = 0; k < shape.rank(); ++k) {
@@ -591,19 +675,26 @@ void register_slice_grad(OpRegistry& registry) {
   def.name = "slice_grad";
   def.formula =
       "zeros of `shape` with y[start_0 + i_0 * step_0, ...] = dy[i_0, ...] (slice's backward)";
+  def.max_inputs = 2;
   def.shape = [](const ShapeCall& call) -> std::vector<TensorDesc> {
     const TensorDesc& dy = call.inputs[0];
-    const Shape shape =
-        slice_grad_shape(call.attrs, dy.shape, [&](const std::string& m) { call.fail("{}", m); });
+    const Shape shape = call.inputs.size() == 2
+                            ? call.inputs[1].shape
+                            : slice_grad_shape(call.attrs, dy.shape,
+                                               [&](const std::string& m) { call.fail("{}", m); });
     auto axes = resolve_slice(shape, call.attrs, [&](const std::string& m) { call.fail("{}", m); });
     if (slice_shape(axes) != dy.shape) {
       call.fail("dy {} does not match the slice {} of {}", dy, slice_shape(axes), shape);
     }
     return {TensorDesc{dy.dtype, shape}};
   };
+  // The shape-giving input (`like`) has no gradient: only its shape is read.
   def.backward = [](const BackwardCall& c) -> std::vector<std::optional<Value>> {
     const Attrs& a = c.attrs();
-    return {slice(c.grad(), a.integers("starts"), a.integers("ends"), steps_of(a))};
+    std::vector<std::optional<Value>> grads{
+        slice(c.grad(), a.integers("starts"), a.integers("ends"), steps_of(a))};
+    if (c.inputs.size() == 2) grads.emplace_back();
+    return grads;
   };
   def.second_order = true;
   WindowFn windows_of = [](auto, auto outputs, const Attrs& attrs) {
@@ -627,7 +718,10 @@ void register_slice_grad(OpRegistry& registry) {
         {"leading axis only", {spec({2, 4, 2})}, with_shape(slice_attrs({1}, {3}, {}), {3, 4, 2})},
         {"whole axes sized by dy",
          {spec({3, 2, 2})},
-         with_shape(slice_attrs({0, 1}, {slice_to_end, slice_to_end}, {1, 2}), {-1, 4, -1})}};
+         with_shape(slice_attrs({0, 1}, {slice_to_end, slice_to_end}, {1, 2}), {-1, 4, -1})},
+        {"shaped like an input",
+         {spec({2, 3}), InputSpec{{5, 3}, std::nullopt, -1, 1, 0, false}},
+         slice_attrs({1}, {slice_to_end}, {2})}};
   };
   def.error_samples = [] {
     Attrs attrs = slice_attrs({0}, {2}, {});
@@ -636,6 +730,10 @@ void register_slice_grad(OpRegistry& registry) {
     partial.set("shape", Dims{-1, 4});
     return std::vector<ErrorSample>{
         {"dy of the wrong shape", {spec({3})}, attrs, "does not match the slice"},
+        {"dy of the wrong shape for `like`",
+         {spec({3}), spec({5})},
+         slice_attrs({1}, {slice_to_end}, {2}),
+         "does not match the slice [2] of [5]"},
         {"-1 on an axis not taken whole", {spec({2, 2})}, partial, "or -1 on an axis"}};
   };
   registry.add(std::move(def));
@@ -884,6 +982,25 @@ Value slice_grad(const Value& dy, const Shape& shape, std::vector<std::int64_t> 
   return dy.graph().apply("slice_grad", {dy}, std::move(attrs), where);
 }
 
+Value slice_grad(const Value& dy, const Value& like, std::vector<std::int64_t> starts,
+                 std::vector<std::int64_t> ends, std::vector<std::int64_t> steps,
+                 std::source_location where) {
+  if (!dy.valid() || !like.valid()) throw GraphError("slice_grad: an input is an empty Value");
+  return dy.graph().apply("slice_grad", {dy, like},
+                          slice_attrs(std::move(starts), std::move(ends), std::move(steps)), where);
+}
+
+std::vector<Value> split_as(const Value& x, const std::vector<Value>& likes, std::int64_t axis,
+                            std::source_location where) {
+  if (!x.valid()) throw GraphError("split_as: the input is an empty Value");
+  std::vector<Value> inputs{x};
+  for (const Value& like : likes) {
+    if (!like.valid()) throw GraphError("split_as: a `likes` entry is an empty Value");
+    inputs.push_back(like);
+  }
+  return x.graph().add_node("split_as", std::move(inputs), {{"axis", axis}}, where);
+}
+
 Value pad(const Value& x, std::vector<std::int64_t> before, std::vector<std::int64_t> after,
           double value, std::source_location where) {
   if (!x.valid()) throw GraphError("pad: the input is an empty Value");
@@ -961,6 +1078,7 @@ Value argmax(const Value& x, std::int64_t axis, bool keepdims, std::source_locat
 void register_indexing_ops(OpRegistry& registry) {
   register_concat(registry);
   register_split(registry);
+  register_split_as(registry);
   register_slice(registry);
   register_slice_grad(registry);
   register_pad(registry);

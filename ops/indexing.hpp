@@ -47,6 +47,20 @@ Value slice_grad(const Value& dy, const Shape& shape, std::vector<std::int64_t> 
                  std::vector<std::int64_t> ends, std::vector<std::int64_t> steps = {},
                  std::source_location where = std::source_location::current());
 
+// slice_grad with the output shape taken from `like` (only its shape is read, and it gets no
+// gradient): slice's backward when the slice does not take axis 0 whole, so that it follows x's
+// batch size at run time.
+Value slice_grad(const Value& dy, const Value& like, std::vector<std::int64_t> starts,
+                 std::vector<std::int64_t> ends, std::vector<std::int64_t> steps = {},
+                 std::source_location where = std::source_location::current());
+
+// split with the pieces' sizes on `axis` taken from `likes`: one piece per like, of x's shape
+// but for like_k's size on `axis` (the sizes must sum to x's). Only the likes' shapes are read,
+// when the plan runs, and they get no gradient: concat's backward along axis 0, so that it
+// follows its inputs' batch sizes.
+std::vector<Value> split_as(const Value& x, const std::vector<Value>& likes, std::int64_t axis,
+                            std::source_location where = std::source_location::current());
+
 // Constant padding: y has dims before[k] + dim_k + after[k] and holds `value` except for the
 // window y[before[0] + i_0, ...] = x[i_0, ...]. One non-negative entry per axis.
 // Gradient: the window of dy (a slice).

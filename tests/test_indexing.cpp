@@ -224,35 +224,66 @@ TEST(Concat, PadAndSliceGradientsFollowTheBatchSize) {
   }
 }
 
-// What still holds the declared batch size: a concat along the batch axis itself (its
-// gradient slices dy at the declared pieces' offsets) and a slice of the batch axis that is not
-// start 0, step 1 to the end. At another batch the plan refuses with an Error naming the node
-// and the sizes, before computing anything wrong.
-TEST(Concat, AlongTheBatchAxisKeepsTheDeclaredBatch) {
-  for (int which : {0, 1}) {
+// Gradients that need the batch size of a value, not only of dy: a concat along the batch axis
+// (split_as sizes the pieces by the inputs) and a slice of the batch axis that is not whole
+// (slice_grad shaped like x). Both used to keep the declared batch size, and a plan refused any
+// other one with an Error. One plan runs at the declared batch and at two others, against the
+// reference backend.
+TEST(Concat, AlongTheBatchAxisFollowsTheBatchSize) {
+  for (int which : {0, 1, 2}) {
     SCOPED_TRACE(which);
     Graph g;
     Value x = g.input("x", {4, 3}, DType::f32, /*batch_dynamic=*/true);
+    Value c = g.input("c", {2, 2});  // a piece that keeps its size
     Value w = g.parameter("w", Tensor::from({0.5, -1, 0.25, 2, 1.5, -0.75}, {3, 2}));
     Value y = matmul(x, w);
-    Value z = which == 0 ? concat({y, y * 2.0}, 0) : slice(y, {1}, {slice_to_end}, {2});
-    Plan plan = compile(g, grad(sum(z * z), {w}));
-    std::vector<double> values;
-    for (int i = 0; i < 12; ++i) values.push_back(0.1 * i);
-    EXPECT_EQ(plan.run({{x, Tensor::from(values, {4, 3})}}).size(), 1u);
-    values.resize(6);
-    try {
-      plan.run({{x, Tensor::from(values, {2, 3})}});
-      FAIL() << "a plan ran a batch-axis " << (which == 0 ? "concat" : "slice")
-             << "'s gradient at another batch";
-    } catch (const Error& e) {
-      const std::string message = e.what();
-      EXPECT_TRUE(contains(message, which == 0 ? "grad/concat" : "slice_grad")) << message;
-      EXPECT_TRUE(contains(message, which == 0 ? "out of range for axis 0 of size 4 in [4,2]"
-                                               : "does not match the slice [2,2] of [4,2]"))
-          << message;
-      EXPECT_TRUE(contains(message, "for the feeds \"x\" [2,3] (declared [4,3])")) << message;
+    Value z = which == 0   ? concat({y, tanh(y) * 2.0, c}, 0)
+              : which == 1 ? slice(y, {1}, {slice_to_end}, {2})
+                           : slice(concat({c, y}, 0), {-2, 1}, {0, slice_to_end}, {-2, 1});
+    Value loss = sum(z * z * z);
+    std::vector<Value> outputs = grad(loss, {x, w, c});
+    outputs.push_back(loss);
+    Plan plan = compile(g, outputs);
+    Plan reference = compile(g, outputs, {.backend = Backend::reference});
+    for (std::int64_t batch : {4, 2, 7}) {
+      SCOPED_TRACE(batch);
+      std::vector<double> values;
+      for (std::int64_t i = 0; i < batch * 3; ++i) values.push_back(std::sin(0.5 + i));
+      const Feeds feeds{{x, Tensor::from(values, {batch, 3})},
+                        {c, Tensor::from({0.3, -0.2, 0.7, 0.1}, {2, 2})}};
+      std::vector<std::vector<double>> expected;
+      for (const Tensor& t : reference.run(feeds)) expected.push_back(t.to_doubles());
+      const auto& actual = plan.run(feeds);
+      ASSERT_EQ(actual.size(), expected.size());
+      EXPECT_EQ(actual[0].shape(), (Shape{batch, 3}));
+      for (std::size_t k = 0; k < expected.size(); ++k) {
+        const auto a = actual[k].to_doubles();
+        ASSERT_EQ(a.size(), expected[k].size());
+        for (std::size_t i = 0; i < a.size(); ++i) {
+          EXPECT_NEAR(a[i], expected[k][i], 1e-5 * (1 + std::abs(expected[k][i])))
+              << "output " << k << " element " << i;
+        }
+      }
     }
+  }
+}
+
+// A plan whose shapes cannot follow another batch size says which feeds differ and how.
+TEST(Plan, ShapeErrorAtAnotherBatchNamesTheFeeds) {
+  Graph g;
+  Value x = g.input("x", {4, 3}, DType::f32, /*batch_dynamic=*/true);
+  // Reshaping to a fixed [2, 6] holds only 12 elements.
+  Plan plan = compile(g, {reshape(x, Shape{2, 6}) * 2.0});
+  std::vector<double> values(12, 1.0);
+  EXPECT_EQ(plan.run({{x, Tensor::from(values, {4, 3})}})[0].shape(), (Shape{2, 6}));
+  values.resize(6);
+  try {
+    plan.run({{x, Tensor::from(values, {2, 3})}});
+    FAIL() << "a plan reshaped 6 elements to [2, 6]";
+  } catch (const ShapeError& e) {
+    const std::string message = e.what();
+    EXPECT_TRUE(contains(message, "reshape")) << message;
+    EXPECT_TRUE(contains(message, "for the feeds \"x\" [2,3] (declared [4,3])")) << message;
   }
 }
 
