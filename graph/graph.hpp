@@ -78,7 +78,11 @@ class Graph {
   Graph& operator=(const Graph&) = delete;
 
   // A value fed at each run. With `batch_dynamic`, dimension 0 may change between runs
-  // (the plan re-specialises for each distinct batch size).
+  // (the plan re-specialises for each distinct batch size: every shape rule runs again, and
+  // gradients are built to follow, including concat along axis 0 and slices of it). Sizes an
+  // op's attributes fix stay fixed (a reshape to a literal shape, split sizes on axis 0, a
+  // slice's numeric end on axis 0): a batch they do not fit raises ShapeError at run, naming
+  // the node and the feeds whose shapes differ from the declared ones.
   Value input(std::string name, Shape shape, DType dtype = DType::f32, bool batch_dynamic = false);
   // A named, persistent, trainable tensor; its initial value is copied.
   Value parameter(std::string name, const Tensor& initial, bool trainable = true);
