@@ -143,6 +143,12 @@ class ModelDrawer {
         Value scores = dense(m, h, units, chance(0.5));
         h = softmax(scores) * dense(m, h, units, chance(0.5));
         out_ << " softmaxgate";
+      } else if (branches == 7) {
+        // Through the batch axis: the rows of h and of tanh(h) stacked, then every second row
+        // (concat's gradient split by the inputs' batch, slice_grad shaped like its input).
+        Value stacked = concat({h, tanh(h)}, 0);
+        h = dense(m, slice(stacked, {0}, {slice_to_end}, {2}), units, chance(0.8));
+        out_ << " batchmix";
       } else if (branches == 4 && h.shape()[1] > 1) {
         // Drop the first feature (a slice over the whole batch) before the layer, or take every
         // second feature, or the features reversed (slice_grad, sized by the batch of dy).
