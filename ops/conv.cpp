@@ -403,7 +403,8 @@ std::unique_ptr<Kernel> conv_backward_data_onednn(const KernelBuild& build) {
 // or 3, oneDNN 2.6's jit_1x1:avx2 weights gradient is wrong for many sizes (e.g. [2,1,8,8] by
 // one 1x1 filter, stride 2: errors of the order of the gradient; 48 of 7,208 shapes with one
 // input channel, every failure NHWC and 1x1, none with the blocked layouts; found by
-// tests/test_random_models.cpp). Returns the md through which the node's x is read.
+// tests/test_random_models.cpp; tools/onednn_1x1_repro.cpp reproduces it with oneDNN alone).
+// Returns the md through which the node's x is read.
 dnnl::memory::desc weights_gradient_layouts(const ConvGeometry& g, ConvDescs& d) {
   if (g.C != 1 || g.G != 1 || g.stride[0] != 1 || g.stride[1] != 1) return d.src;
   const auto nhwc = dnnl::memory::format_tag::nhwc;
