@@ -104,6 +104,13 @@ Value Graph::input(std::string name, Shape shape, DType dtype, bool batch_dynami
     throw GraphError(
         fmt::format("input \"{}\": a scalar cannot have a dynamic batch dimension", name));
   }
+  if (batch_dynamic && shape[0] == 1) {
+    throw GraphError(fmt::format(
+        "input \"{}\": declared {} with a dynamic batch of 1; declare a batch of 2 or more (the "
+        "plan still runs batches of 1): with 1, the graph cannot tell the batch axis from a "
+        "broadcast one, and gradients built for it would not follow other batch sizes",
+        name, shape));
+  }
   NodeId id = add_leaf(NodeKind::input, "input", std::move(name), {dtype, std::move(shape)});
   nodes_[id]->batch_dynamic = batch_dynamic;
   return Value(this, id, 0);

@@ -82,7 +82,9 @@ class Graph {
   // gradients are built to follow, including concat along axis 0 and slices of it). Sizes an
   // op's attributes fix stay fixed (a reshape to a literal shape, split sizes on axis 0, a
   // slice's numeric end on axis 0): a batch they do not fit raises ShapeError at run, naming
-  // the node and the feeds whose shapes differ from the declared ones.
+  // the node and the feeds whose shapes differ from the declared ones. A batch_dynamic input
+  // must be declared with a batch of 2 or more (GraphError otherwise): at 1, shape rules and
+  // gradients cannot tell the batch axis from a broadcast axis.
   Value input(std::string name, Shape shape, DType dtype = DType::f32, bool batch_dynamic = false);
   // A named, persistent, trainable tensor; its initial value is copied.
   Value parameter(std::string name, const Tensor& initial, bool trainable = true);

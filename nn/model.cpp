@@ -2,6 +2,7 @@
 
 #include <fmt/format.h>
 
+#include <algorithm>
 #include <charconv>
 #include <cmath>
 
@@ -128,11 +129,14 @@ Model::Model(std::vector<LayerSpec> layers, ModelOptions options)
     throw Error(fmt::format("Model: penalties must be finite and >= 0 (l1 {}, l2 {})", options_.l1,
                             options_.l2));
   }
-  std::vector<std::int64_t> input_dims{options_.batch_size};
+  // Declared with a batch of at least 2 (a batch_dynamic input of 1 cannot be told from a
+  // broadcast axis); every batch size runs.
+  const std::int64_t declared = std::max<std::int64_t>(options_.batch_size, 2);
+  std::vector<std::int64_t> input_dims{declared};
   input_dims.insert(input_dims.end(), options_.example_shape.begin(), options_.example_shape.end());
   input_ = graph_.input("images", Shape(input_dims), DType::f32, /*batch_dynamic=*/true);
-  labels_ = graph_.input("labels", {options_.batch_size}, DType::i32, true);
-  targets_ = graph_.input("targets", {options_.batch_size, options_.classes}, DType::f32, true);
+  labels_ = graph_.input("labels", {declared}, DType::i32, true);
+  targets_ = graph_.input("targets", {declared, options_.classes}, DType::f32, true);
   Value x = input_;
   for (std::size_t i = 0; i < specs_.size(); ++i) x = build_layer(specs_[i], i, x);
   if (x.rank() != 2 || x.shape()[1] != options_.classes) {

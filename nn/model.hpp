@@ -44,7 +44,8 @@ std::string preset_layers(std::string_view preset);
 struct ModelOptions {
   std::vector<std::int64_t> example_shape{784};  // one example, e.g. {784} or {1, 28, 28}
   std::int64_t classes = 10;
-  std::int64_t batch_size = 128;  // declared batch size; any batch size runs (batch_dynamic)
+  std::int64_t batch_size = 128;  // declared batch size (1 is declared as 2); any batch size
+                                  // runs (batch_dynamic)
   std::uint64_t seed = 0;
   std::string init = "auto";  // "auto", "he", "xavier", "lecun"
   double l1 = 0.0;            // λ of the L1 penalty Σ|w| over weights (not biases, not BN)

@@ -280,7 +280,52 @@ Value spread(const Value& grad, const Value& input, const Attrs& attrs) {
   return broadcast_like(reshaped, input);
 }
 
+void register_count_ratio(OpRegistry& registry) {
+  OpDef def;
+  def.name = "count_ratio";
+  def.formula = "y = numel(a) / numel(b), a scalar of a's dtype (the inputs' data is not read)";
+  def.min_inputs = 2;
+  def.max_inputs = 2;
+  def.shape = [](const ShapeCall& call) -> std::vector<TensorDesc> {
+    require_floating(call, 0);
+    if (call.inputs[1].shape.numel() == 0) {
+      call.fail("b {} has no elements, so the ratio is undefined", call.inputs[1]);
+    }
+    return {TensorDesc{call.inputs[0].dtype, Shape{}}};
+  };
+  // Depends on shapes only: zero gradient for both inputs.
+  def.backward = [](const BackwardCall&) -> std::vector<std::optional<Value>> {
+    return {std::nullopt, std::nullopt};
+  };
+  def.second_order = true;
+  def.reference = [](const KernelCall& call) {
+    const double ratio =
+        static_cast<double>(call.inputs[0].numel()) / static_cast<double>(call.inputs[1].numel());
+    dispatch_floating(call.outputs[0].dtype(), [&](auto zero) {
+      call.outputs[0].data<decltype(zero)>()[0] = static_cast<decltype(zero)>(ratio);
+    });
+  };
+  def.samples = [] {
+    auto shape_only = [](Shape shape) {
+      return InputSpec{std::move(shape), std::nullopt, -1, 1, 0, false};
+    };
+    return std::vector<Sample>{{"per example", {shape_only({6, 4}), shape_only({6})}, {}},
+                               {"all", {shape_only({3, 5}), shape_only({})}, {}}};
+  };
+  def.error_samples = [] {
+    return std::vector<ErrorSample>{
+        {"b empty", {spec({2, 3}), spec({0})}, {}, "has no elements"},
+        {"integer a", {InputSpec{{2}, DType::i32, 0, 3, 0, false}, spec({2})}, {}, "f32 or f64"}};
+  };
+  registry.add(std::move(def));
+}
+
 }  // namespace
+
+Value count_ratio(const Value& a, const Value& b, std::source_location where) {
+  if (!a.valid() || !b.valid()) throw GraphError("count_ratio: an input is an empty Value");
+  return a.graph().apply("count_ratio", {a, b}, {}, where);
+}
 
 Value sum(const Value& x, std::source_location where) {
   return sum(x, {}, false, where);
@@ -298,6 +343,7 @@ Value mean(const Value& x, std::vector<std::int64_t> axes, bool keepdims,
 }
 
 void register_reduction_ops(OpRegistry& registry) {
+  register_count_ratio(registry);
   {
     OpDef def;
     def.name = "sum";
@@ -318,11 +364,23 @@ void register_reduction_ops(OpRegistry& registry) {
     def.name = "mean";
     def.formula = "y = (1/n) Σ x over axes (all when none given)";
     def.shape = reduce_rule;
+    // dx = dy / n spread over the reduced axes, n the number of elements each output averages.
+    // When axis 0 is reduced, n is taken from x's shape when the plan runs (count_ratio), so
+    // that the gradient stays right when a plan runs with another batch size (an input declared
+    // batch_dynamic): the declared size would scale it by declared / actual.
     def.backward = [](const BackwardCall& c) -> std::vector<std::optional<Value>> {
+      const Value& x = c.inputs[0];
+      const std::vector<std::int64_t>& axes = c.attrs().integers("axes");
+      const bool batch_reduced = axes.empty() || std::any_of(axes.begin(), axes.end(), [&](auto a) {
+                                   return a == 0 || a == -x.rank();
+                                 });
+      if (x.rank() > 0 && batch_reduced) {
+        return {spread(c.grad() / count_ratio(x, c.grad()), x, c.attrs())};
+      }
       const double count =
-          static_cast<double>(c.inputs[0].desc().numel()) /
+          static_cast<double>(x.desc().numel()) /
           static_cast<double>(std::max<std::int64_t>(c.outputs[0].desc().numel(), 1));
-      return {spread(c.grad() / count, c.inputs[0], c.attrs())};
+      return {spread(c.grad() / count, x, c.attrs())};
     };
     def.second_order = true;
     def.reference = reduce_reference(true);

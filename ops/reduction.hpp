@@ -18,4 +18,10 @@ Value mean(const Value& x, std::source_location where = std::source_location::cu
 Value mean(const Value& x, std::vector<std::int64_t> axes, bool keepdims = false,
            std::source_location where = std::source_location::current());
 
+// numel(a) / numel(b) as a scalar of a's dtype, computed from the shapes the plan runs with
+// (the inputs' data is not read; zero gradient): mean's backward divides by it so that its
+// gradient follows the batch size. ShapeError when b has no elements or a is not f32/f64.
+Value count_ratio(const Value& a, const Value& b,
+                  std::source_location where = std::source_location::current());
+
 }  // namespace dagrad
