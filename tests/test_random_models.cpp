@@ -12,8 +12,11 @@
 // Found so far: oneDNN 2.6's wrong NHWC 1x1 strided weights gradient (ops/conv.cpp
 // weights_gradient_layouts), concat's, pad's and slice's gradients refusing another batch size
 // (ops/indexing.cpp; concat along the batch axis and strided slices too, until split_as and
-// slice_grad's `like` input), and two products added at batch 1 both fused with the add
-// (runtime/fusion.cpp); each has its own regression test.
+// slice_grad's `like` input), two products added at batch 1 both fused with the add
+// (runtime/fusion.cpp), and mean's gradient dividing by the declared batch (ops/reduction.cpp,
+// found by running at a larger batch, where a model declared with a batch of 1 failed; the
+// comparison with the model declared at the smaller batch, added then, fails 528 of the 1,000
+// default cases without the fix); each has its own regression test.
 // One failure is not a bug: max pooling sends the gradient to each window's maximum, and where
 // two values of a window differ by a rounding error, f32 kernels (oneDNN sums in f32) and the
 // exact model may pick different ones. The loss and the forward values then agree, and only the
@@ -58,7 +61,12 @@ class ModelDrawer {
  public:
   // The same seed draws the same model and values in either dtype (f64 models hold the f32
   // values, so that both compute the same function).
-  ModelDrawer(std::uint64_t seed, DType dtype) : rng_(seed), seed_(seed), dtype_(dtype) {}
+  // With `declared_batch`, the model's inputs are declared with that many examples instead of
+  // the batch drawn, while everything drawn (layers, parameters, and feeds of the drawn batch)
+  // stays the same: the same model declared at another batch, whose feeds the caller cuts to
+  // their first `declared_batch` rows.
+  ModelDrawer(std::uint64_t seed, DType dtype, std::int64_t declared_batch = 0)
+      : rng_(seed), seed_(seed), dtype_(dtype), declared_batch_(declared_batch) {}
 
   std::unique_ptr<RandomModel> draw() {
     auto m = std::make_unique<RandomModel>();
@@ -100,7 +108,8 @@ class ModelDrawer {
     // Batches past 128 and 256 take the small-batch weight-gradient kernel's chunked path.
     const std::int64_t batch = pick<std::int64_t>({1, 2, 7, 32, 33, 64, 130, 300});
     const std::int64_t features = pick<std::int64_t>({3, 16, 31, 64, 100});
-    m.x = m.graph.input("x", {batch, features}, dtype_, /*batch_dynamic=*/batch > 1);
+    drawn_batch_ = batch;
+    m.x = m.graph.input("x", {declared(), features}, dtype_, /*batch_dynamic=*/declared() > 1);
     m.feeds.push_back({m.x, random({batch, features}, 1.0)});
     out_ << "x[" << batch << "," << features << "]";
     Value h = m.x;
@@ -187,7 +196,9 @@ class ModelDrawer {
     const bool large = chance(0.2);
     std::int64_t height = large ? between(16, 30) : between(5, 12);
     std::int64_t width = large ? between(16, 30) : between(5, 12);
-    m.x = m.graph.input("x", {batch, channels, height, width}, dtype_, /*batch_dynamic=*/batch > 1);
+    drawn_batch_ = batch;
+    m.x = m.graph.input("x", {declared(), channels, height, width}, dtype_,
+                        /*batch_dynamic=*/declared() > 1);
     m.feeds.push_back({m.x, random({batch, channels, height, width}, 1.0)});
     out_ << "x[" << batch << "," << channels << "," << height << "," << width << "]";
     Value h = m.x;
@@ -318,17 +329,18 @@ class ModelDrawer {
   }
 
   void loss(RandomModel& m, const Value& z, std::int64_t classes) {
-    const std::int64_t batch = z.shape()[0];
+    const std::int64_t batch = drawn_batch_;
+    const bool dynamic = declared() > 1;
     switch (between(0, 4)) {
       case 4: {  // soft targets: cross-entropy with the softmax of random scores
-        Value s = m.graph.input("t", {batch, classes}, dtype_, /*batch_dynamic=*/batch > 1);
+        Value s = m.graph.input("t", {declared(), classes}, dtype_, dynamic);
         m.feeds.push_back({s, random({batch, classes}, 2.0)});
         m.loss = cross_entropy_with_logits(z, softmax(s));
         out_ << " soft_cross_entropy";
         return;
       }
       case 0: {
-        Value t = m.graph.input("t", {batch, classes}, dtype_, /*batch_dynamic=*/batch > 1);
+        Value t = m.graph.input("t", {declared(), classes}, dtype_, dynamic);
         m.feeds.push_back({t, random({batch, classes}, 1.0)});
         m.loss = mse(z, t);
         out_ << " mse";
@@ -339,7 +351,7 @@ class ModelDrawer {
         out_ << " sum(z*z)";
         return;
       default: {
-        Value labels = m.graph.input("labels", {batch}, DType::i32, /*batch_dynamic=*/batch > 1);
+        Value labels = m.graph.input("labels", {declared()}, DType::i32, dynamic);
         std::vector<std::int32_t> values(static_cast<std::size_t>(batch));
         for (auto& v : values) v = static_cast<std::int32_t>(between(0, classes - 1));
         m.feeds.push_back({labels, Tensor::from_ints(values, {batch})});
@@ -350,9 +362,13 @@ class ModelDrawer {
     }
   }
 
+  std::int64_t declared() const { return declared_batch_ > 0 ? declared_batch_ : drawn_batch_; }
+
   std::mt19937_64 rng_;
   std::uint64_t seed_;
   DType dtype_;
+  std::int64_t declared_batch_ = 0;
+  std::int64_t drawn_batch_ = 0;
   std::uint64_t tensors_ = 0;
   std::ostringstream out_;
 };
@@ -514,10 +530,26 @@ TEST(RandomModels, DefaultAndDebugPlansAreAsExactAsTheReferenceBackend) {
       const auto reference_half = run_cloned(reference, feeds, m.f32->training);
       const auto fused_half = run_cloned(fast, feeds, m.f32->training);
       const double half_scale = largest_of_all(exact_half);
+      // The exact values also from the same model declared at that batch: the plans above all
+      // run one gradient graph, so a rule that builds it from the declared batch (as mean's
+      // divisor did) is wrong in all of them alike, but not in this one. Run twice, so that
+      // random ops see the same run count as the plans above.
+      auto declared = ModelDrawer(static_cast<std::uint64_t>(c) + 1, DType::f64, half).draw();
+      std::vector<Value> declared_outputs = grad(declared->loss, declared->wrt);
+      declared_outputs.insert(declared_outputs.begin(), declared->loss);
+      Plan declared_plan =
+          compile(declared->graph, declared_outputs, {.backend = Backend::reference});
+      const Feeds declared_feeds = first_rows(declared->feeds, half);
+      run_cloned(declared_plan, declared_feeds, declared->training);
+      const auto exact_declared = run_cloned(declared_plan, declared_feeds, declared->training);
       for (std::size_t k = 0; k < outputs.size(); ++k) {
-        expect_close(fused_half[k], exact_half[k],
-                     tolerance(exact_half[k], reference_half[k], half_scale),
+        const double bound = tolerance(exact_half[k], reference_half[k], half_scale);
+        expect_close(fused_half[k], exact_half[k], bound,
                      fmt::format("default plan at batch {}, output {}", half, k));
+        expect_close(exact_half[k], exact_declared[k], bound,
+                     fmt::format("exact plan at batch {} against the model declared at {}, "
+                                 "output {}",
+                                 half, half, k));
       }
     }
     // A quarter of the cases also run at more than twice the declared batch: kernels chosen by
