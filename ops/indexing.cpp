@@ -466,6 +466,27 @@ void register_concat(OpRegistry& registry) {
   registry.add(std::move(def));
 }
 
+// split's and split_as's backward and kernels: x's gradient is the concat of the pieces'
+// gradients (zeros for pieces that do not reach the loss); split_as's likes get none. The
+// pieces are windows of x.
+void set_split_rules(OpDef& def) {
+  def.backward = [](const BackwardCall& c) -> std::vector<std::optional<Value>> {
+    std::vector<Value> grads;
+    for (std::size_t k = 0; k < c.outputs.size(); ++k) grads.push_back(c.grad(static_cast<int>(k)));
+    std::vector<std::optional<Value>> result{concat(grads, c.attrs().integer("axis"))};
+    result.resize(c.inputs.size());
+    return result;
+  };
+  def.second_order = true;
+  WindowFn windows_of = [](auto inputs, auto outputs, const Attrs& attrs) {
+    const Shape& joined = inputs[0].shape;
+    return WindowCopy{false, false, 0.0,
+                      piece_windows(outputs, joined, axis_of(attrs, joined.rank()))};
+  };
+  def.reference = window_reference(windows_of);
+  def.onednn = window_onednn(windows_of);
+}
+
 void register_split(OpRegistry& registry) {
   OpDef def;
   def.name = "split";
@@ -491,20 +512,7 @@ void register_split(OpRegistry& registry) {
     }
     return outputs;
   };
-  // Concatenates the pieces' gradients (zeros for pieces that do not reach the loss).
-  def.backward = [](const BackwardCall& c) -> std::vector<std::optional<Value>> {
-    std::vector<Value> grads;
-    for (std::size_t k = 0; k < c.outputs.size(); ++k) grads.push_back(c.grad(static_cast<int>(k)));
-    return {concat(grads, c.attrs().integer("axis"))};
-  };
-  def.second_order = true;
-  WindowFn windows_of = [](auto inputs, auto outputs, const Attrs& attrs) {
-    const Shape& joined = inputs[0].shape;
-    return WindowCopy{false, false, 0.0,
-                      piece_windows(outputs, joined, axis_of(attrs, joined.rank()))};
-  };
-  def.reference = window_reference(windows_of);
-  def.onednn = window_onednn(windows_of);
+  set_split_rules(def);
   def.samples = [] {
     return std::vector<Sample>{
         {"three pieces", {spec({5, 2})}, {{"sizes", Dims{2, 1, 2}}, {"axis", std::int64_t{0}}}},
@@ -558,22 +566,7 @@ void register_split_as(OpRegistry& registry) {
     }
     return outputs;
   };
-  // x's gradient is the concat of the pieces' gradients; the likes only give sizes.
-  def.backward = [](const BackwardCall& c) -> std::vector<std::optional<Value>> {
-    std::vector<Value> grads;
-    for (std::size_t k = 0; k < c.outputs.size(); ++k) grads.push_back(c.grad(static_cast<int>(k)));
-    std::vector<std::optional<Value>> result{concat(grads, c.attrs().integer("axis"))};
-    result.resize(c.inputs.size());
-    return result;
-  };
-  def.second_order = true;
-  WindowFn windows_of = [](auto inputs, auto outputs, const Attrs& attrs) {
-    const Shape& joined = inputs[0].shape;
-    return WindowCopy{false, false, 0.0,
-                      piece_windows(outputs, joined, axis_of(attrs, joined.rank()))};
-  };
-  def.reference = window_reference(windows_of);
-  def.onednn = window_onednn(windows_of);
+  set_split_rules(def);  // the likes only give sizes: no gradient
   def.samples = [] {
     auto like = [](Shape shape) {
       return InputSpec{std::move(shape), std::nullopt, -1, 1, 0, false};

@@ -1,5 +1,9 @@
 #include "tests/registry_support.hpp"
 
+#include <gtest/gtest.h>
+
+#include <cmath>
+
 namespace dagrad::testing {
 
 std::vector<std::uint8_t> bytes_of(const Tensor& t) {
@@ -72,6 +76,50 @@ Value combine_outputs(Graph& graph, const std::vector<Value>& outputs, std::uint
     total = total.valid() ? add(total, term) : term;
   }
   return total;
+}
+
+namespace {
+
+Feeds batch_feeds(const BatchGraph& g, std::int64_t batch) {
+  Feeds feeds = g.fixed;
+  for (const Value& v : g.batched) {
+    std::vector<std::int64_t> dims = v.shape().dims();
+    dims[0] = batch;
+    const Shape shape(dims);
+    std::vector<double> values;
+    for (std::int64_t i = 0; i < shape.numel(); ++i) {
+      values.push_back(v.dtype() == DType::i32 ? static_cast<double>(i % 2)
+                                               : std::sin(0.7 + static_cast<double>(i)));
+    }
+    feeds.push_back({v, Tensor::from(values, shape, v.dtype())});
+  }
+  return feeds;
+}
+
+}  // namespace
+
+void expect_follows_the_batch(const BatchGraphBuilder& build, std::vector<std::int64_t> batches) {
+  auto dynamic = build(batches.at(0), true);
+  Plan plan = compile(dynamic->graph, dynamic->outputs);
+  for (std::int64_t batch : batches) {
+    SCOPED_TRACE(::testing::Message() << "batch " << batch);
+    auto fixed = build(batch, false);
+    Plan expected_plan = compile(fixed->graph, fixed->outputs);
+    std::vector<std::vector<double>> expected;
+    for (const Tensor& t : expected_plan.run(batch_feeds(*fixed, batch))) {
+      expected.push_back(t.to_doubles());
+    }
+    const auto& actual = plan.run(batch_feeds(*dynamic, batch));
+    ASSERT_EQ(actual.size(), expected.size());
+    for (std::size_t k = 0; k < expected.size(); ++k) {
+      ASSERT_EQ(actual[k].shape(), fixed->outputs[k].shape()) << "output " << k;
+      const auto a = actual[k].to_doubles();
+      for (std::size_t i = 0; i < a.size(); ++i) {
+        EXPECT_NEAR(a[i], expected[k][i], 1e-6 * (1 + std::abs(expected[k][i])))
+            << "output " << k << " element " << i;
+      }
+    }
+  }
 }
 
 }  // namespace dagrad::testing

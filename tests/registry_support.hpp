@@ -2,6 +2,8 @@
 // and seeded random tensors.
 #pragma once
 
+#include <functional>
+#include <memory>
 #include <random>
 
 #include "dagrad.hpp"
@@ -30,5 +32,24 @@ BuiltSample build_sample(Graph& graph, const OpDef& op, const std::vector<InputS
 
 // Σ_k Σ output_k · w_k over the floating outputs, a scalar to differentiate.
 Value combine_outputs(Graph& graph, const std::vector<Value>& outputs, std::uint64_t seed);
+
+// A graph built for one batch size (batch-size tests): `batched` are the inputs whose first
+// axis is the batch (fed with deterministic values: sin for floating, i % 2 for i32); `fixed`
+// feeds the rest.
+struct BatchGraph {
+  Graph graph;
+  std::vector<Value> batched;
+  Feeds fixed;
+  std::vector<Value> outputs;
+};
+using BatchGraphBuilder =
+    std::function<std::unique_ptr<BatchGraph>(std::int64_t batch, bool batch_dynamic)>;
+
+// The graph declared at batches[0] with its batched inputs batch_dynamic, compiled once and run
+// at every batch, must give what the same graph declared at that batch gives (within 1e-6
+// relative). Not the reference backend: a gradient rule that builds its graph from the declared
+// batch is wrong in every backend alike.
+void expect_follows_the_batch(const BatchGraphBuilder& build,
+                              std::vector<std::int64_t> batches = {4, 2, 7});
 
 }  // namespace dagrad::testing

@@ -9,6 +9,7 @@
 #include <string>
 
 #include "dagrad.hpp"
+#include "registry_support.hpp"
 
 namespace dagrad {
 namespace {
@@ -184,87 +185,52 @@ TEST(Pad, GradientIsTheWindowOfTheInput) {
 }
 
 // concat's, pad's and slice's gradients on an input declared batch_dynamic: one plan runs at
-// the declared batch and at two others (the Trainer's short last batch), against the reference
-// backend at each. Their backward graphs used to hold the declared batch size (slices ending
+// the declared batch and at two others (the Trainer's short last batch), against the same graph
+// declared at each. Their backward graphs used to hold the declared batch size (slices ending
 // there, slice_grad's shape), so any other size was refused.
 TEST(Concat, PadAndSliceGradientsFollowTheBatchSize) {
-  Graph g;
-  Value x = g.input("x", {4, 3}, DType::f32, /*batch_dynamic=*/true);
-  Value w = g.parameter("w", Tensor::from({0.5, -1, 0.25, 2, 1.5, -0.75}, {3, 2}));
-  Value joined = concat({matmul(x, w), x * 2.0}, 1);
-  Value padded = pad(joined, {0, 1}, {0, 2}, 0.5);
-  Value sliced = slice(padded, {0, 2}, {slice_to_end, -1});
-  // Steps other than 1 on the feature axis: slice_grad sizes the batch axis from dy.
-  Value strided = slice(padded, {0, 1}, {slice_to_end, slice_to_end}, {1, 3});
-  Value reversed = slice(joined, {0, -1}, {slice_to_end, slice_to_end}, {1, -2});
-  Value loss = sum(padded * padded * w.graph().scalar(0.5)) + sum(joined) + sum(sliced * sliced) +
-               sum(strided * strided * strided) + sum(reversed * joined.graph().scalar(3.0));
-  std::vector<Value> outputs = grad(loss, {x, w});
-  outputs.push_back(loss);
-  Plan plan = compile(g, outputs);
-  Plan reference = compile(g, outputs, {.backend = Backend::reference});
-  for (std::int64_t batch : {4, 2, 7}) {
-    SCOPED_TRACE(batch);
-    std::vector<double> values;
-    for (std::int64_t i = 0; i < batch * 3; ++i) values.push_back(std::sin(1.0 + i));
-    const Feeds feeds{{x, Tensor::from(values, {batch, 3})}};
-    std::vector<std::vector<double>> expected;
-    for (const Tensor& t : reference.run(feeds)) expected.push_back(t.to_doubles());
-    const auto& actual = plan.run(feeds);
-    ASSERT_EQ(actual.size(), expected.size());
-    EXPECT_EQ(actual[0].shape(), (Shape{batch, 3}));
-    for (std::size_t k = 0; k < expected.size(); ++k) {
-      const auto a = actual[k].to_doubles();
-      ASSERT_EQ(a.size(), expected[k].size());
-      for (std::size_t i = 0; i < a.size(); ++i) {
-        EXPECT_NEAR(a[i], expected[k][i], 1e-5 * (1 + std::abs(expected[k][i])))
-            << "output " << k << " element " << i;
-      }
-    }
-  }
+  testing::expect_follows_the_batch([](std::int64_t batch, bool dynamic) {
+    auto b = std::make_unique<testing::BatchGraph>();
+    Graph& g = b->graph;
+    Value x = g.input("x", {batch, 3}, DType::f32, dynamic);
+    Value w = g.parameter("w", Tensor::from({0.5, -1, 0.25, 2, 1.5, -0.75}, {3, 2}));
+    Value joined = concat({matmul(x, w), x * 2.0}, 1);
+    Value padded = pad(joined, {0, 1}, {0, 2}, 0.5);
+    Value sliced = slice(padded, {0, 2}, {slice_to_end, -1});
+    // Steps other than 1 on the feature axis: slice_grad sizes the batch axis from dy.
+    Value strided = slice(padded, {0, 1}, {slice_to_end, slice_to_end}, {1, 3});
+    Value reversed = slice(joined, {0, -1}, {slice_to_end, slice_to_end}, {1, -2});
+    Value loss = sum(padded * padded * g.scalar(0.5)) + sum(joined) + sum(sliced * sliced) +
+                 sum(strided * strided * strided) + sum(reversed * g.scalar(3.0));
+    b->batched = {x};
+    b->outputs = grad(loss, {x, w});
+    b->outputs.push_back(loss);
+    return b;
+  });
 }
 
 // Gradients that need the batch size of a value, not only of dy: a concat along the batch axis
 // (split_as sizes the pieces by the inputs) and a slice of the batch axis that is not whole
 // (slice_grad shaped like x). Both used to keep the declared batch size, and a plan refused any
-// other one with an Error. One plan runs at the declared batch and at two others, against the
-// reference backend.
+// other one with an Error.
 TEST(Concat, AlongTheBatchAxisFollowsTheBatchSize) {
   for (int which : {0, 1, 2}) {
     SCOPED_TRACE(which);
-    Graph g;
-    Value x = g.input("x", {4, 3}, DType::f32, /*batch_dynamic=*/true);
-    Value c = g.input("c", {2, 2});  // a piece that keeps its size
-    Value w = g.parameter("w", Tensor::from({0.5, -1, 0.25, 2, 1.5, -0.75}, {3, 2}));
-    Value y = matmul(x, w);
-    Value z = which == 0   ? concat({y, tanh(y) * 2.0, c}, 0)
-              : which == 1 ? slice(y, {1}, {slice_to_end}, {2})
-                           : slice(concat({c, y}, 0), {-2, 1}, {0, slice_to_end}, {-2, 1});
-    Value loss = sum(z * z * z);
-    std::vector<Value> outputs = grad(loss, {x, w, c});
-    outputs.push_back(loss);
-    Plan plan = compile(g, outputs);
-    Plan reference = compile(g, outputs, {.backend = Backend::reference});
-    for (std::int64_t batch : {4, 2, 7}) {
-      SCOPED_TRACE(batch);
-      std::vector<double> values;
-      for (std::int64_t i = 0; i < batch * 3; ++i) values.push_back(std::sin(0.5 + i));
-      const Feeds feeds{{x, Tensor::from(values, {batch, 3})},
-                        {c, Tensor::from({0.3, -0.2, 0.7, 0.1}, {2, 2})}};
-      std::vector<std::vector<double>> expected;
-      for (const Tensor& t : reference.run(feeds)) expected.push_back(t.to_doubles());
-      const auto& actual = plan.run(feeds);
-      ASSERT_EQ(actual.size(), expected.size());
-      EXPECT_EQ(actual[0].shape(), (Shape{batch, 3}));
-      for (std::size_t k = 0; k < expected.size(); ++k) {
-        const auto a = actual[k].to_doubles();
-        ASSERT_EQ(a.size(), expected[k].size());
-        for (std::size_t i = 0; i < a.size(); ++i) {
-          EXPECT_NEAR(a[i], expected[k][i], 1e-5 * (1 + std::abs(expected[k][i])))
-              << "output " << k << " element " << i;
-        }
-      }
-    }
+    testing::expect_follows_the_batch([which](std::int64_t batch, bool dynamic) {
+      auto b = std::make_unique<testing::BatchGraph>();
+      Graph& g = b->graph;
+      Value x = g.input("x", {batch, 3}, DType::f32, dynamic);
+      Value c = g.input("c", {2, 2});  // a piece that keeps its size
+      Value w = g.parameter("w", Tensor::from({0.5, -1, 0.25, 2, 1.5, -0.75}, {3, 2}));
+      Value y = matmul(x, w);
+      Value z = which == 0   ? concat({y, tanh(y) * 2.0, c}, 0)
+                : which == 1 ? slice(y, {1}, {slice_to_end}, {2})
+                             : slice(concat({c, y}, 0), {-2, 1}, {0, slice_to_end}, {-2, 1});
+      b->batched = {x};
+      b->fixed = {{c, Tensor::from({0.3, -0.2, 0.7, 0.1}, {2, 2})}};
+      b->outputs = grad(sum(z * z * z), {x, w, c});
+      return b;
+    });
   }
 }
 

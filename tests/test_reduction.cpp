@@ -72,71 +72,41 @@ TEST(Reduction, ATotalDoesNotDependOnTheThreadCount) {
 // the losses that average over examples (sparse cross-entropy, fused into dagrad's kernels, and
 // mean squared error).
 TEST(Reduction, MeanGradientsFollowTheBatchSize) {
-  struct Built {
-    Graph graph;
-    Value x, labels, w;
-    std::vector<Value> outputs;
-  };
-  auto build = [](std::int64_t batch, bool dynamic, int which) {
-    auto b = std::make_unique<Built>();
-    Graph& g = b->graph;
-    b->x = g.input("x", {batch, 3}, DType::f32, dynamic);
-    b->labels = g.input("labels", {batch}, DType::i32, dynamic);
-    b->w = g.parameter("w", Tensor::from({0.5, -1, 0.25, 2, 1.5, -0.75}, {3, 2}));
-    Value h = matmul(b->x, b->w);
-    Value loss;
-    switch (which) {
-      case 0:
-        loss = mean(h * h);
-        break;
-      case 1:
-        loss = sum(mean(h * h, {0}));
-        break;
-      case 2:
-        loss = sum(mean(h * h, {-1}));
-        break;
-      case 3:
-        loss = sum(mean(h * h, {0, 1}, /*keepdims=*/true));
-        break;
-      case 4:
-        loss = sparse_cross_entropy(h, b->labels);
-        break;
-      default:
-        loss = mse(h, h * 0.5 + 1.0);
-        break;
-    }
-    b->outputs = grad(loss, {b->x, b->w});
-    b->outputs.push_back(loss);
-    return b;
-  };
   for (int which = 0; which < 6; ++which) {
     SCOPED_TRACE(which);
-    auto dynamic = build(4, true, which);
-    Plan plan = compile(dynamic->graph, dynamic->outputs);
-    for (std::int64_t batch : {4, 2, 7}) {
-      SCOPED_TRACE(batch);
-      std::vector<double> values, labels;
-      for (std::int64_t i = 0; i < batch * 3; ++i) values.push_back(std::sin(0.7 + i));
-      for (std::int64_t i = 0; i < batch; ++i) labels.push_back(static_cast<double>(i % 2));
-      const Tensor x = Tensor::from(values, {batch, 3});
-      const Tensor l = Tensor::from(labels, {batch}, DType::i32);
-      auto fixed = build(batch, false, which);
-      Plan expected_plan = compile(fixed->graph, fixed->outputs);
-      std::vector<std::vector<double>> expected;
-      for (const Tensor& t : expected_plan.run({{fixed->x, x}, {fixed->labels, l}})) {
-        expected.push_back(t.to_doubles());
+    testing::expect_follows_the_batch([which](std::int64_t batch, bool dynamic) {
+      auto b = std::make_unique<testing::BatchGraph>();
+      Graph& g = b->graph;
+      Value x = g.input("x", {batch, 3}, DType::f32, dynamic);
+      Value labels = g.input("labels", {batch}, DType::i32, dynamic);
+      Value w = g.parameter("w", Tensor::from({0.5, -1, 0.25, 2, 1.5, -0.75}, {3, 2}));
+      Value h = matmul(x, w);
+      Value loss;
+      switch (which) {
+        case 0:
+          loss = mean(h * h);
+          break;
+        case 1:
+          loss = sum(mean(h * h, {0}));
+          break;
+        case 2:
+          loss = sum(mean(h * h, {-1}));
+          break;
+        case 3:
+          loss = sum(mean(h * h, {0, 1}, /*keepdims=*/true));
+          break;
+        case 4:
+          loss = sparse_cross_entropy(h, labels);
+          break;
+        default:
+          loss = mse(h, h * 0.5 + 1.0);
+          break;
       }
-      const auto& actual = plan.run({{dynamic->x, x}, {dynamic->labels, l}});
-      ASSERT_EQ(actual.size(), expected.size());
-      for (std::size_t k = 0; k < expected.size(); ++k) {
-        const auto a = actual[k].to_doubles();
-        ASSERT_EQ(a.size(), expected[k].size()) << "output " << k;
-        for (std::size_t i = 0; i < a.size(); ++i) {
-          EXPECT_NEAR(a[i], expected[k][i], 1e-6 * (1 + std::abs(expected[k][i])))
-              << "output " << k << " element " << i;
-        }
-      }
-    }
+      b->batched = {x, labels};
+      b->outputs = grad(loss, {x, w});
+      b->outputs.push_back(loss);
+      return b;
+    });
   }
 }
 
