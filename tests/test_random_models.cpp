@@ -229,7 +229,6 @@ class ModelDrawer {
                                   .padding = {padding, padding},
                                   .dilation = {dilation, dilation},
                                   .groups = groups};
-      const Value block_input = h;
       h = conv2d(h, w, bias_value, options);
       out_ << " conv" << outputs << "k" << kernel << "p" << padding << "s" << stride
            << (dilation > 1 ? "d2" : "") << (groups > 1 ? "g2" : "") << (bias ? "b" : "");
@@ -237,9 +236,9 @@ class ModelDrawer {
       if (!residual && chance(0.15)) {
         // Inception-like: a second convolution of the same input, its channels concatenated.
         const std::int64_t more = pick<std::int64_t>({1, 3, 4}) * groups;
-        Value w2 = parameter(m, {more, block_input.shape()[1] / groups, kernel, kernel},
+        Value w2 = parameter(m, {more, input.shape()[1] / groups, kernel, kernel},
                              1.0 / std::sqrt(double(channels * kernel * kernel)));
-        h = concat({h, conv2d(block_input, w2, std::nullopt, options)}, 1);
+        h = concat({h, conv2d(input, w2, std::nullopt, options)}, 1);
         channels += more;
         out_ << " +concat" << more;
       }
@@ -471,9 +470,13 @@ struct ModelPair {
   std::unique_ptr<RandomModel> f32, f64;
 };
 
+// Case c's model in `dtype` (declared at `declared_batch` when given; see ModelDrawer).
+std::unique_ptr<RandomModel> draw_case(int c, DType dtype, std::int64_t declared_batch = 0) {
+  return ModelDrawer(static_cast<std::uint64_t>(c) + 1, dtype, declared_batch).draw();
+}
+
 ModelPair draw_pair(int c) {
-  const auto seed = static_cast<std::uint64_t>(c) + 1;
-  return {ModelDrawer(seed, DType::f32).draw(), ModelDrawer(seed, DType::f64).draw()};
+  return {draw_case(c, DType::f32), draw_case(c, DType::f64)};
 }
 
 TEST(RandomModels, DefaultAndDebugPlansAreAsExactAsTheReferenceBackend) {
@@ -534,7 +537,7 @@ TEST(RandomModels, DefaultAndDebugPlansAreAsExactAsTheReferenceBackend) {
       // run one gradient graph, so a rule that builds it from the declared batch (as mean's
       // divisor did) is wrong in all of them alike, but not in this one. Run twice, so that
       // random ops see the same run count as the plans above.
-      auto declared = ModelDrawer(static_cast<std::uint64_t>(c) + 1, DType::f64, half).draw();
+      auto declared = draw_case(c, DType::f64, half);
       std::vector<Value> declared_outputs = grad(declared->loss, declared->wrt);
       declared_outputs.insert(declared_outputs.begin(), declared->loss);
       Plan declared_plan =
